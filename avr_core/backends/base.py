@@ -1,0 +1,72 @@
+"""Backend protocols: the only thing the method needs from an inference engine.
+
+The algorithm in `avr_core.synthesis` is written against these two Protocols, so it can
+be driven by transformers (`hf`), vLLM, any OpenAI-compatible server, or a fake in tests.
+
+Conversation format (OpenAI chat messages)::
+
+    [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "5"}]
+
+A conversation that ENDS with an assistant message asks the generator to *continue* that
+message (no new generation prompt) and return only the continuation. `force_rating` uses
+this to complete ``"... Rating: [["`` from the model's own distribution.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, Sequence, runtime_checkable
+
+Message = dict
+Conversation = list  # list[Message]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-call sampling settings. `n` samples are returned for every conversation."""
+
+    n: int = 1
+    temperature: float = 0.7
+    top_p: float = 0.8
+    max_new_tokens: int = 256
+    seed: int | None = 0
+
+
+@dataclass
+class BackendStats:
+    """Counters every backend keeps; stages copy them into their manifests."""
+
+    calls: int = 0              # generate()/score() invocations (one per round, not per sample)
+    requests: int = 0           # conversations handled
+    samples: int = 0            # completions returned
+    tokens_generated: int = 0
+    failed_requests: int = 0    # requests that failed for good (dropped and counted)
+    retries: int = 0
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@runtime_checkable
+class Generator(Protocol):
+    stats: BackendStats
+
+    def generate(self, conversations: Sequence[Conversation], params: SamplingParams) -> list[list[str]]:
+        """Return `params.n` completions per conversation, in input order.
+
+        A request that failed for good yields an empty list for that conversation
+        (counted in `stats.failed_requests`), never an exception for the whole round.
+        """
+        ...
+
+
+@runtime_checkable
+class Scorer(Protocol):
+    stats: BackendStats
+
+    def score(self, conversations: Sequence[Conversation]) -> list[float]:
+        """One scalar per conversation [x, ..., y]: higher is better."""
+        ...
+
+
+class BackendUnavailable(RuntimeError):
+    """The engine or server cannot be reached; raised with a message saying where and why."""
