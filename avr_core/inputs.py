@@ -1,0 +1,367 @@
+"""Loading prompt sets: the pipeline's one door for outside data.
+
+`load_prompts` reads a prompt file, checks every row, and returns normalised records. Bad input
+stops here, before any work, with an `InputError` naming the file, the line (or row) and the
+field (DESIGN.md, "Errors").
+
+Accepted sources (picked by suffix, or a directory):
+
+- ``.jsonl``    one JSON object per line; blank lines are skipped but still counted.
+- ``.json``     one JSON array of row objects; errors name the line where the row starts.
+- ``.parquet``  a table with a ``prompt`` or ``messages`` column; errors name the row (1-based).
+- a directory   written by ``datasets.Dataset.save_to_disk`` (or a ``DatasetDict``: split
+                ``train``, or the only split there is); errors name the row (1-based).
+
+A row is one of::
+
+    {"prompt": "Name three primes."}
+    {"messages": [{"role": "system", "content": "..."}, {"role": "user", "content": "..."}, ...]}
+
+optionally with ``"id"`` (a string or an integer). Roles are OpenAI's ``system`` / ``user`` /
+``assistant``: an optional first ``system`` turn, then turns alternating ``user``,
+``assistant``, ... A final ``assistant`` turn is the row's reference answer y0; what is left
+must end in a ``user`` turn. Unknown extra fields (and extra keys inside a turn) are ignored; a
+field holding ``null`` counts as absent (Parquet fills a missing column with nulls).
+
+Worked example (TRL-style: one input row -> one output record)::
+
+    # prompts.jsonl, line 1
+    {"id": 7, "messages": [{"role": "user", "content": "2+2?"},
+                           {"role": "assistant", "content": "4"}], "source": "ignored"}
+    # prompts.jsonl, line 2
+    {"prompt": "Write a haiku about rain."}
+
+    >>> load_prompts("prompts.jsonl")
+    [{'id': '7', 'messages': [{'role': 'user', 'content': '2+2?'}], 'answer': '4'},
+     {'id': 'p-a8f42ff009fb', 'messages': [{'role': 'user', 'content': 'Write a haiku about rain.'}],
+      'answer': None}]
+
+(The second row has no id, so it gets ``"p-"`` + the first 12 hex digits of the SHA-1 of its
+conversation as canonical JSON -- answer included, so a repeated row is a duplicate id.)
+And a malformed row::
+
+    {"messages": [{"role": "bot", "content": "hi"}]}          # line 7
+    InputError: prompts.jsonl:7: field 'messages[0].role': expected 'user' or 'assistant' or 'system', got 'bot'
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+__all__ = ["InputError", "load_prompts", "DEFAULT_MAX_CHARS", "ROLES"]
+
+DEFAULT_MAX_CHARS = 200_000
+ROLES = ("user", "assistant", "system")
+_EXPECTED_ROLES = " or ".join(repr(r) for r in ROLES)
+_EITHER = "prompt/messages"
+
+
+class InputError(ValueError):
+    """A bad prompt file, reported as ``path:line: field 'f': reason``.
+
+    ``unit`` is ``"line"`` (JSONL, JSON) or ``"row"`` (Parquet, saved datasets, 1-based);
+    for rows the message reads ``path: row 7: field 'f': reason``. ``line`` and ``field`` are
+    None when the problem is not tied to one (a missing file, an empty file, a bad column set).
+    """
+
+    def __init__(self, path: str, line: int | None, field: str | None, reason: str,
+                 unit: str = "line"):
+        self.path, self.line, self.field, self.reason, self.unit = str(path), line, field, reason, unit
+        where = self.path
+        if line is not None:
+            where += f":{line}" if unit == "line" else f": row {line}"
+        what = f"field {field!r}: {reason}" if field else reason
+        super().__init__(f"{where}: {what}")
+
+    def __reduce__(self):  # keep it picklable (task runners ship exceptions between processes)
+        return (type(self), (self.path, self.line, self.field, self.reason, self.unit))
+
+
+def load_prompts(path: str | os.PathLike, limit: int | None = None, *,
+                 max_chars: int = DEFAULT_MAX_CHARS) -> list[dict]:
+    """Read, validate and normalise a prompt set; see the module docstring for formats.
+
+    Returns ``[{"id": str, "messages": [... ending in a user turn], "answer": str | None}]`` in
+    file order. Every row is checked first (the whole file; the first problem raises
+    `InputError`), then the first ``limit`` records are returned. ``max_chars`` bounds the text
+    of one row (all turns together, answer included). Ids come from the row's ``id`` or, when
+    absent, ``"p-" + sha1(conversation)[:12]``; a repeated id is an error naming both places.
+    """
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+        raise ValueError(f"limit must be a non-negative integer or None, got {limit!r}")
+    name = os.fspath(path)
+    p = Path(name)
+    if not p.exists():
+        raise InputError(name, None, None, "no such file or directory")
+    if p.is_dir():
+        rows, unit = _dataset_rows(name), "row"
+    else:
+        suffix = p.suffix.lower()
+        if suffix == ".jsonl":
+            rows, unit = _jsonl_rows(name, _read_bytes(name)), "line"
+        elif suffix == ".json":
+            rows, unit = _json_rows(name, _read_bytes(name)), "line"
+        elif suffix == ".parquet":
+            rows, unit = _parquet_rows(name), "row"
+        else:
+            raise InputError(name, None, None, f"unsupported file type {p.suffix!r}: expected .jsonl, "
+                             ".json, .parquet or a directory written by datasets' save_to_disk")
+
+    records: list[dict] = []
+    seen: dict[str, int] = {}
+    for where, row in rows:
+        rec = _normalise(row, name, where, unit, max_chars)
+        if rec["id"] in seen:
+            first = seen[rec["id"]]
+            hint = "" if "id" in row and row["id"] is not None else \
+                " (the row has no 'id', so its id is a hash of its conversation: the row is repeated)"
+            raise InputError(name, where, "id", f"duplicate id {rec['id']!r}: already used on "
+                             f"{unit} {first}{hint}", unit)
+        seen[rec["id"]] = where
+        records.append(rec)
+    if not records:
+        raise InputError(name, None, None, "empty: no rows")
+    return records if limit is None else records[:limit]
+
+
+# ---------------------------------------------------------------------------------------------
+# Readers: each yields (line or row number, parsed row) and raises InputError on a bad file.
+
+def _read_bytes(name: str) -> bytes:
+    try:
+        with open(name, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise InputError(name, None, None, f"cannot read: {e.strerror or e}") from None
+
+
+def _jsonl_rows(name: str, data: bytes) -> Iterator[tuple[int, Any]]:
+    if data.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark; harmless, drop it
+        data = data[3:]
+    for lineno, raw in enumerate(data.split(b"\n"), start=1):
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise InputError(name, lineno, None, f"invalid UTF-8 at byte {e.start} of the line "
+                             f"({raw[e.start:e.start + 4]!r})") from None
+        if not text.strip():
+            continue
+        try:
+            yield lineno, json.loads(text)
+        except json.JSONDecodeError as e:
+            raise InputError(name, lineno, None, f"invalid JSON: {e.msg} (column {e.colno})") from None
+
+
+def _json_rows(name: str, data: bytes) -> Iterator[tuple[int, Any]]:
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        col = e.start - (data.rfind(b"\n", 0, e.start) + 1)
+        raise InputError(name, line, None, f"invalid UTF-8 at byte {col} of the line "
+                         f"({data[e.start:e.start + 4]!r})") from None
+    if not text.strip():
+        raise InputError(name, None, None, "empty: no rows")
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InputError(name, e.lineno, None, f"invalid JSON: {e.msg} (column {e.colno})") from None
+    if not isinstance(doc, list):
+        raise InputError(name, 1, None, f"expected a JSON array of rows, got {_kind(doc)} "
+                         "(for one object per line, use .jsonl)")
+    # The text is valid JSON: walk the array once more to learn the line each row starts on.
+    dec, ws = json.JSONDecoder(), " \t\r\n"
+    i, line, last = text.index("[") + 1, 1, 0
+    while True:
+        while text[i] in ws:
+            i += 1
+        if text[i] == "]":
+            return
+        if text[i] == ",":
+            i += 1
+            continue
+        line += text.count("\n", last, i)
+        last = i
+        row, i = dec.raw_decode(text, i)
+        yield line, row
+
+
+def _parquet_rows(name: str) -> Iterator[tuple[int, Any]]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(name)
+    except Exception as e:  # pyarrow raises several types (ArrowInvalid, OSError, ...)
+        raise InputError(name, None, None, f"cannot read as Parquet: {e}") from None
+    return _table_rows(name, table.column_names, table.num_rows,
+                       lambda start, count: table.slice(start, count).to_pylist())
+
+
+def _dataset_rows(name: str) -> Iterator[tuple[int, Any]]:
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(name)
+    except Exception as e:  # FileNotFoundError for a plain directory, others for a broken one
+        raise InputError(name, None, None, "not a dataset written by datasets' save_to_disk "
+                         f"({type(e).__name__}: {e})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        splits = list(ds)
+        if "train" in ds:
+            ds = ds["train"]
+        elif len(splits) == 1:
+            ds = ds[splits[0]]
+        else:
+            raise InputError(name, None, None, f"a DatasetDict without a 'train' split and with "
+                             f"several splits ({', '.join(map(repr, splits))}): save one split")
+    ds = ds.with_format(None)
+    return _table_rows(name, ds.column_names, ds.num_rows,
+                       lambda start, count: ds.select(range(start, min(start + count, len(ds)))).to_list())
+
+
+def _table_rows(name: str, columns: list[str], n: int,
+                batch: Callable[[int, int], list[dict]]) -> Iterator[tuple[int, Any]]:
+    """Rows of a table as dicts, numbered from 1, converted ``batch(start, count)`` at a time."""
+    if "prompt" not in columns and "messages" not in columns:
+        shown = ", ".join(map(repr, columns)) or "none"
+        raise InputError(name, None, None, f"no 'prompt' or 'messages' column; columns are: {shown}",
+                         "row")
+
+    def rows() -> Iterator[tuple[int, Any]]:
+        step = 1024
+        for start in range(0, n, step):
+            try:
+                rows_ = batch(start, step)
+            except Exception as e:  # e.g. undecodable bytes in a string column
+                raise InputError(name, start + 1, None, f"cannot convert rows {start + 1}.."
+                                 f"{min(n, start + step)}: {e}", "row") from None
+            for k, row in enumerate(rows_):
+                yield start + k + 1, row
+
+    return rows()
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation and normalisation of one row.
+
+def _normalise(row: Any, name: str, where: int, unit: str, max_chars: int) -> dict:
+    def fail(field: str | None, reason: str) -> InputError:
+        return InputError(name, where, field, reason, unit)
+
+    if not isinstance(row, dict):
+        raise fail(None, f"expected a row object like {{\"prompt\": ...}} or {{\"messages\": ...}}, "
+                         f"got {_kind(row)}")
+    prompt, messages = row.get("prompt"), row.get("messages")
+    if prompt is not None and messages is not None:
+        raise fail(_EITHER, "both present; give exactly one of 'prompt' or 'messages'")
+    if prompt is None and messages is None:
+        keys = ", ".join(repr(k) for k in row) or "none"
+        raise fail(_EITHER, f"missing: a row needs a 'prompt' string or a 'messages' list "
+                            f"(its keys are: {keys})")
+
+    if prompt is not None:
+        _check_text(prompt, "prompt", fail)
+        turns = [{"role": "user", "content": prompt}]
+        fields = ["prompt"]
+    else:
+        turns, fields = _check_messages(messages, fail), \
+            [f"messages[{i}].content" for i in range(len(messages))]
+
+    total = 0
+    for turn, field in zip(turns, fields):
+        total += len(turn["content"])
+        if total > max_chars:
+            raise fail(field, f"row too long: its text passes max_chars={max_chars} here "
+                              f"(row total {sum(len(t['content']) for t in turns)} chars)")
+
+    rid = row.get("id")
+    if rid is None:
+        canon = json.dumps(turns, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+        rid = "p-" + hashlib.sha1(canon.encode("utf-8")).hexdigest()[:12]
+    elif isinstance(rid, bool) or not isinstance(rid, (str, int)):
+        raise fail("id", f"expected a string or an integer, got {_kind(rid)}")
+    else:
+        rid = str(rid)
+        if not rid.strip():
+            raise fail("id", "empty or whitespace-only")
+
+    answer = None
+    if turns[-1]["role"] == "assistant":
+        answer = turns.pop()["content"]
+    return {"id": rid, "messages": turns, "answer": answer}
+
+
+def _check_messages(messages: Any, fail) -> list[dict]:
+    if not isinstance(messages, list):
+        raise fail("messages", f"expected a list of {{\"role\", \"content\"}} objects, got {_kind(messages)}")
+    if not messages:
+        raise fail("messages", "empty list: need at least one user turn")
+    out = []
+    for i, m in enumerate(messages):
+        f = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise fail(f, f"expected an object with 'role' and 'content', got {_kind(m)}")
+        role = m.get("role")
+        if role is None:
+            raise fail(f"{f}.role", f"missing: expected {_EXPECTED_ROLES}")
+        if role not in ROLES:
+            raise fail(f"{f}.role", f"expected {_EXPECTED_ROLES}, got {_show(role)}")
+        if "content" not in m or m["content"] is None:
+            raise fail(f"{f}.content", "missing: expected a non-empty string")
+        _check_text(m["content"], f"{f}.content", fail)
+        out.append({"role": role, "content": m["content"]})
+
+    start = 1 if out[0]["role"] == "system" else 0
+    if start == 0 and out[0]["role"] != "user":
+        raise fail("messages[0].role", f"a conversation must start with 'system' or 'user', "
+                                       f"got {out[0]['role']!r}")
+    if start == 1 and len(out) == 1:
+        raise fail("messages", "no user turn: only a system turn")
+    for i in range(start, len(out)):
+        want = "user" if (i - start) % 2 == 0 else "assistant"
+        got = out[i]["role"]
+        if got == want:
+            continue
+        if got == "system":
+            raise fail(f"messages[{i}].role", "'system' is only allowed as the first turn")
+        after = "the system turn" if i == start else f"a {out[i - 1]['role']!r} turn"
+        raise fail(f"messages[{i}].role", f"expected {want!r} after {after} (turns alternate "
+                                          f"user/assistant), got {got!r}")
+    return out
+
+
+def _check_text(value: Any, field: str, fail) -> None:
+    if not isinstance(value, str):
+        raise fail(field, f"expected a string, got {_kind(value)}")
+    if not value.strip():
+        raise fail(field, "empty or whitespace-only text")
+
+
+def _kind(v: Any) -> str:
+    """A value's JSON type, as a user who wrote the file would call it."""
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "a boolean"
+    if isinstance(v, (int, float)):
+        return f"a number ({v!r})"
+    if isinstance(v, str):
+        return "a string"
+    if isinstance(v, (list, tuple)):
+        return "a list"
+    if isinstance(v, dict):
+        return "an object"
+    return type(v).__name__
+
+
+def _show(v: Any) -> str:
+    if isinstance(v, str):
+        return repr(v if len(v) <= 40 else v[:37] + "...")
+    return _kind(v)
+
