@@ -1,0 +1,173 @@
+"""transformers backends: the CPU default generator, a Bradley-Terry reward model, and the
+LLM-judge scorer for machines with no reward model."""
+from __future__ import annotations
+
+import logging
+from typing import Sequence
+
+from tqdm.auto import tqdm
+
+from avr_core.backends.base import BackendStats, Conversation, SamplingParams
+from avr_core.prompts import FORCED_RATING_PREFIX, JUDGE_SAMPLING, judge_conversation
+
+log = logging.getLogger(__name__)
+
+
+def _dtype(name: str):
+    import torch
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def _load_tokenizer(path: str, trust_remote_code: bool):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    tok.padding_side = "left"  # decoder-only batches: pad on the left so generation continues the text
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def render(tok, conv: Conversation) -> str:
+    """Chat template text; a trailing assistant turn is continued, not closed."""
+    if conv and conv[-1]["role"] == "assistant":
+        return tok.apply_chat_template(conv, tokenize=False, continue_final_message=True)
+    return tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
+
+
+def _by_length(texts: list[str], size: int) -> list[list[int]]:
+    """Index batches of similar length: less padding, same outputs in input order."""
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    return [order[i:i + size] for i in range(0, len(order), size)]
+
+
+class HFGenerator:
+    """Batched `model.generate` with chat templates, left padding and n samples per conversation.
+
+    `batch_size` counts sequences per forward pass, so a batch holds batch_size // n conversations.
+    """
+
+    def __init__(self, path: str, dtype: str = "float32", batch_size: int = 8, trust_remote_code: bool = False):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        if trust_remote_code:
+            log.warning("trust_remote_code is ON for %s: its repository code will run", path)
+        self.tok = _load_tokenizer(path, trust_remote_code)
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=_dtype(dtype),
+                                                          trust_remote_code=trust_remote_code).eval()
+        self.batch_size = batch_size
+        self.stats = BackendStats()
+        self._torch = torch
+
+    def generate(self, conversations: Sequence[Conversation], params: SamplingParams) -> list[list[str]]:
+        torch = self._torch
+        self.stats.calls += 1
+        texts = [render(self.tok, c) for c in conversations]
+        out: list[list[str]] = [[] for _ in texts]
+        per_batch = max(1, self.batch_size // params.n)
+        if params.seed is not None:
+            torch.manual_seed(params.seed)
+        sample = params.temperature > 0
+        for batch in tqdm(_by_length(texts, per_batch), desc="generate", unit="batch", leave=False):
+            enc = self.tok([texts[i] for i in batch], return_tensors="pt", padding=True, add_special_tokens=False)
+            with torch.inference_mode():
+                gen = self.model.generate(
+                    **enc, do_sample=sample, max_new_tokens=params.max_new_tokens,
+                    num_return_sequences=params.n, pad_token_id=self.tok.pad_token_id,
+                    **({"temperature": params.temperature, "top_p": params.top_p} if sample else {}),
+                )
+            new = gen[:, enc["input_ids"].shape[1]:]
+            self.stats.tokens_generated += int((new != self.tok.pad_token_id).sum())
+            decoded = self.tok.batch_decode(new, skip_special_tokens=True)
+            for j, i in enumerate(batch):
+                out[i] = [d.strip() if not _continues(conversations[i]) else d
+                          for d in decoded[j * params.n:(j + 1) * params.n]]
+        self.stats.requests += len(texts)
+        self.stats.samples += len(texts) * params.n
+        return out
+
+
+def _continues(conv: Conversation) -> bool:
+    return bool(conv) and conv[-1]["role"] == "assistant"
+
+
+class HFRewardScorer:
+    """A Bradley-Terry sequence-classification reward model (e.g. Skywork-Reward): the logit of
+    the chat-templated conversation is r(x, y)."""
+
+    def __init__(self, path: str, dtype: str = "bfloat16", batch_size: int = 8, max_length: int = 4096,
+                 trust_remote_code: bool = False):
+        import torch
+        from transformers import AutoModelForSequenceClassification
+
+        self.tok = _load_tokenizer(path, trust_remote_code)
+        self.tok.padding_side = "right"
+        self.model = AutoModelForSequenceClassification.from_pretrained(
+            path, dtype=_dtype(dtype), num_labels=1, trust_remote_code=trust_remote_code).eval()
+        self.batch_size, self.max_length, self._torch = batch_size, max_length, torch
+        self.stats = BackendStats()
+
+    def score(self, conversations: Sequence[Conversation]) -> list[float]:
+        torch = self._torch
+        self.stats.calls += 1
+        texts = [self.tok.apply_chat_template(c, tokenize=False) for c in conversations]
+        out = [0.0] * len(texts)
+        for batch in tqdm(_by_length(texts, self.batch_size), desc="rm_score", unit="batch", leave=False):
+            enc = self.tok([texts[i] for i in batch], return_tensors="pt", padding=True, truncation=True,
+                           max_length=self.max_length, add_special_tokens=False)
+            with torch.inference_mode():
+                logits = self.model(**enc).logits[:, 0].float()
+            for j, i in enumerate(batch):
+                out[i] = float(logits[j])
+        self.stats.requests += len(texts)
+        return out
+
+
+class JudgeScorer:
+    """Expected MT-Bench rating from a causal LM, read off ONE forward pass, no sampling.
+
+    The conversation [x, y] is followed by the judge prompt and a forced ``Rating: [[``;
+    the score is sum_k k * p(k) over the rating tokens "1".."9" (renormalised; "10" would
+    need a second token and is left out). A weak proxy for a trained reward model -- on the
+    135M embedded model it is nearly flat (~5 for every answer, see ENVIRONMENT.md) -- for
+    machines that have none.
+
+    >>> JudgeScorer(path).score([[{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]])  # doctest: +SKIP
+    [5.07]
+    """
+
+    def __init__(self, path: str, dtype: str = "float32", batch_size: int = 8, max_length: int = 4096,
+                 trust_remote_code: bool = False):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        self.tok = _load_tokenizer(path, trust_remote_code)
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=_dtype(dtype),
+                                                          trust_remote_code=trust_remote_code).eval()
+        self.batch_size, self.max_length, self._torch = batch_size, max_length, torch
+        self.rating_ids = [self.tok.convert_tokens_to_ids(str(k)) for k in range(1, 10)]
+        self.stats = BackendStats()
+
+    def score(self, conversations: Sequence[Conversation]) -> list[float]:
+        torch = self._torch
+        self.stats.calls += 1
+        texts = []
+        for c in conversations:
+            judged = judge_conversation(c[:-1], c[-1]["content"], JUDGE_SAMPLING)
+            judged.append({"role": "assistant", "content": FORCED_RATING_PREFIX.lstrip()})
+            texts.append(render(self.tok, judged))
+        out = [0.0] * len(texts)
+        weights = torch.arange(1, 10, dtype=torch.float32)
+        for batch in tqdm(_by_length(texts, self.batch_size), desc="judge_score", unit="batch", leave=False):
+            # left padding + truncation from the left keeps the rating position at the end
+            self.tok.truncation_side = "left"
+            enc = self.tok([texts[i] for i in batch], return_tensors="pt", padding=True, truncation=True,
+                           max_length=self.max_length, add_special_tokens=False)
+            with torch.inference_mode():
+                last = self.model(**enc).logits[:, -1, :].float()
+            probs = torch.softmax(last[:, self.rating_ids], dim=-1)
+            for j, i in enumerate(batch):
+                out[i] = float((probs[j] * weights).sum())
+        self.stats.requests += len(texts)
+        return out

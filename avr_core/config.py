@@ -1,0 +1,213 @@
+"""The run configuration: a typed schema, YAML presets, `key=value` overrides.
+
+    cfg = load_config("tiny", ["critique.k=3"])   # conf/base.yaml <- conf/tiny.yaml <- overrides
+
+An unknown key or a wrong type is a `ConfigError` naming the key (and the file it came from);
+range checks (`validate`) run before any work. `to_yaml(cfg)` is what each run saves.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+@dataclass
+class ModelConfig:
+    path: str = "embedded:smollm2-135m-instruct"   # embedded:NAME, a local directory, or a hub id
+    dtype: str = "float32"                          # float32 | bfloat16 | float16
+    trust_remote_code: bool = False                 # off unless explicitly enabled (logged)
+
+
+@dataclass
+class BackendConfig:
+    kind: str = "hf"                 # hf | vllm | openai
+    batch_size: int = 8              # hf: conversations per forward batch
+    base_url: str = ""               # openai: e.g. http://127.0.0.1:8000/v1
+    served_model: str = ""           # openai: the server's model name (default: policy path)
+    api_key_env: str = "OPENAI_API_KEY"
+    concurrency: int = 16
+    timeout_s: float = 120.0
+    max_retries: int = 4
+    tensor_parallel_size: int = 1    # vllm
+    gpu_memory_utilization: float = 0.9
+    max_model_len: int = 4096
+
+
+@dataclass
+class SamplingConfig:
+    temperature: float = 0.7
+    top_p: float = 0.8
+    max_new_tokens: int = 512
+    seed: int = 0
+
+
+@dataclass
+class RespondConfig:
+    use_dataset_answer: bool = True  # a prompt row's final assistant turn is y0
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+
+@dataclass
+class CritiqueConfig:
+    k: int = 2                       # critiques per answer
+    max_tries: int = 5               # samples per critique slot until a [[k]] parses (release: 5)
+    force_rating: bool = False       # instead of dropping, complete "Rating: [[" (DESIGN step 2)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+
+@dataclass
+class RefineConfig:
+    m: int = 2                       # refinements per critique
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+
+@dataclass
+class ScorerConfig:
+    kind: str = "judge"              # hf_rm (Bradley-Terry reward model) | judge (expected rating)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    batch_size: int = 8
+    max_length: int = 4096
+
+
+@dataclass
+class SelectConfig:
+    length_extra_chars: int = 400    # RSFT: drop y* if >= this many chars longer than y0 ...
+    length_ratio: float = 1.2        # ... AND >= this many times as long
+    redundancy_threshold: int = 60   # any word / symbol run this often -> degenerate
+    drop_unchanged: bool = True      # refinements that copy y0
+    response_pairs: bool = True
+    critique_pairs: bool = True
+    refinement_pairs: bool = True
+
+
+@dataclass
+class DataConfig:
+    prompts: str = "avr_core/data/tiny_prompts.jsonl"  # JSONL | JSON | Parquet | saved HF dataset dir
+    # Disjoint slices [start, stop) of the prompt file for each use (DESIGN step 6: fresh prompts).
+    stage1_sft: list = field(default_factory=lambda: [0, 12])
+    stage1_po: list = field(default_factory=lambda: [12, 24])
+    stage2: list = field(default_factory=lambda: [24, 36])
+    heldout: list = field(default_factory=lambda: [36, 48])
+
+
+@dataclass
+class StoreConfig:
+    root: str = "./artifacts"        # path or fsspec URL; AVR_STORE overrides
+
+
+@dataclass
+class AvrConfig:
+    preset: str = "base"
+    store: StoreConfig = field(default_factory=StoreConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    policy: ModelConfig = field(default_factory=ModelConfig)
+    generator: BackendConfig = field(default_factory=BackendConfig)
+    scorer: ScorerConfig = field(default_factory=ScorerConfig)
+    respond: RespondConfig = field(default_factory=RespondConfig)
+    critique: CritiqueConfig = field(default_factory=CritiqueConfig)
+    refine: RefineConfig = field(default_factory=RefineConfig)
+    select: SelectConfig = field(default_factory=SelectConfig)
+    shard_size: int = 64             # prompts per committed shard of a long stage
+
+
+class ConfigError(ValueError):
+    """A config or override problem; the message names the key (and file)."""
+
+
+def preset_path(preset: str) -> Path:
+    p = Path(preset)
+    if p.suffix in (".yaml", ".yml"):
+        return p
+    return CONF_DIR / f"{preset}.yaml"
+
+
+def _merge(base: DictConfig, layer: Any, origin: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, layer)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "?"
+        raise ConfigError(f"{origin}: key '{key}': {_first_line(e)}") from None
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0]
+
+
+def parse_overrides(overrides: list[str] | tuple[str, ...]) -> DictConfig:
+    """`["critique.k=3", "store.root=/tmp/a"]` -> a DictConfig; a malformed item is an error."""
+    for o in overrides:
+        key, eq, _ = o.partition("=")
+        if not eq or not key.strip() or any(c.isspace() for c in key):
+            raise ConfigError(f"override {o!r}: expected key=value, e.g. critique.k=3")
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"overrides: {_first_line(e)}") from None
+
+
+def load_config(preset: str = "tiny", overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """Schema <- conf/base.yaml <- conf/<preset>.yaml <- overrides, validated."""
+    import os
+
+    cfg = OmegaConf.structured(AvrConfig)
+    for path in [CONF_DIR / "base.yaml", preset_path(preset)]:
+        if not path.exists():
+            known = sorted(p.stem for p in CONF_DIR.glob("*.yaml"))
+            raise ConfigError(f"{path}: preset not found (known presets: {known})")
+        try:
+            layer = OmegaConf.load(path)
+        except Exception as e:  # malformed YAML: the parser's message has line and column
+            raise ConfigError(f"{path}: invalid YAML: {e}") from None
+        cfg = _merge(cfg, layer, str(path))
+    cfg = _merge(cfg, parse_overrides(overrides), "override")
+    if os.environ.get("AVR_STORE") and not any(o.startswith("store.root=") for o in overrides):
+        cfg.store.root = os.environ["AVR_STORE"]
+    validate(cfg)
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def validate(cfg: DictConfig) -> None:
+    """Range checks the type system cannot express; each error names the key."""
+    def need(ok: bool, key: str, msg: str) -> None:
+        if not ok:
+            raise ConfigError(f"key '{key}': {msg} (got {OmegaConf.select(cfg, key)!r})")
+
+    need(cfg.generator.kind in ("hf", "vllm", "openai"), "generator.kind", "must be hf, vllm or openai")
+    need(cfg.scorer.kind in ("hf_rm", "judge"), "scorer.kind", "must be hf_rm or judge")
+    need(cfg.generator.kind != "openai" or bool(cfg.generator.base_url), "generator.base_url",
+         "required when generator.kind=openai")
+    for stage in ("respond", "critique", "refine"):
+        s = f"{stage}.sampling"
+        need(0.0 <= cfg[stage].sampling.temperature <= 2.0, f"{s}.temperature", "must be in [0, 2]")
+        need(0.0 < cfg[stage].sampling.top_p <= 1.0, f"{s}.top_p", "must be in (0, 1]")
+        need(cfg[stage].sampling.max_new_tokens > 0, f"{s}.max_new_tokens", "must be > 0")
+    need(cfg.critique.k >= 1, "critique.k", "must be >= 1")
+    need(cfg.critique.max_tries >= 1, "critique.max_tries", "must be >= 1")
+    need(cfg.refine.m >= 1, "refine.m", "must be >= 1")
+    need(cfg.shard_size >= 1, "shard_size", "must be >= 1")
+    need(cfg.generator.batch_size >= 1, "generator.batch_size", "must be >= 1")
+    need(cfg.scorer.batch_size >= 1, "scorer.batch_size", "must be >= 1")
+    need(bool(cfg.policy.path), "policy.path", "a model path is required")
+    need(bool(cfg.scorer.model.path), "scorer.model.path", "a model path is required")
+    for name in ("stage1_sft", "stage1_po", "stage2", "heldout"):
+        sl = cfg.data[name]
+        need(len(sl) == 2 and all(isinstance(v, int) for v in sl) and 0 <= sl[0] <= sl[1],
+             f"data.{name}", "must be [start, stop] with 0 <= start <= stop")
+    need(bool(cfg.data.prompts), "data.prompts", "a prompt file is required")
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def section(cfg: DictConfig, *keys: str) -> dict:
+    """Plain dict of some top-level sections: what a stage's cache key hashes."""
+    return {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
+            for k in keys}

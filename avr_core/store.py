@@ -1,0 +1,220 @@
+"""The artifact store: one directory per artifact, `manifest.json` written last.
+
+Layout (root is a path or any fsspec URL, e.g. s3://bucket/avr)::
+
+    <root>/<stage>/<key>/data/<name>-00000.jsonl   records, one shard per file
+    <root>/<stage>/<key>/shards/00000.json         a shard's commit marker + its counts
+    <root>/<stage>/<key>/manifest.json             written LAST, atomically
+
+An artifact without its manifest does not exist. A long stage commits shards as it goes;
+a restarted stage skips committed shards (their marker exists), so a kill loses at most the
+shard in flight and never duplicates a record. Nothing is ever pickled into the store.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator
+
+import fsspec
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ArtifactRef:
+    """What tasks pass around: a pointer into the store, never the data itself."""
+
+    root: str
+    stage: str
+    key: str
+
+    @property
+    def path(self) -> str:
+        return f"{self.root.rstrip('/')}/{self.stage}/{self.key}"
+
+    def __str__(self) -> str:
+        return f"{self.stage}/{self.key}"
+
+
+def cache_key(stage: str, config: Any, inputs: Iterable[str], code_version: str) -> str:
+    """hash(stage, resolved stage config, input artifact keys, stage code version).
+
+    >>> cache_key("critique", {"k": 2}, ["respond/ab12"], "v1") == cache_key("critique", {"k": 2}, ["respond/ab12"], "v1")
+    True
+    """
+    blob = json.dumps({"stage": stage, "config": config, "inputs": sorted(inputs),
+                       "code": code_version, "format": FORMAT_VERSION}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def code_version(*modules: Any) -> str:
+    """Hash of the source files of the modules a stage runs: edit the code, get a new key."""
+    h = hashlib.sha256()
+    for m in modules:
+        with open(m.__file__, "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()[:12]
+
+
+class Store:
+    def __init__(self, root: str):
+        self.root = root
+        self.fs, self._base = fsspec.core.url_to_fs(root)
+
+    def _p(self, *parts: str) -> str:
+        return "/".join([self._base.rstrip("/"), *parts])
+
+    def ref(self, stage: str, key: str) -> ArtifactRef:
+        return ArtifactRef(self.root, stage, key)
+
+    def local_path(self, ref: ArtifactRef) -> str:
+        """Filesystem path of an artifact (for `from_pretrained` and friends on a local store)."""
+        return self._p(ref.stage, ref.key)
+
+    # -- reading --------------------------------------------------------------------------
+    def exists(self, ref: ArtifactRef) -> bool:
+        return self.fs.exists(self._p(ref.stage, ref.key, MANIFEST))
+
+    def manifest(self, ref: ArtifactRef) -> dict:
+        with self.fs.open(self._p(ref.stage, ref.key, MANIFEST), "r") as f:
+            return json.load(f)
+
+    def read_records(self, ref: ArtifactRef, name: str = "records") -> list[dict]:
+        """All records of one named output, shards in order."""
+        if not self.exists(ref):
+            raise FileNotFoundError(f"artifact {ref} has no manifest: it does not exist (yet)")
+        out: list[dict] = []
+        for fname in self.manifest(ref)["files"]:
+            if fname.startswith(f"data/{name}-") and fname.endswith(".jsonl"):
+                out.extend(_read_jsonl(self.fs, self._p(ref.stage, ref.key, fname)))
+        return out
+
+    def list(self, stage: str | None = None) -> list[ArtifactRef]:
+        stages = [stage] if stage else [p.rsplit("/", 1)[-1] for p in self._ls(self._base)]
+        refs = []
+        for s in stages:
+            for k in self._ls(self._p(s)):
+                r = self.ref(s, k.rsplit("/", 1)[-1])
+                if self.exists(r):
+                    refs.append(r)
+        return refs
+
+    def _ls(self, path: str) -> list[str]:
+        try:
+            return sorted(p for p in self.fs.ls(path, detail=False) if self.fs.isdir(p))
+        except FileNotFoundError:
+            return []
+
+    # -- writing --------------------------------------------------------------------------
+    def writer(self, stage: str, key: str, config: Any, inputs: list[ArtifactRef],
+               code: str) -> "ArtifactWriter":
+        return ArtifactWriter(self, self.ref(stage, key), config, inputs, code)
+
+    def write_atomic(self, path: str, data: bytes) -> None:
+        """Write to a temporary name, then rename: readers see all of it or nothing."""
+        self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        with self.fs.open(tmp, "wb") as f:
+            f.write(data)
+        self.fs.mv(tmp, path)
+
+
+class ArtifactWriter:
+    """Builds one artifact. Usage in a task::
+
+        w = store.writer("critique", key, cfg_section, inputs=[answers], code=version)
+        for i, shard in enumerate(shards):
+            if i in w.committed():
+                continue                      # done before a kill: skip, do not redo
+            w.commit_shard(i, {"records": new_records}, counts={"dropped_unparsable": 3})
+        w.finalize()                          # manifest last
+    """
+
+    def __init__(self, store: Store, ref: ArtifactRef, config: Any, inputs: list[ArtifactRef], code: str):
+        self.store, self.ref, self.config, self.inputs, self.code = store, ref, config, inputs, code
+        self.dir = store._p(ref.stage, ref.key)
+        self.started = time.time()
+
+    def committed(self) -> set[int]:
+        try:
+            names = self.store.fs.ls(f"{self.dir}/shards", detail=False)
+        except FileNotFoundError:
+            return set()
+        return {int(n.rsplit("/", 1)[-1][:5]) for n in names if n.endswith(".json")}
+
+    def commit_shard(self, index: int, outputs: dict[str, list[dict]], counts: dict[str, int]) -> None:
+        """Data files first, then the marker: a shard counts only once its marker exists."""
+        for name, records in outputs.items():
+            self.store.write_atomic(f"{self.dir}/data/{name}-{index:05d}.jsonl", _jsonl(records))
+        marker = {"index": index, "counts": counts, "rows": {n: len(r) for n, r in outputs.items()},
+                  "time": time.time()}
+        self.store.write_atomic(f"{self.dir}/shards/{index:05d}.json", json.dumps(marker).encode())
+
+    def write_file(self, relpath: str, data: bytes) -> None:
+        self.store.write_atomic(f"{self.dir}/{relpath}", data)
+
+    def shard_counts(self) -> tuple[dict[str, int], dict[str, int]]:
+        """Summed filter counts and row counts of every committed shard."""
+        counts: dict[str, int] = {}
+        rows: dict[str, int] = {}
+        for i in sorted(self.committed()):
+            with self.store.fs.open(f"{self.dir}/shards/{i:05d}.json", "r") as f:
+                m = json.load(f)
+            for k, v in m["counts"].items():
+                counts[k] = counts.get(k, 0) + v
+            for k, v in m["rows"].items():
+                rows[k] = rows.get(k, 0) + v
+        return counts, rows
+
+    def finalize(self, extra: dict | None = None, counts: dict | None = None) -> ArtifactRef:
+        """Checksum every file and write the manifest, last and atomically."""
+        fs = self.store.fs
+        shard_counts, rows = self.shard_counts()
+        files = {}
+        for p in sorted(fs.find(self.dir)):
+            rel = p[len(self.dir.rstrip("/")) + 1:]
+            if rel == MANIFEST or ".tmp-" in rel or rel.startswith("shards/"):
+                continue
+            if rel.startswith("data/") and rel.endswith(".jsonl") and not self._is_committed_file(rel):
+                continue  # a data file whose shard marker never landed
+            files[rel] = {"sha256": _sha256(fs, p), "bytes": fs.size(p)}
+        manifest = {
+            "stage": self.ref.stage, "key": self.ref.key, "format": FORMAT_VERSION,
+            "inputs": [str(r) for r in self.inputs], "config": self.config, "code_version": self.code,
+            "rows": rows, "counts": {**shard_counts, **(counts or {})}, "files": files,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "wall_s": round(time.time() - self.started, 3), "host": platform.node(),
+            **(extra or {}),
+        }
+        self.store.write_atomic(f"{self.dir}/{MANIFEST}", json.dumps(manifest, indent=2, default=str).encode())
+        return self.ref
+
+    def _is_committed_file(self, rel: str) -> bool:
+        stem = rel.rsplit("-", 1)[-1].split(".")[0]
+        return stem.isdigit() and int(stem) in self.committed()
+
+
+def _jsonl(records: list[dict]) -> bytes:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode()
+
+
+def _read_jsonl(fs, path: str) -> Iterator[dict]:
+    with fs.open(path, "r", encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                yield json.loads(line)
+
+
+def _sha256(fs, path: str) -> str:
+    h = hashlib.sha256()
+    with fs.open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
