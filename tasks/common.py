@@ -1,0 +1,91 @@
+"""What every stage task shares: the store-backed cache, sharded execution, run records.
+
+The artifact store is the cache (DESIGN.md "Cache key"). Prefect's own task cache is
+layered on top through `StoreCache`, which offers Prefect the artifact key ONLY while that
+artifact's manifest exists, so a deleted artifact can never come back from a stale Prefect
+cache record: the task then runs and finds (or rebuilds) it in the store.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+from prefect import task
+from prefect.cache_policies import CachePolicy
+from prefect.logging import get_run_logger
+from tqdm.auto import tqdm
+
+from avr_core.store import ArtifactRef, Store, cache_key
+
+log = logging.getLogger("avr")
+
+
+def store_of(cfg: dict) -> Store:
+    return Store(cfg["store"]["root"])
+
+
+def logger():
+    try:
+        return get_run_logger()
+    except Exception:  # called outside a run (unit tests of helpers)
+        return log
+
+
+@dataclass
+class StoreCache(CachePolicy):
+    """Prefect cache policy whose key is the stage's artifact key, if the artifact exists."""
+
+    ref_fn: Optional[Callable[..., ArtifactRef]] = None
+
+    def compute_key(self, task_ctx, inputs: dict[str, Any], flow_parameters: dict[str, Any],
+                    **kwargs: Any) -> Optional[str]:
+        ref = self.ref_fn(**inputs)
+        return f"{ref.stage}-{ref.key}" if store_of(inputs["cfg"]).exists(ref) else None
+
+
+def stage_task(ref_fn: Callable[..., ArtifactRef], *, retries: int = 2, timeout_s: float = 6 * 3600):
+    """A stage task: cached on its artifact key, retried, time-limited, named by its key."""
+    def deco(fn):
+        return task(fn, name=fn.__name__, cache_policy=StoreCache(ref_fn=ref_fn), persist_result=True,
+                    retries=retries, retry_delay_seconds=10, timeout_seconds=timeout_s,
+                    task_run_name=fn.__name__)
+    return deco
+
+
+def run_sharded(store: Store, ref: ArtifactRef, config: Any, inputs: list[ArtifactRef], code: str,
+                records: Callable[[], list[dict]], shard_size: int,
+                work: Callable[[list[dict], int], tuple[dict[str, list[dict]], Counter]],
+                stats: Callable[[], dict] | None = None) -> ArtifactRef:
+    """Run `work(shard_records, shard_index)` over shards, committing each; skip committed ones.
+
+    The artifact appears (manifest written) only after the last shard: a killed run restarts
+    here and redoes at most the shard it was in.
+    """
+    if store.exists(ref):
+        logger().info("%s: cache hit (%s)", ref.stage, ref.path)
+        return ref
+    w = store.writer(ref.stage, ref.key, config, inputs, code)
+    rows = records()  # read only on a miss
+    shards = [rows[i:i + shard_size] for i in range(0, len(rows), shard_size)] or [[]]
+    done = w.committed()
+    if done:
+        logger().info("%s: resuming, %d of %d shards already committed", ref.stage, len(done), len(shards))
+    pending = [i for i in range(len(shards)) if i not in done]
+    t0 = time.time()
+    for i in tqdm(pending, desc=ref.stage, unit="shard"):
+        before = stats() if stats else {}  # the first call builds the backend: only on a real miss
+        outputs, counts = work(shards[i], i)
+        counts = Counter(counts)
+        counts["input_records"] += len(shards[i])
+        # backend counters (tokens generated, failed requests, ...) travel with the shard,
+        # so a resumed stage's manifest still adds up over all shards
+        after = stats() if stats else {}
+        counts.update({f"backend_{k}": after[k] - before.get(k, 0) for k in after})
+        w.commit_shard(i, outputs, dict(counts))
+    out = w.finalize(extra={"compute_s": round(time.time() - t0, 3), "shards": len(shards)})
+    m = store.manifest(out)
+    logger().info("%s: wrote %s rows=%s counts=%s", ref.stage, out.path, m["rows"], m["counts"])
+    return out
