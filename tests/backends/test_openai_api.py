@@ -1,0 +1,202 @@
+"""OpenAIGenerator against a real HTTP server on 127.0.0.1 that fakes the chat API.
+
+`FakeChatServer` answers `/v1/models` and `/v1/chat/completions` deterministically: sample
+j of a request is ``"<last message content> #<seed>.<j>"``, so tests can check order, n and
+seeds. It can be scripted to fail the next k chat requests in a given way.
+"""
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections import deque
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from avr_core.backends.base import BackendUnavailable, Generator, SamplingParams
+from avr_core.backends.openai_api import OpenAIGenerator, _retry_after
+
+
+class FakeChatServer:
+    """Test fake: a tiny OpenAI-compatible server. `fail(mode, times)` queues failures.
+
+    Modes: "500", "429" (with Retry-After: `retry_after`), "empty" (200 with ""
+    content), "truncated" (200 with a cut JSON body), "400" (permanent).
+    """
+
+    def __init__(self):
+        self.requests: list[dict] = []
+        self.failures: deque[str] = deque()
+        self.retry_after = "0"
+        self.lock = threading.Lock()
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a):  # keep pytest output clean
+                pass
+
+            def _send(self, code, body: bytes, headers=()):
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                for k, v in headers:
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self):
+                if self.path == "/v1/models":
+                    self._send(200, json.dumps({"object": "list", "data": [{"id": "fake"}]}).encode())
+                else:
+                    self._send(404, b"{}")
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with fake.lock:
+                    fake.requests.append({"body": body, "auth": self.headers.get("Authorization")})
+                    mode = fake.failures.popleft() if fake.failures else None
+                if mode == "500":
+                    return self._send(500, b'{"error": "boom"}')
+                if mode == "429":
+                    return self._send(429, b'{"error": "slow down"}', [("Retry-After", fake.retry_after)])
+                if mode == "400":
+                    return self._send(400, b'{"error": "context too long"}')
+                last = body["messages"][-1]["content"]
+                texts = ["" if mode == "empty" else f"{last} #{body.get('seed')}.{j}"
+                         for j in range(body["n"])]
+                resp = {"choices": [{"index": j, "message": {"role": "assistant", "content": t}}
+                                    for j, t in reversed(list(enumerate(texts)))],  # out of order on purpose
+                        "usage": {"completion_tokens": 3 * body["n"]}}
+                raw = json.dumps(resp).encode()
+                if mode == "truncated":
+                    raw = raw[: len(raw) // 2]
+                self._send(200, raw)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.base_url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.02,), daemon=True)
+
+    def fail(self, mode: str, times: int = 1) -> None:
+        with self.lock:
+            self.failures.extend([mode] * times)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server():
+    with FakeChatServer() as s:
+        yield s
+
+
+def make_gen(url, **kw):
+    kw = {"backoff_s": 0.001, "max_backoff_s": 0.01, "timeout_s": 5.0, "progress": False, **kw}
+    return OpenAIGenerator(url, "fake", **kw)
+
+
+def conv(text):
+    return [{"role": "user", "content": text}]
+
+
+P = SamplingParams(n=2, temperature=0.7, top_p=0.8, max_new_tokens=16, seed=10)
+
+
+def test_round_preserves_order_n_samples_and_counts(server):
+    gen = make_gen(server.base_url, concurrency=4)
+    assert isinstance(gen, Generator)
+    out = gen.generate([conv(f"q{i}") for i in range(10)], P)
+    # Seeds are offset by the conversation index; choices are re-sorted by their index.
+    assert out == [[f"q{i} #{10 + i}.0", f"q{i} #{10 + i}.1"] for i in range(10)]
+    s = gen.stats
+    assert (s.calls, s.requests, s.samples, s.tokens_generated, s.retries, s.failed_requests) == (1, 10, 20, 60, 0, 0)
+    b = server.requests[0]["body"]
+    assert {b["n"], b["max_tokens"], b["temperature"], b["top_p"]} == {2, 16, 0.7, 0.8}
+    assert "continue_final_message" not in b
+
+
+def test_continue_final_assistant_message(server):
+    gen = make_gen(server.base_url)
+    c = conv("rate it") + [{"role": "assistant", "content": "Rating: [["}]
+    assert gen.generate([c], SamplingParams(n=1, seed=None)) == [["Rating: [[ #None.0"]]
+    b = server.requests[0]["body"]
+    assert b["continue_final_message"] is True and b["add_generation_prompt"] is False
+    assert "seed" not in b
+
+
+@pytest.mark.parametrize("mode", ["500", "429", "truncated", "empty"])
+def test_transient_failures_are_retried(server, mode):
+    server.fail(mode, times=2)
+    gen = make_gen(server.base_url)
+    out = gen.generate([conv("a")], P)
+    assert len(out[0]) == 2 and all(out[0])
+    assert gen.stats.retries == 2 and gen.stats.failed_requests == 0
+    if mode == "empty":  # a bad sample is re-drawn with a shifted seed, not re-sent verbatim
+        assert len({r["body"]["seed"] for r in server.requests}) == 3
+
+
+def test_retry_after_is_respected(server):
+    server.retry_after = "1"
+    server.fail("429", times=1)
+    gen = make_gen(server.base_url)
+    t0 = time.monotonic()
+    assert gen.generate([conv("a")], P)[0]
+    assert time.monotonic() - t0 >= 0.9
+    assert gen.stats.retries == 1
+
+
+def test_failed_for_good_yields_empty_and_is_counted(server):
+    server.fail("500", times=3)  # max_retries=2 -> 3 attempts, all fail
+    gen = make_gen(server.base_url, max_retries=2, concurrency=1)
+    out = gen.generate([conv("a"), conv("b")], P)
+    assert out[0] == [] and out[1] == ["b #11.0", "b #11.1"]
+    assert gen.stats.failed_requests == 1 and gen.stats.retries == 2 and gen.stats.samples == 2
+
+
+def test_permanent_4xx_is_not_retried(server):
+    server.fail("400")
+    gen = make_gen(server.base_url)
+    assert gen.generate([conv("a")], P) == [[]]
+    assert gen.stats.retries == 0 and gen.stats.failed_requests == 1 and len(server.requests) == 1
+
+
+def test_api_key_from_env_never_in_errors(server, monkeypatch):
+    monkeypatch.setenv("MY_KEY", "sk-secret-123")
+    gen = make_gen(server.base_url, api_key_env="MY_KEY")
+    gen.generate([conv("a")], P)
+    assert server.requests[0]["auth"] == "Bearer sk-secret-123"
+    assert "sk-secret" not in repr(gen)
+    monkeypatch.delenv("MY_KEY")
+    make_gen(server.base_url, api_key_env="MY_KEY").generate([conv("a")], P)
+    assert server.requests[1]["auth"] == "Bearer EMPTY"
+
+
+def test_dead_server_raises_backend_unavailable(monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-secret-456")
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    gen = make_gen(f"http://127.0.0.1:{port}/v1")
+    with pytest.raises(BackendUnavailable) as e:
+        gen.generate([conv("a")], P)
+    msg = str(e.value)
+    assert f"127.0.0.1:{port}/v1/models" in msg and "server" in msg and "sk-secret" not in msg
+
+
+def test_empty_round_sends_nothing(server):
+    gen = make_gen(server.base_url)
+    assert gen.generate([], P) == [] and server.requests == []
+
+
+def test_retry_after_parsing():
+    assert _retry_after("3") == 3.0
+    assert _retry_after("-1") == 0.0
+    assert _retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # a date in the past
+    assert _retry_after("garbage") is None
