@@ -8,6 +8,7 @@ cache record: the task then runs and finds (or rebuilds) it in the store.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from tqdm.auto import tqdm
 from avr_core.store import ArtifactRef, Store, cache_key
 
 log = logging.getLogger("avr")
+RETRY_DELAY_S = float(os.environ.get("AVR_RETRY_DELAY_S", "10"))
 
 
 def store_of(cfg: dict) -> Store:
@@ -50,7 +52,7 @@ def stage_task(ref_fn: Callable[..., ArtifactRef], *, retries: int = 2, timeout_
     """A stage task: cached on its artifact key, retried, time-limited, named by its key."""
     def deco(fn):
         return task(fn, name=fn.__name__, cache_policy=StoreCache(ref_fn=ref_fn), persist_result=True,
-                    retries=retries, retry_delay_seconds=10, timeout_seconds=timeout_s,
+                    retries=retries, retry_delay_seconds=RETRY_DELAY_S, timeout_seconds=timeout_s,
                     task_run_name=fn.__name__)
     return deco
 

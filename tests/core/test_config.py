@@ -1,0 +1,85 @@
+"""Every shipped config loads; bad keys, types, values and overrides are named."""
+from pathlib import Path
+
+import pytest
+
+from avr_core.config import CONF_DIR, ConfigError, load_config, parse_overrides
+
+PRESETS = sorted(p.stem for p in CONF_DIR.glob("*.yaml"))
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_shipped_config_loads(preset):
+    cfg = load_config(preset)
+    assert cfg.critique.k >= 1
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_preset_opens_with_the_command_that_runs_it(preset):
+    head = (CONF_DIR / f"{preset}.yaml").read_text().splitlines()[:6]
+    assert any(line.lstrip("# ").startswith("avr run --preset") for line in head)
+
+
+def test_paper_preset_is_the_papers_setting():
+    cfg = load_config("paper")
+    assert "Llama-3-8B-Instruct" in cfg.policy.path and "Skywork-Reward-Gemma-2-27B" in cfg.scorer.model.path
+    assert cfg.generator.kind == "vllm" and cfg.scorer.kind == "hf_rm"
+    assert (cfg.critique.k, cfg.refine.m) == (2, 2) and not cfg.critique.force_rating
+    for stage in ("respond", "critique", "refine"):
+        assert (cfg[stage].sampling.temperature, cfg[stage].sampling.top_p) == (0.7, 0.8)
+
+
+def test_tiny_forces_ratings():
+    assert load_config("tiny").critique.force_rating
+
+
+def test_overrides_apply():
+    cfg = load_config("tiny", ["critique.k=3", "store.root=/tmp/x"])
+    assert cfg.critique.k == 3 and cfg.store.root == "/tmp/x"
+
+
+@pytest.mark.parametrize("override,named", [
+    (["critique.kk=1"], "critique.kk"),
+    (["critique.k=abc"], "critique.k"),
+    (["critique.k=-1"], "critique.k"),
+    (["refine.sampling.temperature=9"], "refine.sampling.temperature"),
+    (["respond.sampling.top_p=0"], "respond.sampling.top_p"),
+    (["generator.kind=tgi"], "generator.kind"),
+    (["policy.path="], "policy.path"),
+    (["nosuchsection.x=1"], "nosuchsection"),
+])
+def test_bad_values_name_the_key(override, named):
+    with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
+        load_config("tiny", override)
+
+
+@pytest.mark.parametrize("bad", ["critique.k", "=3", "a b=1"])
+def test_malformed_override(bad):
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_overrides([bad])
+
+
+def test_unknown_key_in_a_preset_file_names_file_and_key(tmp_path):
+    p = tmp_path / "mine.yaml"
+    p.write_text("critique:\n  kay: 3\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(str(p))
+    assert "mine.yaml" in str(e.value) and "critique.kay" in str(e.value)
+
+
+def test_invalid_yaml_names_the_file(tmp_path):
+    p = tmp_path / "broken.yaml"
+    p.write_text("critique: [unclosed\n")
+    with pytest.raises(ConfigError, match="broken.yaml"):
+        load_config(str(p))
+
+
+def test_unknown_preset():
+    with pytest.raises(ConfigError, match="preset not found"):
+        load_config("nope")
+
+
+def test_avr_store_env(monkeypatch):
+    monkeypatch.setenv("AVR_STORE", "/tmp/envstore")
+    assert load_config("tiny").store.root == "/tmp/envstore"
+    assert load_config("tiny", ["store.root=/tmp/o"]).store.root == "/tmp/o"

@@ -1,0 +1,107 @@
+"""The stage-1 synthesis flow under Prefect's test harness, on fake backends (control flow only):
+caching, what a config change recomputes, and resume after a failure."""
+import os
+
+import pytest
+from omegaconf import OmegaConf
+
+os.environ["AVR_RETRY_DELAY_S"] = "0"
+
+import tasks.synthesis as t  # noqa: E402
+from avr_core.config import load_config  # noqa: E402
+from avr_core.store import Store  # noqa: E402
+from flows.stage1 import synthesis  # noqa: E402
+from tests.fakes import FakeGenerator, FakeScorer  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+
+def cfg_for(tmp_path, *overrides):
+    cfg = load_config("tiny", [f"store.root={tmp_path}", "data.stage1_sft=[0,10]", "shard_size=4", *overrides])
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+@pytest.fixture
+def backends(monkeypatch):
+    made = {"gen": [], "scorer": []}
+
+    def gen(policy, backend):
+        made["gen"].append(g := FakeGenerator(critiques=["Needs work. Rating: [[4]]", "Fine. Rating: [[7]]"]))
+        return g
+
+    def scorer(cfg):
+        made["scorer"].append(s := FakeScorer())
+        return s
+    monkeypatch.setattr(t, "make_generator", gen)
+    monkeypatch.setattr(t, "make_scorer", scorer)
+    return made
+
+
+def stage_keys(root):
+    store = Store(str(root))
+    return {s: sorted(r.key for r in store.list(s)) for s in ("prompts", "respond", "critique", "refine", "rm_score", "select")}
+
+
+def test_synthesis_flow_writes_artifacts_then_hits_cache(tmp_path, backends):
+    cfg = cfg_for(tmp_path)
+    ref = synthesis(cfg, cfg["policy"], "stage1_sft")
+    store = Store(str(tmp_path))
+    m = store.manifest(ref)
+    assert m["rows"]["pairs"] > 0 and m["rows"]["rsft"] > 0 and m["counts"]["input_records"] == 10
+    assert len(store.read_records(ref, "pairs")) == m["rows"]["pairs"]
+    crit = store.manifest(store.list("critique")[0])
+    assert crit["counts"]["backend_calls"] == 3                     # one round call per shard
+    calls_first = sum(len(g.calls) for g in backends["gen"])
+    assert calls_first > 0
+
+    ref2 = synthesis(cfg, cfg["policy"], "stage1_sft")                # same config: all cached
+    assert ref2 == ref
+    assert sum(len(g.calls) for g in backends["gen"]) == calls_first   # no generation happened
+    assert sum(s.calls for s in backends["scorer"]) == 3               # scored once, never again
+
+
+def test_changing_critique_k_recomputes_critique_and_after_only(tmp_path, backends):
+    synthesis(cfg_for(tmp_path), cfg_for(tmp_path)["policy"], "stage1_sft")
+    before = stage_keys(tmp_path)
+    n_gen = len(backends["gen"])
+    cfg3 = cfg_for(tmp_path, "critique.k=3")
+    synthesis(cfg3, cfg3["policy"], "stage1_sft")
+    after = stage_keys(tmp_path)
+    assert after["prompts"] == before["prompts"] and after["respond"] == before["respond"]
+    for stage in ("critique", "refine", "rm_score", "select"):
+        assert len(after[stage]) == 2, stage
+    # nothing before critique generated again: every new call is a critique (n=3), a forced
+    # rating (n=1, greedy) or a refinement (n=2) -- never a respond call (n=1, sampled)
+    new_calls = [p for g in backends["gen"][n_gen:] for _, p in g.calls]
+    assert new_calls and not [p for p in new_calls if p.n == 1 and p.temperature > 0]
+
+
+def test_failed_stage_resumes_from_its_last_committed_shard(tmp_path, monkeypatch):
+    cfg = cfg_for(tmp_path, "critique.force_rating=false")
+    healthy = FakeGenerator(critiques=["Rating: [[5]]"])
+    monkeypatch.setattr(t, "make_scorer", lambda c: FakeScorer())
+    # respond: 3 calls (3 shards); critique shard 0 ok, shard 1 fails for good (call 5, and its retries)
+    broken = FakeGenerator(critiques=["Rating: [[5]]"])
+    orig = broken.generate
+
+    def dies_on_second_critique_shard(convs, params):
+        if params.n == 2 and len([c for c in broken.calls if c[1].n == 2]) >= 1:
+            broken.calls.append((len(convs), params))
+            raise RuntimeError("injected: worker lost")
+        return orig(convs, params)
+    broken.generate = dies_on_second_critique_shard
+    monkeypatch.setattr(t, "make_generator", lambda p, b: broken)
+    with pytest.raises(RuntimeError, match="injected"):
+        synthesis(cfg, cfg["policy"], "stage1_sft")
+    store = Store(str(tmp_path))
+    assert store.list("critique") == [] and len(store.list("respond")) == 1   # no manifest, no artifact
+
+    monkeypatch.setattr(t, "make_generator", lambda p, b: healthy)
+    ref = synthesis(cfg, cfg["policy"], "stage1_sft")
+    crit_calls = [n for n, p in healthy.calls if p.n == 2 and n > 0]
+    # shards 1 and 2 only (4 + 2 prompts) -- shard 0 was committed before the failure
+    assert crit_calls[:2] == [4, 2]
+    records = store.read_records(store.list("critique")[0])
+    ids = [r["id"] for r in records]
+    assert len(ids) == 10 and len(set(ids)) == 10
+    assert store.exists(ref)
