@@ -122,10 +122,10 @@ def _critique_pair(rec, crit, cands, judged, rules, counts, redundant, pairs) ->
         return plus
     if len(value) < 2:
         counts["critique_pair_single_critique"] += 1
-    elif crit[plus]["text"] == crit[minus]["text"]:
-        counts["critique_pair_identical"] += 1
     elif value[plus] <= value[minus]:
         counts["critique_pair_equal_value"] += 1
+    elif crit[plus]["text"] == crit[minus]["text"]:
+        counts["critique_pair_identical"] += 1
     elif max(f["score"] for f in cands[plus]) < s0:
         counts["critique_pair_no_improvement"] += 1
     elif redundant(crit[plus]["text"]) or redundant(crit[minus]["text"]):
