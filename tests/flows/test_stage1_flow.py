@@ -105,3 +105,18 @@ def test_failed_stage_resumes_from_its_last_committed_shard(tmp_path, monkeypatc
     ids = [r["id"] for r in records]
     assert len(ids) == 10 and len(set(ids)) == 10
     assert store.exists(ref)
+
+
+def test_pipeline_saves_resolved_config_and_summary(tmp_path, backends):
+    import json
+
+    import yaml
+
+    from flows.pipeline import pipeline
+    summary = pipeline(preset="tiny", overrides=[f"store.root={tmp_path}", "critique.k=3"])
+    runs = list((tmp_path / "runs").iterdir())
+    assert len(runs) == 1
+    saved = yaml.safe_load((runs[0] / "config.yaml").read_text())
+    assert saved["critique"]["k"] == 3 and saved["store"]["root"] == str(tmp_path)
+    on_disk = json.loads((runs[0] / "summary.json").read_text())
+    assert on_disk["outputs"]["stage1_synthesis"]["ref"] == summary["outputs"]["stage1_synthesis"]["ref"]

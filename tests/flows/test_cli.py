@@ -1,0 +1,42 @@
+"""The `avr` command: bad input is rejected before any work, with file/line/field or key named."""
+import subprocess
+import sys
+
+import pytest
+
+from flows.cli import main
+
+
+def run(argv, capsys):
+    code = main(argv)
+    return code, capsys.readouterr().err
+
+
+def test_bad_prompt_file_names_file_line_field_and_writes_nothing(tmp_path, capsys):
+    bad = tmp_path / "prompts.jsonl"
+    bad.write_text('{"prompt": "ok"}\n{"messages": [{"role": "bot", "content": "hi"}]}\n')
+    store = tmp_path / "store"
+    code, err = run(["run", "--preset", "tiny", f"data.prompts={bad}", f"store.root={store}"], capsys)
+    assert code == 2
+    assert "prompts.jsonl:2" in err and "messages[0].role" in err and "Traceback" not in err
+    assert not store.exists()
+
+
+def test_bad_override_names_the_key(tmp_path, capsys):
+    code, err = run(["run", "--preset", "tiny", "critique.kk=3", f"store.root={tmp_path}/s"], capsys)
+    assert code == 2 and "critique.kk" in err
+    code, err = run(["run", "--preset", "tiny", "critique.k"], capsys)
+    assert code == 2 and "key=value" in err
+    assert not (tmp_path / "s").exists()
+
+
+def test_config_command_prints_the_resolved_config(capsys):
+    assert main(["config", "--preset", "paper", "critique.k=3"]) == 0
+    out = capsys.readouterr().out
+    assert "k: 3" in out and "Meta-Llama-3-8B-Instruct" in out
+
+
+def test_console_script_is_installed():
+    out = subprocess.run([sys.executable, "-m", "flows.cli", "config", "--preset", "tiny"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "force_rating: true" in out.stdout
