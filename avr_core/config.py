@@ -87,6 +87,30 @@ class SelectConfig:
 
 
 @dataclass
+class TrainConfig:
+    """One recipe for RSFT and preference optimisation (DESIGN.md "Training"), on DeepSpeed."""
+
+    loss: str = "sft"                # sft | dpo | ipo | simpo | rm_margin
+    beta: float = 0.1                # dpo / ipo / simpo / rm_margin temperature
+    gamma: float = 0.5               # simpo target margin; rm_margin scale on r_chosen - r_rejected
+    lr: float = 5.0e-7
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.1
+    epochs: int = 1
+    max_steps: int = -1              # > 0 caps optimizer steps (tiny runs, tests)
+    micro_batch_size: int = 1        # sequences (sft) or pairs (po) per forward, per device
+    grad_accum: int = 1
+    max_length: int = 2048           # tokens; longer examples are truncated AND counted
+    last_turn_only: bool = False     # loss on the last assistant turn only
+    zero_stage: int = 2              # DeepSpeed ZeRO stage (CPU: 0-2)
+    bf16: bool = False               # GPUs: true
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = 50       # optimizer steps between checkpoints in the store
+    num_gpus: int = 0                # > 1: the task starts the `deepspeed` launcher as a subprocess
+    seed: int = 0
+
+
+@dataclass
 class DataConfig:
     prompts: str = "avr_core/data/tiny_prompts.jsonl"  # JSONL | JSON | Parquet | saved HF dataset dir
     # Disjoint slices [start, stop) of the prompt file for each use (DESIGN step 6: fresh prompts).
@@ -113,6 +137,8 @@ class AvrConfig:
     critique: CritiqueConfig = field(default_factory=CritiqueConfig)
     refine: RefineConfig = field(default_factory=RefineConfig)
     select: SelectConfig = field(default_factory=SelectConfig)
+    rsft: TrainConfig = field(default_factory=lambda: TrainConfig(loss="sft", lr=1.0e-6))
+    po: TrainConfig = field(default_factory=lambda: TrainConfig(loss="dpo", lr=5.0e-7))
     shard_size: int = 64             # prompts per committed shard of a long stage
 
 
@@ -201,6 +227,14 @@ def validate(cfg: DictConfig) -> None:
         need(len(sl) == 2 and all(isinstance(v, int) for v in sl) and 0 <= sl[0] <= sl[1],
              f"data.{name}", "must be [start, stop] with 0 <= start <= stop")
     need(bool(cfg.data.prompts), "data.prompts", "a prompt file is required")
+    for t in ("rsft", "po"):
+        need(cfg[t].loss in ("sft", "dpo", "ipo", "simpo", "rm_margin"), f"{t}.loss",
+             "must be sft, dpo, ipo, simpo or rm_margin")
+        need(cfg[t].lr > 0, f"{t}.lr", "must be > 0")
+        need(cfg[t].micro_batch_size >= 1, f"{t}.micro_batch_size", "must be >= 1")
+        need(cfg[t].grad_accum >= 1, f"{t}.grad_accum", "must be >= 1")
+        need(cfg[t].zero_stage in (0, 1, 2, 3), f"{t}.zero_stage", "must be 0..3")
+        need(cfg[t].max_length > 0, f"{t}.max_length", "must be > 0")
 
 
 def to_yaml(cfg: DictConfig) -> str:
