@@ -1,0 +1,15 @@
+"""The worked examples in docstrings are executable: they run here."""
+import doctest
+
+import pytest
+
+import avr_core.parsing
+import avr_core.prompts
+import avr_core.signal
+import avr_core.store
+
+
+@pytest.mark.parametrize("module", [avr_core.parsing, avr_core.prompts, avr_core.signal, avr_core.store])
+def test_docstring_examples(module):
+    result = doctest.testmod(module)
+    assert result.failed == 0 and result.attempted > 0
