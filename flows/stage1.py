@@ -1,13 +1,15 @@
-"""Stage 1 -- single-step refinement data (DESIGN.md steps 1-5).
+"""Stage 1 -- single-step refinement (DESIGN.md steps 1-6).
 
-    avr run --preset tiny            # runs the pipeline, which calls `synthesis` below
+    avr run --preset tiny            # the pipeline runs `stage1` below
 """
 from __future__ import annotations
 
 from prefect import flow
 
 from avr_core.store import ArtifactRef
+from tasks import signal as s
 from tasks import synthesis as t
+from tasks import training as tr
 
 
 @flow(name="avr-synthesis", log_prints=True)
@@ -19,3 +21,24 @@ def synthesis(cfg: dict, policy: dict, split: str) -> ArtifactRef:
     refinements = t.refine(cfg, policy, critiques)
     scored = t.rm_score(cfg, refinements)
     return t.select(cfg, scored)
+
+
+@flow(name="avr-stage1", log_prints=True)
+def stage1(cfg: dict, seed: dict) -> dict:
+    """Synthesis with the seed -> RSFT -> synthesis with the RSFT policy on fresh prompts -> PO."""
+    rsft_data = synthesis(cfg, seed, "stage1_sft")
+    rsft = tr.policy_of(cfg, tr.train_sft(cfg, seed, rsft_data))
+    pairs = synthesis(cfg, rsft, "stage1_po")
+    ref_logps = tr.reference_logps(cfg, rsft, pairs)          # the RSFT model is the reference
+    model = tr.train_po(cfg, rsft, pairs, ref_logps)
+    return {"rsft_data": rsft_data, "rsft": rsft, "pairs": pairs, "model_ref": model,
+            "model": tr.policy_of(cfg, model)}
+
+
+@flow(name="avr-learning-signal", log_prints=True)
+def learning_signal(cfg: dict, base: dict, trained: dict) -> ArtifactRef:
+    """Score both models' answers to held-out prompts with the configured scorer; paired difference."""
+    heldout = t.prompts(cfg, "heldout")
+    a = t.rm_score(cfg, t.respond(cfg, base, heldout))
+    b = t.rm_score(cfg, t.respond(cfg, trained, heldout))
+    return s.learning_signal(cfg, a, b)

@@ -73,7 +73,9 @@ def prompts(cfg: dict, split: str) -> ArtifactRef:
 
 # -- respond / critique / refine --------------------------------------------------------------
 def _gen_section(cfg: dict, policy: dict, stage: str) -> dict:
-    return {stage: cfg[stage], "policy": policy, "generator": cfg["generator"], "shard_size": cfg["shard_size"]}
+    # a trained policy is identified by its artifact key, not by where the store lives
+    ident = {k: v for k, v in policy.items() if not (k == "path" and "artifact" in policy)}
+    return {stage: cfg[stage], "policy": ident, "generator": cfg["generator"], "shard_size": cfg["shard_size"]}
 
 
 def _sampling(cfg: dict, stage: str) -> core.Sampling:

@@ -107,16 +107,18 @@ def test_failed_stage_resumes_from_its_last_committed_shard(tmp_path, monkeypatc
     assert store.exists(ref)
 
 
-def test_pipeline_saves_resolved_config_and_summary(tmp_path, backends):
+def test_run_records_resolved_config_and_summary(tmp_path, backends):
     import json
 
     import yaml
 
-    from flows.pipeline import pipeline
-    summary = pipeline(preset="tiny", overrides=[f"store.root={tmp_path}", "critique.k=3"])
+    from flows.runs import finish_run, start_run
+    run, cfg = start_run("tiny", [f"store.root={tmp_path}", "critique.k=3"])
+    ref = synthesis(cfg, cfg["policy"], "stage1_sft")
+    summary = finish_run(run, cfg, {"stage1_synthesis": ref})
     runs = list((tmp_path / "runs").iterdir())
     assert len(runs) == 1
     saved = yaml.safe_load((runs[0] / "config.yaml").read_text())
     assert saved["critique"]["k"] == 3 and saved["store"]["root"] == str(tmp_path)
     on_disk = json.loads((runs[0] / "summary.json").read_text())
-    assert on_disk["outputs"]["stage1_synthesis"]["ref"] == summary["outputs"]["stage1_synthesis"]["ref"]
+    assert on_disk["outputs"]["stage1_synthesis"]["ref"] == summary["outputs"]["stage1_synthesis"]["ref"] == str(ref)
