@@ -1,0 +1,152 @@
+"""Training tasks (DESIGN.md step 6): reference log-probs, RSFT and preference optimisation.
+
+Training always runs as a subprocess (`python -m avr_core.training`, or the `deepspeed`
+launcher for several GPUs): the Prefect worker never holds CUDA/NCCL or process-group state,
+and the task's timeout can actually stop it (a blocking call in a worker thread cannot be
+interrupted, PrefectHQ/prefect#15760). Checkpoints go to `<store>/.work/<stage>/<key>/ckpt`,
+so a killed or failed training task resumes from its last checkpoint when run again.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import importlib
+
+import avr_core.training.data
+import avr_core.training.logps
+import avr_core.training.recipe
+from avr_core.losses import NEEDS_REFERENCE
+from avr_core.store import ArtifactRef, Store, cache_key, code_version
+from tasks.common import logger, stage_task, store_of
+
+_CODE = code_version(avr_core.training.recipe, avr_core.training.data, avr_core.training.logps,
+                     *(importlib.import_module(f"avr_core.losses.{n}") for n in ("sft", "dpo", "ipo", "simpo", "rm_margin")))
+_REF_CODE = code_version(avr_core.training.logps, avr_core.training.data)
+
+
+def policy_of(cfg: dict, model: ArtifactRef) -> dict:
+    """A trained model artifact as a policy config. The cache identity is the artifact key,
+    not the path, so moving the store does not invalidate everything downstream."""
+    return {"path": f"{Store(cfg['store']['root']).local_path(model)}/model", "dtype": cfg["policy"]["dtype"],
+            "trust_remote_code": False, "artifact": str(model)}
+
+
+def _identity(policy: dict) -> dict:
+    return {k: v for k, v in policy.items() if not (k == "path" and "artifact" in policy)}
+
+
+def _local_dir(store: Store, ref: ArtifactRef) -> Path:
+    from fsspec.implementations.local import LocalFileSystem
+
+    if not isinstance(store.fs, LocalFileSystem):
+        raise NotImplementedError(
+            f"training writes model directories and checkpoints to a local filesystem; store.root="
+            f"{store.root!r} is remote. Use a local or mounted path (e.g. an s3 mount) for training stages.")
+    return Path(store.local_path(ref))
+
+
+def _pairs_rows(store: Store, pairs: ArtifactRef) -> list[dict]:
+    return store.read_records(pairs, "pairs")
+
+
+# -- reference log-probs ----------------------------------------------------------------------
+def reference_logps_ref(cfg: dict, reference: dict, pairs: ArtifactRef) -> ArtifactRef:
+    section = {"reference": _identity(reference), "max_length": cfg["po"]["max_length"]}
+    return store_of(cfg).ref("ref_logps", cache_key("ref_logps", section, [str(pairs)], _REF_CODE))
+
+
+@stage_task(reference_logps_ref, retries=1, timeout_s=12 * 3600)
+def reference_logps(cfg: dict, reference: dict, pairs: ArtifactRef) -> ArtifactRef:
+    """log pi_ref(chosen), log pi_ref(rejected) for every pair, computed once and stored, so
+    preference training does zero reference-model forward passes."""
+    from transformers import AutoTokenizer
+
+    from avr_core.models import resolve_model_path
+    from avr_core.training.data import tokenize_pairs
+    from avr_core.training.logps import compute_reference_logps
+
+    store, ref = store_of(cfg), reference_logps_ref(cfg, reference, pairs)
+    if store.exists(ref):
+        return ref
+    path = resolve_model_path(reference["path"])
+    examples, counts = tokenize_pairs(_pairs_rows(store, pairs), AutoTokenizer.from_pretrained(path),
+                                      cfg["po"]["max_length"])
+    rows = compute_reference_logps(path, examples, batch_size=cfg["po"]["micro_batch_size"],
+                                   dtype=reference["dtype"], progress=True) if examples else []
+    w = store.writer(ref.stage, ref.key, {"reference": _identity(reference), "max_length": cfg["po"]["max_length"]},
+                     [pairs], _REF_CODE)
+    w.commit_shard(0, {"records": rows}, {f"tokenize_{k}": v for k, v in counts.items()})
+    return w.finalize()
+
+
+# -- training ---------------------------------------------------------------------------------
+def _train_ref(cfg: dict, stage: str, base: dict, inputs: list[ArtifactRef]) -> ArtifactRef:
+    section = {stage: cfg[stage], "base": _identity(base)}
+    return store_of(cfg).ref(stage, cache_key(stage, section, [str(r) for r in inputs], _CODE))
+
+
+def train_sft_ref(cfg, base, data):
+    return _train_ref(cfg, "rsft", base, [data])
+
+
+@stage_task(train_sft_ref, retries=1, timeout_s=72 * 3600)
+def train_sft(cfg: dict, base: dict, data: ArtifactRef) -> ArtifactRef:
+    """RSFT: supervised fine-tuning of `base` on the selected refinement conversations."""
+    store = store_of(cfg)
+    return _train(cfg, "rsft", base, train_sft_ref(cfg, base, data), [data],
+                  lambda: store.read_records(data, "rsft"), None)
+
+
+def train_po_ref(cfg, base, pairs, ref_logps):
+    return _train_ref(cfg, "po", base, [pairs, ref_logps])
+
+
+@stage_task(train_po_ref, retries=1, timeout_s=72 * 3600)
+def train_po(cfg: dict, base: dict, pairs: ArtifactRef, ref_logps: ArtifactRef) -> ArtifactRef:
+    """Preference optimisation (cfg.po.loss; the paper: dpo) of `base`, which is also the
+    reference model whose log-probs `ref_logps` holds."""
+    store = store_of(cfg)
+    refs = ref_logps if cfg["po"]["loss"] in NEEDS_REFERENCE else None
+    return _train(cfg, "po", base, train_po_ref(cfg, base, pairs, ref_logps), [pairs, ref_logps],
+                  lambda: _pairs_rows(store, pairs), refs)
+
+
+def _train(cfg, stage, base, ref, inputs, rows_fn, ref_logps):
+    from avr_core.models import resolve_model_path
+    from avr_core.training.launch import launch_command, write_spec
+    from avr_core.training.dist import child_env
+
+    store = store_of(cfg)
+    if store.exists(ref):
+        logger().info("%s: cache hit (%s)", stage, ref.path)
+        return ref
+    rows = rows_fn()
+    if not rows:
+        raise ValueError(f"{stage}: no training rows in {inputs[0]} (see its manifest counts)")
+    out = _local_dir(store, ref)
+    work = Path(store.local_path(store.ref(".work", f"{stage}-{ref.key}")))
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = dict(model_path=resolve_model_path(base["path"]), rows=str(work / "rows.jsonl"), cfg=cfg[stage],
+                out_dir=str(out / "model"), ckpt_dir=str(work / "ckpt"), progress=True)
+    if ref_logps is not None:
+        (work / "ref_logps.jsonl").write_text(
+            "".join(json.dumps(r) + "\n" for r in store.read_records(ref_logps)))
+        spec["ref_logps"] = str(work / "ref_logps.jsonl")
+    cmd = launch_command(str(write_spec(work / "spec.json", **spec)), cfg[stage]["num_gpus"])
+    logger().info("%s: %s", stage, " ".join(cmd))
+    proc = subprocess.run(cmd, env=child_env(dict(os.environ)), timeout=72 * 3600)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{stage}: training exited with {proc.returncode}; checkpoints kept in {work / 'ckpt'}, "
+                           f"a rerun resumes from the last one")
+    summary = json.loads((out / "model" / "train_summary.json").read_text())
+    w = store.writer(ref.stage, ref.key, {stage: cfg[stage], "base": _identity(base)}, inputs, _CODE)
+    done = w.finalize(extra={"train": summary}, counts={f"tokenize_{k}": v for k, v in summary.get("tokenize", {}).items()})
+    shutil.rmtree(work, ignore_errors=True)  # checkpoints are only for resuming an unfinished run
+    logger().info("%s: wrote %s (steps=%s, final loss=%s)", stage, done.path, summary.get("steps"),
+                  summary.get("final_loss"))
+    return done
