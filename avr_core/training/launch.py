@@ -1,0 +1,105 @@
+"""Run a training spec as its own process(es): the CLI the `deepspeed` launcher starts.
+
+A spec is a JSON file naming everything `train()` takes, data by path:
+
+    {"model_path": "/store/sft/KEY/model", "rows": "/store/pairs/KEY/pairs.jsonl",
+     "cfg": {"loss": "dpo", "lr": 5e-7, "zero_stage": 3, "bf16": true},
+     "out_dir": "/store/po/KEY/model", "ckpt_dir": "/store/po/KEY/ckpt",
+     "ref_logps": "/store/ref/KEY/ref_logps.jsonl", "progress": true}
+
+    subprocess.run(launch_command("spec.json", num_gpus=8), env=child_env(), check=True)
+
+runs `deepspeed --num_gpus 8 ... --module avr_core.training --spec spec.json` (one process per
+GPU); with num_gpus <= 1 it is plain `python -m avr_core.training --spec spec.json`. Rank 0
+prints the summary as the last line of stdout (also in `out_dir/train_summary.json`).
+A subprocess keeps distributed state out of the caller and can be killed and resumed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from avr_core.training.dist import child_env, free_port  # noqa: F401  (child_env is API)
+
+SPEC_KEYS = {"model_path", "rows", "cfg", "out_dir", "ckpt_dir", "ref_logps", "progress", "keep_last"}
+
+
+def launch_command(spec_path: str, num_gpus: int, master_port: int | None = None,
+                   hostfile: str | None = None) -> list[str]:
+    """The command that runs one training spec.
+
+    >>> launch_command("/runs/po/spec.json", 8, master_port=29600)[1:]   # [0]: .../bin/deepspeed
+    ['--num_gpus', '8', '--master_addr', '127.0.0.1', '--master_port', '29600', '--module', 'avr_core.training', '--spec', '/runs/po/spec.json']
+    >>> launch_command("/runs/po/spec.json", 0)[1:]      # one process (CPU or one GPU): no launcher
+    ['-m', 'avr_core.training', '--spec', '/runs/po/spec.json']
+
+    With a hostfile (several nodes) the launcher takes hosts and slots from it. The launcher
+    is the `deepspeed` script beside this interpreter (a venv need not be on PATH).
+    """
+    if num_gpus <= 1 and hostfile is None:
+        return [sys.executable, "-m", "avr_core.training", "--spec", str(spec_path)]
+    script = Path(sys.executable).with_name("deepspeed")
+    cmd = [str(script) if script.exists() else "deepspeed"]
+    if hostfile is None:
+        cmd += ["--num_gpus", str(num_gpus), "--master_addr", "127.0.0.1"]
+    else:
+        cmd += ["--hostfile", hostfile]
+    return cmd + ["--master_port", str(master_port or free_port()),
+                  "--module", "avr_core.training", "--spec", str(spec_path)]
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{n}: invalid JSON: {e.msg}") from None
+    return rows
+
+
+def write_spec(path: str | Path, **spec) -> Path:
+    """Write a spec file (keys as in the module docstring); returns its path."""
+    unknown = set(spec) - SPEC_KEYS
+    if unknown:
+        raise ValueError(f"unknown spec keys {sorted(unknown)}; known: {sorted(SPEC_KEYS)}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(spec, indent=1))
+    return path
+
+
+def run_spec(spec_path: str | Path) -> dict:
+    """Load a spec and call `train` in this process (what each launched process does)."""
+    from avr_core.training.logps import ref_logps_by_id
+    from avr_core.training.recipe import train
+
+    spec = json.loads(Path(spec_path).read_text())
+    missing = {"model_path", "rows", "cfg", "out_dir", "ckpt_dir"} - set(spec)
+    unknown = set(spec) - SPEC_KEYS
+    if missing or unknown:
+        raise ValueError(f"{spec_path}: missing keys {sorted(missing)}, unknown keys {sorted(unknown)}")
+    rows = spec["rows"] if isinstance(spec["rows"], list) else read_jsonl(spec["rows"])
+    ref = spec.get("ref_logps")
+    if isinstance(ref, str):
+        ref = ref_logps_by_id(read_jsonl(ref))
+    elif isinstance(ref, list):
+        ref = ref_logps_by_id(ref)
+    return train(spec["model_path"], rows, spec["cfg"], spec["out_dir"], spec["ckpt_dir"],
+                 ref_logps=ref, progress=spec.get("progress", True), keep_last=spec.get("keep_last", 2))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m avr_core.training", description=__doc__.splitlines()[0])
+    ap.add_argument("--spec", required=True, help="training spec JSON")
+    ap.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher")
+    args = ap.parse_args(argv)
+    summary = run_spec(args.spec)
+    import os
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(summary), flush=True)
+    return 0
