@@ -17,8 +17,10 @@
 - Steps: planned = max(1, epochs * examples // G) sets the LR schedule. `max_steps > 0` only
   CAPS how far this call goes; it does not reshape the schedule, so stopping at max_steps=3 and
   calling again with max_steps=6 continues the very same run (same losses as 6 in one go).
-- Checkpoints every `checkpoint_every` steps and at the end of each call (checkpoint.py);
-  a call whose ckpt_dir holds a committed checkpoint resumes from it.
+- Checkpoints every `checkpoint_every` steps, and when max_steps stops a call before the
+  planned end (checkpoint.py); a call whose ckpt_dir holds a committed checkpoint resumes from
+  it. A finished run writes no extra final checkpoint (at 8B that would be ~130 GB): if it dies
+  while exporting, the next call redoes the steps since the last periodic one.
 - Output: a Hugging Face directory (safetensors, config, tokenizer + chat template,
   metrics.jsonl, train_summary.json) renamed into `out_dir` when complete.
 """
@@ -382,7 +384,8 @@ def _loop(engine, run: Run, progress: bool, keep_last: int) -> dict:
                 f.write(json.dumps(row) + "\n")
         bar.update(1)
         bar.set_postfix(loss=f"{row['loss']:.4f}")
-        if (cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0) or step == run.last:
+        stopped_early = step == run.last < run.planned       # max_steps: a later call continues
+        if (cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0) or stopped_early:
             checkpoint.save(engine, run.ckpt_dir, step, {
                 "step": step, "examples_seen": step * G, "epoch": step * G // n,
                 "position_in_epoch": step * G % n, "micro_batches_seen": step * cfg.grad_accum,
