@@ -153,3 +153,45 @@ def _refinement_pair(rec, c, fs, judged, counts, redundant, pairs) -> None:
         prompt = [*judged, _turn("assistant", c["text"]), _turn("user", REFINE_TRAIN)]
         pairs.append(_pair("refinement", rec, prompt, hi["text"], lo["text"], hi["score"], lo["score"],
                            c["id"], hi["id"], lo["id"]))
+
+
+@dataclass(frozen=True)
+class ThoughtPairRules:
+    """Stage-2 pairs (DESIGN.md step 9): best vs worst sampled thought of a prompt, judged by the
+    RM score of the FINAL answer only, with length control on that final answer."""
+
+    min_margin: float = 0.0          # score_chosen - score_rejected must exceed this
+    length_rule: str = "pick"        # pick: best thought whose final answer is no longer than the
+                                     #   worst's; drop: pair best and worst only if that holds
+    length_chars: bool = True        # compare lengths in characters (else whitespace words)
+
+
+def thought_pairs(samples: list[dict], rules: ThoughtPairRules = ThoughtPairRules()) -> tuple[list[dict], Counter]:
+    """samples: {"id", "messages", "thoughts": [{"text", "final", "path", "score"}, ...]} ->
+    TRL pairs whose chosen/rejected are whole thoughts; lineage says which final answers decided it."""
+    pairs, counts = [], Counter()
+    size = (lambda s: len(s)) if rules.length_chars else (lambda s: len(s.split()))  # noqa: E731
+    for rec in samples:
+        ts = [t for t in rec["thoughts"] if "score" in t]
+        if len(ts) < 2:
+            counts["thought_pair_too_few"] += 1
+            continue
+        worst = min(ts, key=lambda t: t["score"])
+        ok = [t for t in ts if size(t["final"]) <= size(worst["final"]) and t is not worst]
+        best = max(ts, key=lambda t: t["score"])
+        if rules.length_rule == "pick":
+            best = max(ok, key=lambda t: t["score"]) if ok else None
+        elif size(best["final"]) > size(worst["final"]):
+            best = None
+        if best is None:
+            counts["thought_pair_length"] += 1
+        elif best["score"] - worst["score"] <= rules.min_margin:
+            counts["thought_pair_margin"] += 1
+        else:
+            pairs.append({"id": f"{rec['id']}/thought", "kind": "thought", "prompt": rec["messages"],
+                          "chosen": [_turn("assistant", best["text"])], "rejected": [_turn("assistant", worst["text"])],
+                          "prompt_id": rec["id"], "critique_id": None, "score_chosen": best["score"],
+                          "score_rejected": worst["score"], "reward_margin": best["score"] - worst["score"],
+                          "len_chosen_final": size(best["final"]), "len_rejected_final": size(worst["final"])})
+    counts["thought_pairs"] = len(pairs)
+    return pairs, counts

@@ -121,3 +121,35 @@ def test_outputs_load_with_datasets(tmp_path):
     assert set(ds.column_names) >= {"prompt", "chosen", "rejected", "prompt_id", "critique_id",
                                     "score_chosen", "score_rejected"}
     assert "tools" not in ds.column_names and "chat_template_kwargs" not in ds.column_names
+
+
+def thoughts(*spec):
+    """spec: (final answer, score) per sampled thought."""
+    return {"id": "p1", "messages": X, "thoughts": [{"text": f"<thought>{f}", "final": f, "path": "final_answer",
+                                                       "score": s} for f, s in spec]}
+
+
+def test_thought_pair_best_vs_worst_when_best_is_shorter():
+    from avr_core.selection import thought_pairs
+    pairs, counts = thought_pairs([thoughts(("4", 9.0), ("a long wrong answer", 2.0), ("four", 5.0))])
+    assert len(pairs) == 1 and pairs[0]["chosen"][0]["content"] == "<thought>4"
+    assert pairs[0]["rejected"][0]["content"] == "<thought>a long wrong answer" and pairs[0]["reward_margin"] == 7.0
+
+
+def test_length_control_picks_the_best_answer_no_longer_than_the_worst():
+    from avr_core.selection import ThoughtPairRules, thought_pairs
+    s = thoughts(("a very very long best answer", 9.0), ("short bad", 1.0), ("okay", 5.0))
+    pairs, _ = thought_pairs([s])
+    assert pairs[0]["chosen"][0]["content"] == "<thought>okay"                 # 9.0 was longer than the worst
+    assert pairs[0]["len_chosen_final"] <= pairs[0]["len_rejected_final"]
+    pairs, counts = thought_pairs([s], ThoughtPairRules(length_rule="drop"))
+    assert pairs == [] and counts["thought_pair_length"] == 1
+
+
+def test_thought_pair_margin_and_too_few():
+    from avr_core.selection import ThoughtPairRules, thought_pairs
+    pairs, counts = thought_pairs([thoughts(("a", 5.0), ("bb", 5.0)), thoughts(("a", 5.0))])
+    assert pairs == [] and counts["thought_pair_length"] + counts["thought_pair_margin"] == 1
+    assert counts["thought_pair_too_few"] == 1
+    pairs, counts = thought_pairs([thoughts(("a", 5.5), ("bb", 5.0))], ThoughtPairRules(min_margin=1.0))
+    assert pairs == [] and counts["thought_pair_margin"] == 1
