@@ -111,12 +111,34 @@ class TrainConfig:
 
 
 @dataclass
+class SearchStageConfig:
+    """Stage 2 greedy search (DESIGN.md step 7) and the seed's thought drop rules (step 8)."""
+
+    k: int = 2
+    m: int = 2
+    max_rounds: int = 5
+    drop_no_first_improvement: bool = True
+    drop_no_terminating_critique: bool = True
+
+
+@dataclass
+class ThoughtSampleConfig:
+    """Stage 2 sampling of S long thoughts per fresh prompt and their pairing (step 9)."""
+
+    s: int = 5
+    min_margin: float = 0.0
+    length_rule: str = "pick"        # pick | drop (see avr_core.selection.ThoughtPairRules)
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_new_tokens=4096))
+
+
+@dataclass
 class DataConfig:
     prompts: str = "avr_core/data/tiny_prompts.jsonl"  # JSONL | JSON | Parquet | saved HF dataset dir
     # Disjoint slices [start, stop) of the prompt file for each use (DESIGN step 6: fresh prompts).
     stage1_sft: list = field(default_factory=lambda: [0, 12])
     stage1_po: list = field(default_factory=lambda: [12, 24])
-    stage2: list = field(default_factory=lambda: [24, 36])
+    stage2: list = field(default_factory=lambda: [24, 30])
+    stage2_po: list = field(default_factory=lambda: [30, 36])
     heldout: list = field(default_factory=lambda: [36, 48])
 
 
@@ -139,6 +161,10 @@ class AvrConfig:
     select: SelectConfig = field(default_factory=SelectConfig)
     rsft: TrainConfig = field(default_factory=lambda: TrainConfig(loss="sft", lr=1.0e-6))
     po: TrainConfig = field(default_factory=lambda: TrainConfig(loss="dpo", lr=5.0e-7))
+    search: SearchStageConfig = field(default_factory=SearchStageConfig)
+    thought: ThoughtSampleConfig = field(default_factory=ThoughtSampleConfig)
+    cot_sft: TrainConfig = field(default_factory=lambda: TrainConfig(loss="sft", lr=1.0e-6))
+    cot_po: TrainConfig = field(default_factory=lambda: TrainConfig(loss="dpo", lr=5.0e-7))
     shard_size: int = 64             # prompts per committed shard of a long stage
 
 
@@ -222,12 +248,16 @@ def validate(cfg: DictConfig) -> None:
     need(cfg.scorer.batch_size >= 1, "scorer.batch_size", "must be >= 1")
     need(bool(cfg.policy.path), "policy.path", "a model path is required")
     need(bool(cfg.scorer.model.path), "scorer.model.path", "a model path is required")
-    for name in ("stage1_sft", "stage1_po", "stage2", "heldout"):
+    for name in ("stage1_sft", "stage1_po", "stage2", "stage2_po", "heldout"):
         sl = cfg.data[name]
         need(len(sl) == 2 and all(isinstance(v, int) for v in sl) and 0 <= sl[0] <= sl[1],
              f"data.{name}", "must be [start, stop] with 0 <= start <= stop")
     need(bool(cfg.data.prompts), "data.prompts", "a prompt file is required")
-    for t in ("rsft", "po"):
+    need(cfg.search.k >= 1 and cfg.search.m >= 1, "search.k", "search.k and search.m must be >= 1")
+    need(1 <= cfg.search.max_rounds <= 10, "search.max_rounds", "must be in 1..10")
+    need(cfg.thought.s >= 2, "thought.s", "must be >= 2 (pairs need two samples)")
+    need(cfg.thought.length_rule in ("pick", "drop"), "thought.length_rule", "must be pick or drop")
+    for t in ("rsft", "po", "cot_sft", "cot_po"):
         need(cfg[t].loss in ("sft", "dpo", "ipo", "simpo", "rm_margin"), f"{t}.loss",
              "must be sft, dpo, ipo, simpo or rm_margin")
         need(cfg[t].lr > 0, f"{t}.lr", "must be > 0")

@@ -54,13 +54,13 @@ def _pairs_rows(store: Store, pairs: ArtifactRef) -> list[dict]:
 
 
 # -- reference log-probs ----------------------------------------------------------------------
-def reference_logps_ref(cfg: dict, reference: dict, pairs: ArtifactRef) -> ArtifactRef:
-    section = {"reference": _identity(reference), "max_length": cfg["po"]["max_length"]}
+def reference_logps_ref(cfg: dict, reference: dict, pairs: ArtifactRef, section: str = "po") -> ArtifactRef:
+    section = {"reference": _identity(reference), "max_length": cfg[section]["max_length"]}
     return store_of(cfg).ref("ref_logps", cache_key("ref_logps", section, [str(pairs)], _REF_CODE))
 
 
 @stage_task(reference_logps_ref, retries=1, timeout_s=12 * 3600)
-def reference_logps(cfg: dict, reference: dict, pairs: ArtifactRef) -> ArtifactRef:
+def reference_logps(cfg: dict, reference: dict, pairs: ArtifactRef, section: str = "po") -> ArtifactRef:
     """log pi_ref(chosen), log pi_ref(rejected) for every pair, computed once and stored, so
     preference training does zero reference-model forward passes."""
     from transformers import AutoTokenizer
@@ -69,15 +69,16 @@ def reference_logps(cfg: dict, reference: dict, pairs: ArtifactRef) -> ArtifactR
     from avr_core.training.data import tokenize_pairs
     from avr_core.training.logps import compute_reference_logps
 
-    store, ref = store_of(cfg), reference_logps_ref(cfg, reference, pairs)
+    store, ref = store_of(cfg), reference_logps_ref(cfg, reference, pairs, section)
+    max_length = cfg[section]["max_length"]
     if store.exists(ref):
         return ref
     path = resolve_model_path(reference["path"])
     examples, counts = tokenize_pairs(_pairs_rows(store, pairs), AutoTokenizer.from_pretrained(path),
-                                      cfg["po"]["max_length"])
-    rows = compute_reference_logps(path, examples, batch_size=cfg["po"]["micro_batch_size"],
+                                      max_length)
+    rows = compute_reference_logps(path, examples, batch_size=cfg[section]["micro_batch_size"],
                                    dtype=reference["dtype"], progress=True) if examples else []
-    w = store.writer(ref.stage, ref.key, {"reference": _identity(reference), "max_length": cfg["po"]["max_length"]},
+    w = store.writer(ref.stage, ref.key, {"reference": _identity(reference), "max_length": max_length},
                      [pairs], _REF_CODE)
     w.commit_shard(0, {"records": rows}, {f"tokenize_{k}": v for k, v in counts.items()})
     return w.finalize()
@@ -89,29 +90,30 @@ def _train_ref(cfg: dict, stage: str, base: dict, inputs: list[ArtifactRef]) -> 
     return store_of(cfg).ref(stage, cache_key(stage, section, [str(r) for r in inputs], _CODE))
 
 
-def train_sft_ref(cfg, base, data):
-    return _train_ref(cfg, "rsft", base, [data])
+def train_sft_ref(cfg, base, data, section="rsft"):
+    return _train_ref(cfg, section, base, [data])
 
 
 @stage_task(train_sft_ref, retries=1, timeout_s=72 * 3600)
-def train_sft(cfg: dict, base: dict, data: ArtifactRef) -> ArtifactRef:
-    """RSFT: supervised fine-tuning of `base` on the selected refinement conversations."""
+def train_sft(cfg: dict, base: dict, data: ArtifactRef, section: str = "rsft") -> ArtifactRef:
+    """Supervised fine-tuning of `base` on the `sft` rows of `data`: RSFT on the selected
+    refinement conversations (section rsft), CoT RSFT on long thoughts (section cot_sft)."""
     store = store_of(cfg)
-    return _train(cfg, "rsft", base, train_sft_ref(cfg, base, data), [data],
+    return _train(cfg, section, base, train_sft_ref(cfg, base, data, section), [data],
                   lambda: store.read_records(data, "rsft"), None)
 
 
-def train_po_ref(cfg, base, pairs, ref_logps):
-    return _train_ref(cfg, "po", base, [pairs, ref_logps])
+def train_po_ref(cfg, base, pairs, ref_logps, section="po"):
+    return _train_ref(cfg, section, base, [pairs, ref_logps])
 
 
 @stage_task(train_po_ref, retries=1, timeout_s=72 * 3600)
-def train_po(cfg: dict, base: dict, pairs: ArtifactRef, ref_logps: ArtifactRef) -> ArtifactRef:
-    """Preference optimisation (cfg.po.loss; the paper: dpo) of `base`, which is also the
-    reference model whose log-probs `ref_logps` holds."""
+def train_po(cfg: dict, base: dict, pairs: ArtifactRef, ref_logps: ArtifactRef, section: str = "po") -> ArtifactRef:
+    """Preference optimisation (cfg.<section>.loss; the paper: dpo) of `base`, which is also
+    the reference model whose log-probs `ref_logps` holds."""
     store = store_of(cfg)
-    refs = ref_logps if cfg["po"]["loss"] in NEEDS_REFERENCE else None
-    return _train(cfg, "po", base, train_po_ref(cfg, base, pairs, ref_logps), [pairs, ref_logps],
+    refs = ref_logps if cfg[section]["loss"] in NEEDS_REFERENCE else None
+    return _train(cfg, section, base, train_po_ref(cfg, base, pairs, ref_logps, section), [pairs, ref_logps],
                   lambda: _pairs_rows(store, pairs), refs)
 
 

@@ -1,0 +1,123 @@
+"""Stage-2 tasks (DESIGN.md steps 7-9): greedy search, long thoughts, S sampled thoughts per
+fresh prompt scored on their final answers, and length-controlled thought pairs.
+Training reuses `tasks.training` (train_sft with section cot_sft, train_po with cot_po)."""
+from __future__ import annotations
+
+import avr_core.search
+import avr_core.selection
+import avr_core.thought
+from avr_core import synthesis as core
+from avr_core.backends import make_generator, make_scorer
+from avr_core.search import SearchConfig, ThoughtRules, greedy_search, long_thought
+from avr_core.selection import ThoughtPairRules, thought_pairs as pair_thoughts
+from avr_core.store import ArtifactRef, code_version
+from avr_core.thought import extract_final_answer
+from tasks.common import run_sharded, stage_task, store_of
+from tasks.synthesis import _SYNTH, _Lazy, _records, _ref
+
+_S2 = code_version(avr_core.search, avr_core.thought, avr_core.selection) + _SYNTH
+
+
+def _ident(policy: dict) -> dict:
+    return {k: v for k, v in policy.items() if not (k == "path" and "artifact" in policy)}
+
+
+def _search_section(cfg, policy):
+    return {"search": cfg["search"], "critique": cfg["critique"], "refine": cfg["refine"], "respond": cfg["respond"],
+            "policy": _ident(policy), "generator": cfg["generator"], "scorer": cfg["scorer"],
+            "shard_size": cfg["shard_size"]}
+
+
+def search_ref(cfg, policy, prompts):
+    return _ref(cfg, "search", _search_section(cfg, policy), [prompts], _S2)
+
+
+@stage_task(search_ref)
+def search(cfg: dict, policy: dict, prompts: ArtifactRef) -> ArtifactRef:
+    """Answer each prompt, then greedy critique/refine rounds, all active prompts per call."""
+    store, ref = store_of(cfg), search_ref(cfg, policy, prompts)
+    gen = _Lazy(lambda: make_generator(policy, cfg["generator"]))
+    scorer = _Lazy(lambda: make_scorer(cfg["scorer"]))
+    s = cfg["search"]
+    scfg = SearchConfig(k=s["k"], m=s["m"], max_rounds=s["max_rounds"], max_tries=cfg["critique"]["max_tries"],
+                        force_rating=cfg["critique"]["force_rating"])
+
+    def work(shard, i):
+        answered, counts = core.respond(shard, gen.get(), core.Sampling(**cfg["respond"]["sampling"]),
+                                        cfg["respond"]["use_dataset_answer"], salt=i)
+        traces, c2 = greedy_search(answered, gen.get(), scorer.get(), scfg, core.Sampling(**cfg["critique"]["sampling"]),
+                                   core.Sampling(**cfg["refine"]["sampling"]), salt=i)
+        return {"records": traces}, counts + c2
+    return run_sharded(store, ref, _search_section(cfg, policy), [prompts], _S2, lambda: store.read_records(prompts),
+                       cfg["shard_size"], work, stats=gen.stats)
+
+
+def thoughts_ref(cfg, traces):
+    return _ref(cfg, "thoughts", {"search": cfg["search"]}, [traces], _S2)
+
+
+@stage_task(thoughts_ref, retries=0, timeout_s=3600)
+def thoughts(cfg: dict, traces: ArtifactRef) -> ArtifactRef:
+    """Each search trace as ONE assistant turn (CoT-SFT rows, output `rsft`), drops counted."""
+    store, ref = store_of(cfg), thoughts_ref(cfg, traces)
+    rules = ThoughtRules(cfg["search"]["drop_no_first_improvement"], cfg["search"]["drop_no_terminating_critique"])
+
+    def work(shard, i):
+        rows, counts = long_thought(shard, rules)
+        return {"rsft": rows}, counts
+    return run_sharded(store, ref, {"search": cfg["search"]}, [traces], _S2, lambda: store.read_records(traces),
+                       cfg["shard_size"], work)
+
+
+def _sample_section(cfg, policy):
+    return {"thought": cfg["thought"], "policy": _ident(policy), "generator": cfg["generator"],
+            "scorer": cfg["scorer"], "shard_size": cfg["shard_size"]}
+
+
+def sample_thoughts_ref(cfg, policy, prompts):
+    return _ref(cfg, "thought_samples", _sample_section(cfg, policy), [prompts], _S2)
+
+
+@stage_task(sample_thoughts_ref)
+def sample_thoughts(cfg: dict, policy: dict, prompts: ArtifactRef) -> ArtifactRef:
+    """S thoughts per prompt from the CoT model (one call per shard); the FINAL answers scored."""
+    store, ref = store_of(cfg), sample_thoughts_ref(cfg, policy, prompts)
+    gen = _Lazy(lambda: make_generator(policy, cfg["generator"]))
+    scorer = _Lazy(lambda: make_scorer(cfg["scorer"]))
+    sampling = core.Sampling(**cfg["thought"]["sampling"])
+
+    def work(shard, i):
+        outs = gen.get().generate([r["messages"] for r in shard], sampling.params(cfg["thought"]["s"], i))
+        recs, finals, counts = [], [], {}
+        for r, texts in zip(shard, outs):
+            ts = []
+            for text in texts:
+                final, path = extract_final_answer(text)
+                counts[f"final_from_{path}"] = counts.get(f"final_from_{path}", 0) + 1
+                ts.append({"text": text, "final": final, "path": path})
+                finals.append([*r["messages"], {"role": "assistant", "content": final}])
+            recs.append({"id": r["id"], "messages": r["messages"], "thoughts": ts})
+        scores = iter(scorer.get().score(finals) if finals else [])
+        for rec in recs:
+            for t in rec["thoughts"]:
+                t["score"] = next(scores)
+        return {"records": recs}, counts
+    return run_sharded(store, ref, _sample_section(cfg, policy), [prompts], _S2, lambda: store.read_records(prompts),
+                       cfg["shard_size"], work, stats=gen.stats)
+
+
+def thought_pairs_ref(cfg, samples):
+    return _ref(cfg, "thought_pairs", {"thought": cfg["thought"]}, [samples], _S2)
+
+
+@stage_task(thought_pairs_ref, retries=0, timeout_s=3600)
+def thought_pairs(cfg: dict, samples: ArtifactRef) -> ArtifactRef:
+    """Best vs worst thought per prompt, length-controlled on the final answer (output `pairs`)."""
+    store, ref = store_of(cfg), thought_pairs_ref(cfg, samples)
+    rules = ThoughtPairRules(min_margin=cfg["thought"]["min_margin"], length_rule=cfg["thought"]["length_rule"])
+
+    def work(shard, i):
+        pairs, counts = pair_thoughts(shard, rules)
+        return {"pairs": pairs}, counts
+    return run_sharded(store, ref, {"thought": cfg["thought"]}, [samples], _S2, lambda: store.read_records(samples),
+                       cfg["shard_size"], work)
