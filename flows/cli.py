@@ -2,6 +2,7 @@
 
     avr run --preset tiny [key=value ...]     the whole pipeline
     avr config --preset paper [key=value ...] print the resolved, validated config
+    avr chat --model DIR [--rounds R | --thought] "prompt"   try a trained model
 """
 from __future__ import annotations
 
@@ -25,7 +26,16 @@ def main(argv: list[str] | None = None) -> int:
         s = sub.add_parser(name, help=help_)
         s.add_argument("--preset", default="tiny", help="conf/<preset>.yaml or a YAML path")
         s.add_argument("overrides", nargs="*", help="key=value overrides, e.g. critique.k=3")
+    c = sub.add_parser("chat", help="answer a prompt with a model (Stage-1: R refinement rounds; Stage-2: a thought)")
+    c.add_argument("prompt", nargs="?", help="the prompt (default: read lines from stdin)")
+    c.add_argument("--model", default="embedded:smollm2-135m-instruct", help="model directory or embedded:NAME")
+    c.add_argument("--rounds", type=int, default=0, help="critique/refine rounds for a Stage-1 model (0..5)")
+    c.add_argument("--thought", action="store_true", help="Stage-2 model: one long thought, final answer extracted")
+    c.add_argument("--max-new-tokens", type=int, default=512)
+    c.add_argument("--show-trace", action="store_true")
     args = p.parse_args(argv)
+    if args.cmd == "chat":
+        return _chat(args)
 
     from avr_core.config import ConfigError, load_config, to_yaml
     from avr_core.inputs import InputError
@@ -43,6 +53,29 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, InputError) as e:
         print(f"avr: error: {e}", file=sys.stderr)
         return 2
+
+
+def _chat(args) -> int:
+    from avr_core.backends.base import SamplingParams
+    from avr_core.backends.hf import HFGenerator
+    from avr_core.inference import answer_prompts
+    from avr_core.models import resolve_model_path
+
+    if not 0 <= args.rounds <= 5:
+        print("avr: error: --rounds must be in 0..5", file=sys.stderr)
+        return 2
+    gen = HFGenerator(resolve_model_path(args.model))
+    prompts = [args.prompt] if args.prompt else [line.strip() for line in sys.stdin if line.strip()]
+    params = SamplingParams(n=1, temperature=0.0, max_new_tokens=args.max_new_tokens)
+    for q, out in zip(prompts, answer_prompts([[{"role": "user", "content": q}] for q in prompts], gen,
+                                              "thought" if args.thought else "refine", args.rounds, params)):
+        if args.show_trace:
+            for i, step in enumerate(out["trace"], 1):
+                print(f"--- round {i} critique ---\n{step['critique']}\n--- round {i} refinement ---\n{step['refinement']}")
+            if args.thought:
+                print(f"--- thought ---\n{out['raw']}\n--- final answer ({out['path']}) ---")
+        print(out["answer"])
+    return 0
 
 
 if __name__ == "__main__":

@@ -40,3 +40,8 @@ def test_console_script_is_installed():
     out = subprocess.run([sys.executable, "-m", "flows.cli", "config", "--preset", "tiny"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "force_rating: true" in out.stdout
+
+
+def test_chat_rejects_rounds_out_of_range(capsys):
+    code, err = run(["chat", "--rounds", "6", "hi"], capsys)
+    assert code == 2 and "0..5" in err

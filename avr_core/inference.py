@@ -1,0 +1,51 @@
+"""Answer a prompt with a trained AvR model (DESIGN.md steps 10-11).
+
+- A Stage-1 model refines explicitly: answer, then R rounds of [critique, refine] in its own
+  conversation, with the prompts it was trained on (JUDGE_TRAIN / REFINE_TRAIN).
+- A Stage-2 model writes one long refinement thought; the final answer is extracted from it
+  (fallbacks: last improvement, then the raw output -- never empty-handed).
+
+    >>> answer_prompts([[{"role": "user", "content": "2+2?"}]], gen, mode="refine", rounds=1)  # doctest: +SKIP
+    [{'answer': '4', 'raw': '4', 'path': 'refine', 'rounds': 1, 'trace': [...]}]
+
+Every prompt of a batch goes to the generator in one call per round.
+"""
+from __future__ import annotations
+
+from avr_core.backends.base import Generator, SamplingParams
+from avr_core.prompts import JUDGE_TRAIN, REFINE_TRAIN, judge_conversation, refine_conversation
+from avr_core.thought import extract_final_answer
+
+
+def answer_prompts(prompts: list[list[dict]], gen: Generator, mode: str = "refine", rounds: int = 0,
+                   params: SamplingParams = SamplingParams(n=1, temperature=0.0, max_new_tokens=512)) -> list[dict]:
+    """mode "refine" (Stage-1 / seed models, R = `rounds` in 0..5) or "thought" (Stage-2 models)."""
+    if mode not in ("refine", "thought"):
+        raise ValueError(f"mode must be refine or thought, got {mode!r}")
+    if not 0 <= rounds <= 5:
+        raise ValueError(f"rounds must be in 0..5, got {rounds}")
+    first = [_one(o) for o in gen.generate(prompts, params)]
+    if mode == "thought":
+        out = []
+        for raw in first:
+            answer, path = extract_final_answer(raw)
+            out.append({"answer": answer, "raw": raw, "path": path, "rounds": raw.count("## Okey, let's improve"),
+                        "trace": []})
+        return out
+    current = first
+    traces: list[list[dict]] = [[] for _ in prompts]
+    for _ in range(rounds):
+        crits = [_one(o) for o in gen.generate([judge_conversation(p, a, JUDGE_TRAIN)
+                                                for p, a in zip(prompts, current)], params)]
+        refs = [_one(o) for o in gen.generate([refine_conversation(p, a, c, JUDGE_TRAIN, REFINE_TRAIN)
+                                               for p, a, c in zip(prompts, current, crits)], params)]
+        for i, (c, r) in enumerate(zip(crits, refs)):
+            traces[i].append({"critique": c, "refinement": r})
+            if r.strip():                      # an empty refinement keeps the previous answer
+                current[i] = r
+    return [{"answer": a, "raw": a, "path": "refine" if rounds else "direct", "rounds": rounds, "trace": t}
+            for a, t in zip(current, traces)]
+
+
+def _one(outs: list[str]) -> str:
+    return outs[0] if outs else ""
