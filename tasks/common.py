@@ -25,6 +25,12 @@ log = logging.getLogger("avr")
 RETRY_DELAY_S = float(os.environ.get("AVR_RETRY_DELAY_S", "10"))
 
 
+def policy_identity(policy: dict) -> dict:
+    """What a policy contributes to a cache key: a trained model is identified by its artifact
+    key, not by its path, so moving the store does not invalidate everything downstream."""
+    return {k: v for k, v in policy.items() if not (k == "path" and "artifact" in policy)}
+
+
 def store_of(cfg: dict) -> Store:
     return Store(cfg["store"]["root"])
 

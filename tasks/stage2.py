@@ -12,19 +12,15 @@ from avr_core.search import SearchConfig, ThoughtRules, greedy_search, long_thou
 from avr_core.selection import ThoughtPairRules, thought_pairs as pair_thoughts
 from avr_core.store import ArtifactRef, code_version
 from avr_core.thought import extract_final_answer
-from tasks.common import run_sharded, stage_task, store_of
+from tasks.common import policy_identity, run_sharded, stage_task, store_of
 from tasks.synthesis import _SYNTH, _Lazy, _records, _ref
 
 _S2 = code_version(avr_core.search, avr_core.thought, avr_core.selection) + _SYNTH
 
 
-def _ident(policy: dict) -> dict:
-    return {k: v for k, v in policy.items() if not (k == "path" and "artifact" in policy)}
-
-
 def _search_section(cfg, policy):
     return {"search": cfg["search"], "critique": cfg["critique"], "refine": cfg["refine"], "respond": cfg["respond"],
-            "policy": _ident(policy), "generator": cfg["generator"], "scorer": cfg["scorer"],
+            "policy": policy_identity(policy), "generator": cfg["generator"], "scorer": cfg["scorer"],
             "shard_size": cfg["shard_size"]}
 
 
@@ -70,7 +66,7 @@ def thoughts(cfg: dict, traces: ArtifactRef) -> ArtifactRef:
 
 
 def _sample_section(cfg, policy):
-    return {"thought": cfg["thought"], "policy": _ident(policy), "generator": cfg["generator"],
+    return {"thought": cfg["thought"], "policy": policy_identity(policy), "generator": cfg["generator"],
             "scorer": cfg["scorer"], "shard_size": cfg["shard_size"]}
 
 

@@ -18,7 +18,7 @@ from avr_core.backends import make_generator, make_scorer
 from avr_core.inputs import load_prompts
 from avr_core.selection import SelectRules, select as select_records
 from avr_core.store import ArtifactRef, cache_key, code_version
-from tasks.common import run_sharded, stage_task, store_of
+from tasks.common import policy_identity, run_sharded, stage_task, store_of
 
 ROOT = Path(__file__).resolve().parent.parent
 _SYNTH = code_version(avr_core.synthesis, avr_core.backends.hf)
@@ -73,9 +73,7 @@ def prompts(cfg: dict, split: str) -> ArtifactRef:
 
 # -- respond / critique / refine --------------------------------------------------------------
 def _gen_section(cfg: dict, policy: dict, stage: str) -> dict:
-    # a trained policy is identified by its artifact key, not by where the store lives
-    ident = {k: v for k, v in policy.items() if not (k == "path" and "artifact" in policy)}
-    return {stage: cfg[stage], "policy": ident, "generator": cfg["generator"], "shard_size": cfg["shard_size"]}
+    return {stage: cfg[stage], "policy": policy_identity(policy), "generator": cfg["generator"], "shard_size": cfg["shard_size"]}
 
 
 def _sampling(cfg: dict, stage: str) -> core.Sampling:

@@ -21,7 +21,7 @@ import avr_core.training.logps
 import avr_core.training.recipe
 from avr_core.losses import NEEDS_REFERENCE
 from avr_core.store import ArtifactRef, Store, cache_key, code_version
-from tasks.common import logger, stage_task, store_of
+from tasks.common import logger, policy_identity, stage_task, store_of
 
 _CODE = code_version(avr_core.training.recipe, avr_core.training.data, avr_core.training.logps,
                      *(importlib.import_module(f"avr_core.losses.{n}") for n in ("sft", "dpo", "ipo", "simpo", "rm_margin")))
@@ -29,14 +29,9 @@ _REF_CODE = code_version(avr_core.training.logps, avr_core.training.data)
 
 
 def policy_of(cfg: dict, model: ArtifactRef) -> dict:
-    """A trained model artifact as a policy config. The cache identity is the artifact key,
-    not the path, so moving the store does not invalidate everything downstream."""
+    """A trained model artifact as a policy config (its cache identity: see policy_identity)."""
     return {"path": f"{Store(cfg['store']['root']).local_path(model)}/model", "dtype": cfg["policy"]["dtype"],
             "trust_remote_code": False, "artifact": str(model)}
-
-
-def _identity(policy: dict) -> dict:
-    return {k: v for k, v in policy.items() if not (k == "path" and "artifact" in policy)}
 
 
 def _local_dir(store: Store, ref: ArtifactRef) -> Path:
@@ -55,8 +50,8 @@ def _pairs_rows(store: Store, pairs: ArtifactRef) -> list[dict]:
 
 # -- reference log-probs ----------------------------------------------------------------------
 def reference_logps_ref(cfg: dict, reference: dict, pairs: ArtifactRef, section: str = "po") -> ArtifactRef:
-    section = {"reference": _identity(reference), "max_length": cfg[section]["max_length"]}
-    return store_of(cfg).ref("ref_logps", cache_key("ref_logps", section, [str(pairs)], _REF_CODE))
+    keyed = {"reference": policy_identity(reference), "max_length": cfg[section]["max_length"]}
+    return store_of(cfg).ref("ref_logps", cache_key("ref_logps", keyed, [str(pairs)], _REF_CODE))
 
 
 @stage_task(reference_logps_ref, retries=1, timeout_s=12 * 3600)
@@ -78,7 +73,7 @@ def reference_logps(cfg: dict, reference: dict, pairs: ArtifactRef, section: str
                                       max_length)
     rows = compute_reference_logps(path, examples, batch_size=cfg[section]["micro_batch_size"],
                                    dtype=reference["dtype"], progress=True) if examples else []
-    w = store.writer(ref.stage, ref.key, {"reference": _identity(reference), "max_length": max_length},
+    w = store.writer(ref.stage, ref.key, {"reference": policy_identity(reference), "max_length": max_length},
                      [pairs], _REF_CODE)
     w.commit_shard(0, {"records": rows}, {f"tokenize_{k}": v for k, v in counts.items()})
     return w.finalize()
@@ -86,7 +81,7 @@ def reference_logps(cfg: dict, reference: dict, pairs: ArtifactRef, section: str
 
 # -- training ---------------------------------------------------------------------------------
 def _train_ref(cfg: dict, stage: str, base: dict, inputs: list[ArtifactRef]) -> ArtifactRef:
-    section = {stage: cfg[stage], "base": _identity(base)}
+    section = {stage: cfg[stage], "base": policy_identity(base)}
     return store_of(cfg).ref(stage, cache_key(stage, section, [str(r) for r in inputs], _CODE))
 
 
@@ -146,7 +141,7 @@ def _train(cfg, stage, base, ref, inputs, rows_fn, ref_logps):
         raise RuntimeError(f"{stage}: training exited with {proc.returncode}; checkpoints kept in {work / 'ckpt'}, "
                            f"a rerun resumes from the last one")
     summary = json.loads((out / "model" / "train_summary.json").read_text())
-    w = store.writer(ref.stage, ref.key, {stage: cfg[stage], "base": _identity(base)}, inputs, _CODE)
+    w = store.writer(ref.stage, ref.key, {stage: cfg[stage], "base": policy_identity(base)}, inputs, _CODE)
     done = w.finalize(extra={"train": summary}, counts={f"tokenize_{k}": v for k, v in summary.get("tokenize", {}).items()})
     shutil.rmtree(work, ignore_errors=True)  # checkpoints are only for resuming an unfinished run
     logger().info("%s: wrote %s (steps=%s, final loss=%s)", stage, done.path, summary.get("steps"),
