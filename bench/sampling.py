@@ -1,8 +1,8 @@
 """Sampling throughput, measured side by side: our round-batched stage 1 vs one request per sample.
 
     .venv/bin/python bench/sampling.py                      # hf, then vllm if .venv-vllm exists
-    .venv/bin/python bench/sampling.py --engine hf          # ~3 min on 2 CPU cores
-    .venv/bin/python bench/sampling.py --engine vllm        # ~4 min on 2 CPU cores (server start included)
+    .venv/bin/python bench/sampling.py --engine hf          # ~4 min on 2 CPU cores
+    .venv/bin/python bench/sampling.py --engine vllm --repeats 2   # ~6 min, server start included
 
 Both patterns run in ONE process, on the same model, prompts and sampling settings, and the
 printed ratio is tokens/s of ours divided by tokens/s of the baseline on the same engine:
@@ -13,19 +13,28 @@ printed ratio is tokens/s of ours divided by tokens/s of the baseline on the sam
   naive   = one `generate` call per sample (n=1, one conversation per call).
   Tokens are the real generated tokens (`stats.tokens_generated`: padding not counted).
 - vllm: one `vllm.entrypoints.openai.api_server` (127.0.0.1, `--enforce-eager` by default:
-  ~25 s start instead of 60-90 s, ~8% less throughput), both patterns against it:
+  ~25 s start instead of 60-90 s, ~8% less throughput; `--no-enable-chunked-prefill`, see
+  `--chunked-prefill`), both patterns against it:
   ours    = stage-1 synthesis of the prompts round by round through `OpenAIGenerator`
             (respond round, critique round with n=k per request, refine round with n=m);
   theirs  = the original AvR scripts' pattern (Banner-Z/AvR src/stage1_data_generation.py):
             a ThreadPoolExecutor of 32 workers, one prompt's chain per worker -- respond, then
             per critique one judge request followed by its m refine requests, one chat request
             per sample (n=1) -- here over one shared httpx client.
-  Tokens are the server's `usage.completion_tokens`.
+  Tokens are the server's `usage.completion_tokens`. The server runs with
+  VLLM_SERVER_DEV_MODE=1 so that its prefix cache can be emptied before every timed pattern.
 
 For comparable work on both sides, every critique is refined whether or not it carries a
 parsable ``[[k]]`` rating and nothing is re-sampled (`max_tries=1`, no `force_rating`): the
 critique round is `synthesis.critique`'s first call without its rating filter (SmolLM2 almost
-never rates, so the filter would leave nothing to refine). Results: docs/PERFORMANCE.md.
+never rates, so the filter would leave nothing to refine). The original scripts instead retry a
+judgement up to 5 times and send neither `max_tokens` nor `seed`; here both sides send the same
+`max_tokens` and a seed per request.
+
+The machine may be shared: each pattern first waits (`--wait-quiet`) until other processes
+leave the cores, each row's footnote says how many cores other work used while it was timed,
+and `--repeats R` alternates the patterns R times and keeps each one's fastest repeat.
+Results: docs/PERFORMANCE.md.
 """
 from __future__ import annotations
 
@@ -181,6 +190,7 @@ def bench_vllm(args, model_dir: str, records: list[dict]) -> list[Row]:
              + ([] if args.chunked_prefill else ["--no-enable-chunked-prefill"]))
     _log(f"vllm: {len(records)} prompts, k={args.k}, m={args.m}, max_tokens={max_new}, "
          f"ours concurrency={args.concurrency}, theirs workers={args.workers}, server args {' '.join(extra)}")
+    os.environ["VLLM_SERVER_DEV_MODE"] = "1"  # for /reset_prefix_cache; the server listens on 127.0.0.1 only
     t = time.perf_counter()
     with serve_vllm(model_dir, served_model_name="smollm2", kv_cache_gb=args.kv_cache_gb,
                     extra_args=extra, startup_timeout_s=600) as url:
@@ -188,7 +198,7 @@ def bench_vllm(args, model_dir: str, records: list[dict]) -> list[Row]:
         gen = OpenAIGenerator(url, "smollm2", concurrency=args.concurrency, timeout_s=600, progress=False)
         gen.check()
         _warm_up(url, max_new)
-        # Ours first: any prefix-cache entries left behind (the prompts x) favour the baseline.
+        # Each pattern (and each repeat) starts from an empty prefix cache.
         rows = side_by_side(args, "vllm", _with_counters(url, lambda: _vllm_ours(gen, records, args, max_new)),
                             _with_counters(url, lambda: _vllm_theirs(url, records, args, max_new)))
         gen.close()
@@ -291,9 +301,24 @@ def server_counters(url: str) -> dict[str, float]:
     return out
 
 
+def reset_prefix_cache(url: str) -> None:
+    """Empty the server's prefix cache (a dev-mode endpoint), so that no pattern reuses the KV
+    blocks of the one before it, or of its own previous repeat (same seeds, same texts)."""
+    import httpx
+    for _ in range(20):  # refused while blocks are still held by finishing requests
+        r = httpx.post(url.removesuffix("/v1") + "/reset_prefix_cache", timeout=30)
+        r.raise_for_status()
+        if r.json().get("success"):
+            return
+        time.sleep(0.5)
+    raise RuntimeError("the vLLM server did not reset its prefix cache")
+
+
 def _with_counters(url: str, fn):
-    """Run one pattern; add the server's prompt/cache/generation token deltas to its notes."""
+    """Run one pattern from an empty prefix cache; add the server's prompt/cache/generation
+    token deltas to its notes."""
     def run() -> Row:
+        reset_prefix_cache(url)
         before = server_counters(url)
         row = fn()
         after = server_counters(url)
@@ -354,7 +379,7 @@ def wait_quiet(max_wait_s: float) -> None:
     deadline = time.monotonic() + max_wait_s
     while True:
         meter = Interference()
-        time.sleep(2.0)
+        time.sleep(10.0)  # a test suite pauses between tests: a 2 s sample can look quiet
         other = meter.other_cores()
         if other is None or other < 0.2:
             return
