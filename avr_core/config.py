@@ -132,6 +132,15 @@ class ThoughtSampleConfig:
 
 
 @dataclass
+class ScalingConfig:
+    """Test-time scaling (DESIGN.md step 11): the Stage-1 model refines held-out prompts for
+    R = 0..rounds rounds at inference; one run gives every R (the answer after each round)."""
+
+    rounds: int = 5                  # the curve's largest R (the paper: 0..5)
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=0.0, max_new_tokens=2048))
+
+
+@dataclass
 class DataConfig:
     prompts: str = "avr_core/data/tiny_prompts.jsonl"  # JSONL | JSON | Parquet | saved HF dataset dir
     # Disjoint slices [start, stop) of the prompt file for each use (DESIGN step 6: fresh prompts).
@@ -165,6 +174,7 @@ class AvrConfig:
     thought: ThoughtSampleConfig = field(default_factory=ThoughtSampleConfig)
     cot_sft: TrainConfig = field(default_factory=lambda: TrainConfig(loss="sft", lr=1.0e-6))
     cot_po: TrainConfig = field(default_factory=lambda: TrainConfig(loss="dpo", lr=5.0e-7))
+    tts: ScalingConfig = field(default_factory=ScalingConfig)
     shard_size: int = 64             # prompts per committed shard of a long stage
 
 
@@ -235,7 +245,7 @@ def validate(cfg: DictConfig) -> None:
     need(cfg.scorer.kind in ("hf_rm", "judge"), "scorer.kind", "must be hf_rm or judge")
     need(cfg.generator.kind != "openai" or bool(cfg.generator.base_url), "generator.base_url",
          "required when generator.kind=openai")
-    for stage in ("respond", "critique", "refine"):
+    for stage in ("respond", "critique", "refine", "tts", "thought"):
         s = f"{stage}.sampling"
         need(0.0 <= cfg[stage].sampling.temperature <= 2.0, f"{s}.temperature", "must be in [0, 2]")
         need(0.0 < cfg[stage].sampling.top_p <= 1.0, f"{s}.top_p", "must be in (0, 1]")
@@ -255,6 +265,7 @@ def validate(cfg: DictConfig) -> None:
     need(bool(cfg.data.prompts), "data.prompts", "a prompt file is required")
     need(cfg.search.k >= 1 and cfg.search.m >= 1, "search.k", "search.k and search.m must be >= 1")
     need(1 <= cfg.search.max_rounds <= 10, "search.max_rounds", "must be in 1..10")
+    need(0 <= cfg.tts.rounds <= 5, "tts.rounds", "must be in 0..5")
     need(cfg.thought.s >= 2, "thought.s", "must be >= 2 (pairs need two samples)")
     need(cfg.thought.length_rule in ("pick", "drop"), "thought.length_rule", "must be pick or drop")
     for t in ("rsft", "po", "cot_sft", "cot_po"):

@@ -6,14 +6,17 @@
   (fallbacks: last improvement, then the raw output -- never empty-handed).
 
     >>> answer_prompts([[{"role": "user", "content": "2+2?"}]], gen, mode="refine", rounds=1)  # doctest: +SKIP
-    [{'answer': '4', 'raw': '4', 'path': 'refine', 'rounds': 1, 'trace': [...]}]
+    [{'answer': '4', 'raw': '4', 'path': 'refine', 'rounds': 1, 'trace': [...], 'answers': ['5', '4']}]
+
+`answers[r]` is the answer after r rounds, so ONE run at R rounds also gives every R' < R
+(decoding is deterministic at temperature 0): what the test-time-scaling curve reads.
 
 Every prompt of a batch goes to the generator in one call per round.
 """
 from __future__ import annotations
 
 from avr_core.backends.base import Generator, SamplingParams
-from avr_core.prompts import JUDGE_TRAIN, REFINE_TRAIN, judge_conversation, refine_conversation
+from avr_core.prompts import JUDGE_TRAIN, REFINE_TRAIN, THOUGHT_IMPROVE, judge_conversation, refine_conversation
 from avr_core.thought import extract_final_answer
 
 
@@ -29,11 +32,12 @@ def answer_prompts(prompts: list[list[dict]], gen: Generator, mode: str = "refin
         out = []
         for raw in first:
             answer, path = extract_final_answer(raw)
-            out.append({"answer": answer, "raw": raw, "path": path, "rounds": raw.count("## Okey, let's improve"),
-                        "trace": []})
+            out.append({"answer": answer, "raw": raw, "path": path, "rounds": raw.count(THOUGHT_IMPROVE),
+                        "trace": [], "answers": [answer]})
         return out
-    current = first
+    current = list(first)
     traces: list[list[dict]] = [[] for _ in prompts]
+    history: list[list[str]] = [[a] for a in first]
     for _ in range(rounds):
         crits = [_one(o) for o in gen.generate([judge_conversation(p, a, JUDGE_TRAIN)
                                                 for p, a in zip(prompts, current)], params)]
@@ -43,8 +47,9 @@ def answer_prompts(prompts: list[list[dict]], gen: Generator, mode: str = "refin
             traces[i].append({"critique": c, "refinement": r})
             if r.strip():                      # an empty refinement keeps the previous answer
                 current[i] = r
-    return [{"answer": a, "raw": a, "path": "refine" if rounds else "direct", "rounds": rounds, "trace": t}
-            for a, t in zip(current, traces)]
+            history[i].append(current[i])
+    return [{"answer": a, "raw": a, "path": "refine" if rounds else "direct", "rounds": rounds, "trace": t,
+             "answers": h} for a, t, h in zip(current, traces, history)]
 
 
 def _one(outs: list[str]) -> str:

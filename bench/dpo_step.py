@@ -308,7 +308,13 @@ def child_ref(spec: dict) -> dict:
     seconds = time.perf_counter() - t0
     Path(spec["ref_path"]).write_text("".join(json.dumps(r) + "\n" for r in refs))
     res = meter.result(0)
-    return {**res, "ref_s": seconds, "pairs": len(refs), "tokenize": counts, **_torch_env()}
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    t0 = time.perf_counter()          # what the model load inside that pass costs (files now cached)
+    AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32)
+    return {**res, "ref_s": seconds, "load_s": time.perf_counter() - t0, "pairs": len(refs),
+            "tokenize": counts, **_torch_env()}
 
 
 def child_ours(spec: dict) -> dict:
@@ -464,7 +470,7 @@ def patch_recipe(fixes) -> None:
 
 def child_ours_fixed(spec: dict) -> dict:
     """The same `train` call as child_ours, with every prototype fix patched in."""
-    patch_recipe(set(FIXES))
+    patch_recipe(set(spec["fixes"]))
     return child_ours({**spec, "out_name": "ours_fixed"})
 
 
@@ -554,15 +560,27 @@ def load1() -> float:
     return os.getloadavg()[0]
 
 
+def busy_cores(seconds: float = 5.0) -> float:
+    """Cores busy (all processes) over the next few seconds, from /proc/stat."""
+    b0, t0 = Meter._busy_s(), time.perf_counter()
+    time.sleep(seconds)
+    return (Meter._busy_s() - b0) / (time.perf_counter() - t0)
+
+
 def wait_quiet(threshold: float, max_wait: float, label: str) -> dict:
-    """Wait until the 1-minute load average is below threshold (polling every 20 s)."""
+    """Wait until the 1-minute load average is below threshold and, as the load average lags
+    behind a job that has just started, fewer than 0.3 cores are busy over 5 s (polling every 20 s)."""
     t0 = time.time()
     start = load1()
-    while load1() >= threshold and time.time() - t0 < max_wait:
-        print(f"  [{label}] load {load1():.2f} >= {threshold}: waiting", file=sys.stderr, flush=True)
-        time.sleep(20)
+    while True:
+        busy = busy_cores()
+        quiet = load1() < threshold and busy < 0.3
+        if quiet or time.time() - t0 >= max_wait:
+            break
+        print(f"  [{label}] load {load1():.2f}, {busy:.2f} cores busy: waiting", file=sys.stderr, flush=True)
+        time.sleep(15)
     return {"waited_s": round(time.time() - t0), "load_before": start, "load_at_start": load1(),
-            "gave_up": load1() >= threshold}
+            "busy_cores_at_start": busy, "gave_up": not quiet}
 
 
 def run_child(role: str, spec: dict, args, timeout: float) -> dict:
@@ -597,7 +615,8 @@ def build_spec(args, workdir: Path) -> dict:
     return {"model": resolve_model_path(MODEL), "rows": rows, "trl_rows": [rows[stream.index(p)] for p in range(n)],
             "batch_size": args.batch_size, "max_length": args.max_length, "lr": args.lr, "beta": args.beta,
             "steps": args.steps, "warmup": 1, "trl_optim": args.trl_optim, "workdir": str(workdir),
-            "ref_path": str(workdir / "ref_logps.jsonl"), "profile_steps": args.profile_steps}
+            "ref_path": str(workdir / "ref_logps.jsonl"), "profile_steps": args.profile_steps,
+            "fixes": args.fixes}
 
 
 def _environment(threads) -> str:
@@ -621,7 +640,8 @@ def report(args, ref: dict, ours: dict, trl: dict, fixed: dict | None) -> dict:
     rows = [("ours: avr_core.training (DeepSpeed)", ours, pps["ours"], ours["peak_rss_mib"]),
             ("  + its share of the reference pass", ours, incl["ours"], max(ours["peak_rss_mib"], ref["peak_rss_mib"]))]
     if fixed:
-        rows += [("ours + prototype fixes (bench patch)", fixed, pps["fixed"], fixed["peak_rss_mib"]),
+        rows += [("ours + prototype fixes (bench patch)" if set(args.fixes) == set(FIXES)
+                  else "ours + " + "+".join(args.fixes), fixed, pps["fixed"], fixed["peak_rss_mib"]),
                  ("  + its share of the reference pass", fixed, incl["fixed"],
                   max(fixed["peak_rss_mib"], ref["peak_rss_mib"]))]
     rows.append(("trl: DPOTrainer (ref model per step)", trl, t_pps, t_rss))
@@ -635,7 +655,8 @@ def report(args, ref: dict, ours: dict, trl: dict, fixed: dict | None) -> dict:
         print(f"{name:38} {args.steps:5d} {p:8.3f} {args.batch_size / p:7.2f} {rss:12.0f} {r['losses'][0]:10.4f} "
               f"{r['losses'][-1]:9.4f} {p / t_pps:11.2f}x {rss / t_rss:9.2f}x")
     print(f"{'ours: reference pass (once per dataset)':38} {'':5} {ref['pairs'] / ref['ref_s']:8.3f} {'':7} "
-          f"{ref['peak_rss_mib']:12.0f}   {ref['pairs']} pairs in {ref['ref_s']:.1f} s, model load included")
+          f"{ref['peak_rss_mib']:12.0f}   {ref['pairs']} pairs in {ref['ref_s']:.1f} s, model load "
+          f"(~{ref['load_s']:.1f} s) included")
     ratio = {"pairs_per_s": pps["ours"] / t_pps, "pairs_per_s_incl_ref": incl["ours"] / t_pps,
              "peak_rss": ours["peak_rss_mib"] / t_rss}
     print(f"ratio ours/TRL: pairs/s {ratio['pairs_per_s']:.2f}x (incl. the reference pass "
@@ -652,10 +673,14 @@ def report(args, ref: dict, ours: dict, trl: dict, fixed: dict | None) -> dict:
           f"(TRL's completions keep the newline after <|im_end|>: +1 token per sequence)")
     print("other processes used " + ", ".join(f"~{r['other_cores']:.2f} cores while {n} was timed"
                                              for n, r in (("ours", ours), ("fixed", fixed), ("trl", trl)) if r))
+    for name, r in (("ours", ours), ("fixed", fixed), ("trl", trl)):
+        if r and r["other_cores"] > 0.2:
+            print(f"  WARNING: {name} shared the cores with other work (~{r['other_cores']:.2f} cores): "
+                  "its figures are not a clean measurement")
     for name, r in (("ref", ref), ("ours", ours), ("fixed", fixed), ("trl", trl)):
         w = r and r.get("wait")
         if w and (w["waited_s"] or w["gave_up"]):
-            print(f"  {name}: waited {w['waited_s']} s for load < {args.load_threshold}"
+            print(f"  {name}: waited {w['waited_s']} s for a quiet machine (load < {args.load_threshold})"
                   + (f", gave up at load {w['load_at_start']:.2f}" if w["gave_up"] else ""))
     return {"date": dt.datetime.now().isoformat(timespec="seconds"), "pairs_per_s": pps,
             "pairs_per_s_incl_ref": incl, "ratio": ratio, "targets_met": met,
@@ -691,6 +716,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--trl-optim", default="adamw_torch", help="TRL's optim (adamw_torch = our torch AdamW)")
     ap.add_argument("--with-fixes", action="store_true",
                     help="also time our recipe with the prototype fixes patched in (one more process)")
+    ap.add_argument("--fixes", type=lambda v: [f for f in v.split(",") if f], default=list(FIXES),
+                    help=f"prototype fixes for --with-fixes, comma-separated (default: all of {','.join(FIXES)})")
     ap.add_argument("--profile", action="store_true",
                     help="instead of the side by side: our step phase by phase, fixes added one at a time")
     ap.add_argument("--profile-steps", type=int, default=2, help="timed steps per variant with --profile")

@@ -1,4 +1,4 @@
-"""The whole method, top to bottom (DESIGN.md). Stage 2 and evaluation plug in here as they land.
+"""The whole method, top to bottom (DESIGN.md): stage 1, stage 2, test-time scaling.
 
     avr run --preset tiny
 """
@@ -6,8 +6,10 @@ from __future__ import annotations
 
 from prefect import flow
 
+from flows.evaluate import test_time_scaling
 from flows.runs import finish_run, start_run
 from flows.stage1 import learning_signal, stage1
+from flows.stage2 import stage2
 
 
 @flow(name="avr-pipeline", log_prints=True)
@@ -16,5 +18,9 @@ def pipeline(preset: str = "tiny", overrides: list[str] = []) -> dict:  # noqa: 
     seed = cfg["policy"]
     s1 = stage1(cfg, seed)                         # synthesis -> RSFT -> synthesis -> PO
     signal = learning_signal(cfg, seed, s1["model"])
+    s2 = stage2(cfg, s1["model"])                  # search -> thoughts -> CoT RSFT -> thought pairs -> PO
+    tts = test_time_scaling(cfg, s1["model"])      # R = 0..5 refinement rounds at inference
     return finish_run(run, cfg, {"stage1_synthesis": s1["rsft_data"], "stage1_pairs": s1["pairs"],
-                                 "stage1_model": s1["model_ref"], "learning_signal": signal})
+                                 "stage1_model": s1["model_ref"], "learning_signal": signal,
+                                 "stage2_thoughts": s2["thoughts"], "stage2_pairs": s2["pairs"],
+                                 "stage2_model": s2["model_ref"], "test_time_scaling": tts})

@@ -10,6 +10,7 @@ from omegaconf import OmegaConf
 
 from avr_core.config import load_config, to_yaml
 from avr_core.store import ArtifactRef, Store
+from tasks.common import STAGE_LOG, publish
 from tasks.synthesis import validate_prompts
 
 
@@ -19,6 +20,7 @@ def start_run(preset: str, overrides: list[str] | tuple[str, ...]) -> tuple[dict
     cfg = OmegaConf.to_container(cfg_obj, resolve=True)
     n = validate_prompts(cfg)
     store = Store(cfg["store"]["root"])
+    STAGE_LOG.clear()                              # this run's wall-time table starts here
     run_id = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
     store.write_atomic(f"{store._p('runs', run_id)}/config.yaml", to_yaml(cfg_obj).encode())
     print(f"run {run_id}: preset={preset} overrides={list(overrides)} prompts={n} store={cfg['store']['root']}")
@@ -27,10 +29,37 @@ def start_run(preset: str, overrides: list[str] | tuple[str, ...]) -> tuple[dict
 
 def finish_run(run: dict, cfg: dict, outputs: dict[str, ArtifactRef]) -> dict:
     store = Store(cfg["store"]["root"])
-    summary = {**run, "wall_s": round(time.time() - run["started"], 1),
+    wall = round(time.time() - run["started"], 1)
+    summary = {**run, "wall_s": wall, "stages": list(STAGE_LOG),
                "outputs": {k: {"ref": str(v), "path": v.path, "counts": store.manifest(v)["counts"],
                                "rows": store.manifest(v)["rows"]} for k, v in outputs.items()}}
     store.write_atomic(f"{store._p('runs', run['id'])}/summary.json", json.dumps(summary, indent=2).encode())
+    table = wall_time_table(STAGE_LOG, wall)
+    store.write_atomic(f"{store._p('runs', run['id'])}/timings.md", table.encode())
+    publish(store.ref("runs", run["id"]), "avr-run-timings", table=STAGE_LOG, markdown=table)
     for name, out in summary["outputs"].items():
         print(f"{name}: {out['path']}\n  rows={out['rows']}\n  counts={out['counts']}")
+    print(f"\nper-stage wall time (run {run['id']}):\n{table}")
     return summary
+
+
+def wall_time_table(log: list[dict], wall_s: float) -> str:
+    """Markdown: one row per stage call in run order, then the run's total and what the stages
+    do not account for (Prefect flow bookkeeping, config and input checks).
+
+    >>> print(wall_time_table([{"task": "respond", "artifact": "respond/ab", "cached": False, "wall_s": 3.0}], 4.5))
+    | stage | artifact | status | wall s |
+    |---|---|---|---|
+    | respond | respond/ab | computed | 3.0 |
+    | (outside stages) | | | 1.5 |
+    | **total** | | 1 computed, 0 cached | **4.5** |
+    <BLANKLINE>
+    """
+    lines = ["| stage | artifact | status | wall s |", "|---|---|---|---|"]
+    lines += [f"| {r['task']} | {r['artifact']} | {'cached' if r['cached'] else 'computed'} | {r['wall_s']:.1f} |"
+              for r in log]
+    inside = sum(r["wall_s"] for r in log)
+    n_cached = sum(r["cached"] for r in log)
+    lines.append(f"| (outside stages) | | | {max(0.0, wall_s - inside):.1f} |")
+    lines.append(f"| **total** | | {len(log) - n_cached} computed, {n_cached} cached | **{wall_s:.1f}** |")
+    return "\n".join(lines) + "\n"

@@ -14,9 +14,10 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-from prefect import task
+from prefect import Task
 from prefect.cache_policies import CachePolicy
 from prefect.logging import get_run_logger
+from prefect.utilities.callables import get_call_parameters
 from tqdm.auto import tqdm
 
 from avr_core.store import ArtifactRef, Store, cache_key
@@ -54,12 +55,51 @@ class StoreCache(CachePolicy):
         return f"{ref.stage}-{ref.key}" if store_of(inputs["cfg"]).exists(ref) else None
 
 
+# Every stage call of this process, in order: what the run's wall-time table is made of.
+# Flows run their stages one after another in the flow's own process, so a list suffices.
+STAGE_LOG: list[dict] = []
+
+
+class StageTask(Task):
+    """A Prefect task that also logs (stage, key, cached or computed, wall time) per call.
+    The wall time includes Prefect's own overhead and the cache lookup, as a user waits it."""
+
+    def __call__(self, *args, **kwargs):
+        params = get_call_parameters(self.fn, args, kwargs)
+        ref = self.ref_fn(**params)
+        cached = store_of(params["cfg"]).exists(ref)
+        t0 = time.perf_counter()
+        try:
+            return super().__call__(*args, **kwargs)
+        finally:
+            STAGE_LOG.append({"task": self.name, "artifact": str(ref), "cached": cached,
+                              "wall_s": round(time.perf_counter() - t0, 2)})
+
+
+def publish(ref: ArtifactRef, key: str, table: list[dict] | None = None, markdown: str | None = None) -> None:
+    """Show a stage's result on its Prefect run (UI "Artifacts" tab): a table and/or markdown,
+    plus a link to the artifact directory. Never fails the stage: the store is the record."""
+    from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+
+    try:
+        if table is not None:
+            create_table_artifact(table=table, key=key, description=f"{ref} ({ref.path})")
+        if markdown is not None:
+            create_markdown_artifact(markdown=markdown, key=f"{key}-report", description=str(ref))
+        create_link_artifact(link=ref.path if "://" in ref.path else f"file://{os.path.abspath(ref.path)}",
+                             link_text=str(ref), key=f"{key}-dir", description="artifact directory")
+    except Exception as e:  # no API reachable: the artifact in the store is what counts
+        logger().warning("could not publish Prefect artifact %s: %s", key, e)
+
+
 def stage_task(ref_fn: Callable[..., ArtifactRef], *, retries: int = 2, timeout_s: float = 6 * 3600):
     """A stage task: cached on its artifact key, retried, time-limited, named by its key."""
     def deco(fn):
-        return task(fn, name=fn.__name__, cache_policy=StoreCache(ref_fn=ref_fn), persist_result=True,
-                    retries=retries, retry_delay_seconds=RETRY_DELAY_S, timeout_seconds=timeout_s,
-                    task_run_name=fn.__name__)
+        t = StageTask(fn, name=fn.__name__, cache_policy=StoreCache(ref_fn=ref_fn), persist_result=True,
+                      retries=retries, retry_delay_seconds=RETRY_DELAY_S, timeout_seconds=timeout_s,
+                      task_run_name=fn.__name__)
+        t.ref_fn = ref_fn
+        return t
     return deco
 
 

@@ -5,11 +5,14 @@ import pytest
 
 import avr_core.parsing
 import avr_core.prompts
+import avr_core.scaling
 import avr_core.signal
 import avr_core.store
+import flows.runs
 
 
-@pytest.mark.parametrize("module", [avr_core.parsing, avr_core.prompts, avr_core.signal, avr_core.store])
+@pytest.mark.parametrize("module", [avr_core.parsing, avr_core.prompts, avr_core.scaling,
+                                    avr_core.signal, avr_core.store, flows.runs])
 def test_docstring_examples(module):
     result = doctest.testmod(module)
     assert result.failed == 0 and result.attempted > 0

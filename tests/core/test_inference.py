@@ -36,6 +36,7 @@ def test_r_rounds_refine_in_one_call_per_step():
     out = answer_prompts(P, gen, rounds=3)
     assert out[0]["answer"] == "answer!!!" and len(out[0]["trace"]) == 3
     assert [n for n, _ in gen.calls] == [2] * 7          # answer, then (critique, refine) x 3
+    assert out[0]["answers"] == ["answer", "answer!", "answer!!", "answer!!!"]   # the answer after r rounds
 
 
 def test_thought_mode_extracts_the_final_answer():

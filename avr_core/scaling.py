@@ -1,0 +1,72 @@
+"""Test-time scaling (DESIGN.md step 11): how the score and the answer length move with the
+number R of critique/refine rounds a Stage-1 model runs at inference.
+
+One inference run at R = max gives every R' <= max (`inference.answer_prompts` keeps the answer
+after each round), so the curve costs one run, not six. Input records, one per prompt::
+
+    {"id": "p1", "answers": ["y0", "y1", ..., "y5"], "scores": [3.1, 3.4, ..., 3.6]}
+
+    >>> rows = scaling_table([{"id": "a", "answers": ["x", "xyz"], "scores": [1.0, 2.0]},
+    ...                       {"id": "b", "answers": ["xy", "xy"], "scores": [3.0, 3.0]}])
+    >>> rows[1]
+    {'R': 1, 'n': 2, 'mean': 2.5, 'std': 0.707107, 'se': 0.5, 'mean_chars': 2.5, 'mean_words': 1.0, 'gain_vs_R0': 0.5, 'better_than_R0': 1, 'changed': 1}
+"""
+from __future__ import annotations
+
+import io
+import math
+
+COLUMNS = ["R", "n", "mean", "std", "se", "mean_chars", "mean_words", "gain_vs_R0", "better_than_R0", "changed"]
+
+
+def scaling_table(records: list[dict]) -> list[dict]:
+    """Per R: mean score, its spread (std, se), mean answer length, and how many prompts moved."""
+    if not records:
+        raise ValueError("no scored records: the test-time-scaling table needs at least one prompt")
+    depth = min(len(r["scores"]) for r in records)
+    r6 = lambda x: round(x, 6)  # noqa: E731
+    rows = []
+    for R in range(depth):
+        s = [r["scores"][R] for r in records]
+        n = len(s)
+        mean = sum(s) / n
+        std = math.sqrt(sum((x - mean) ** 2 for x in s) / (n - 1)) if n > 1 else 0.0
+        answers = [r["answers"][R] for r in records]
+        rows.append({"R": R, "n": n, "mean": r6(mean), "std": r6(std), "se": r6(std / math.sqrt(n)),
+                     "mean_chars": r6(sum(len(a) for a in answers) / n),
+                     "mean_words": r6(sum(len(a.split()) for a in answers) / n),
+                     "gain_vs_R0": r6(mean - rows[0]["mean"] if rows else 0.0),
+                     "better_than_R0": sum(r["scores"][R] > r["scores"][0] for r in records),
+                     "changed": sum(r["answers"][R] != r["answers"][R - 1] for r in records) if R else 0})
+    return rows
+
+
+def to_markdown(rows: list[dict]) -> str:
+    """The table as GitHub markdown (what the Prefect artifact and `scaling.md` show)."""
+    head = "| " + " | ".join(COLUMNS) + " |\n|" + "---|" * len(COLUMNS) + "\n"
+    return head + "".join("| " + " | ".join(str(r[c]) for c in COLUMNS) + " |\n" for r in rows)
+
+
+def to_csv(rows: list[dict]) -> str:
+    return ",".join(COLUMNS) + "\n" + "".join(",".join(str(r[c]) for c in COLUMNS) + "\n" for r in rows)
+
+
+def plot_scaling(rows: list[dict], title: str = "test-time scaling") -> bytes:
+    """PNG: mean score ± se against R (left) and mean answer length against R (right)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on workers
+    import matplotlib.pyplot as plt
+
+    R = [r["R"] for r in rows]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.4))
+    a.errorbar(R, [r["mean"] for r in rows], yerr=[r["se"] for r in rows], marker="o", capsize=3)
+    a.set(xlabel="refinement rounds R", ylabel="mean score (± se)", xticks=R)
+    b.plot(R, [r["mean_chars"] for r in rows], marker="o", color="tab:orange")
+    b.set(xlabel="refinement rounds R", ylabel="mean answer length (chars)", xticks=R)
+    fig.suptitle(f"{title} (n={rows[0]['n']})")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()
