@@ -141,6 +141,35 @@ class ScalingConfig:
 
 
 @dataclass
+class JudgeConfig:
+    """An alpaca-eval pairwise judge (DESIGN.md step 10): the AlpacaEval 2 default annotator's
+    prompt and m/M log-prob rule, answered by an OpenAI-compatible endpoint or a local model."""
+
+    kind: str = "openai"             # openai (GPT-4 Turbo, or `vllm serve` on 127.0.0.1) | local (HF model here)
+    annotator: str = "weighted_alpaca_eval_gpt4_turbo"
+    model: str = "gpt-4-1106-preview"    # openai: the served judge model
+    base_url: str = ""               # openai: "" = api.openai.com; e.g. http://127.0.0.1:8000/v1
+    api_key_env: str = "OPENAI_API_KEY"  # the key is read from this variable, never stored
+    concurrency: int = 4
+    local_model: str = "embedded:smollm2-135m-instruct"   # local: the judge model
+
+
+@dataclass
+class EvalConfig:
+    """AlpacaEval-style evaluation of every model the pipeline makes (DESIGN.md step 10)."""
+
+    prompts: str = "avr_core/data/alpaca_eval/alpaca_eval_805.json"  # alpaca-eval format, `output` = reference
+    slice: list = field(default_factory=lambda: [0, 805])
+    models: list = field(default_factory=lambda: ["seed", "rsft", "stage1", "stage2"])
+    rounds: int = 1                  # R explicit refinement rounds for the Stage-1 model (0..5)
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=0.0, max_new_tokens=2048))
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    position_bias_n: int = 50        # instructions judged in both fixed orders (0 = skip the check)
+    df_gamed: str = ""               # a local copy of alpaca-eval's hub file df_gamed.csv: the official LC
+    smoke: bool = False              # label the leaderboard as a smoke run, not a benchmark result
+
+
+@dataclass
 class DataConfig:
     prompts: str = "avr_core/data/tiny_prompts.jsonl"  # JSONL | JSON | Parquet | saved HF dataset dir
     # Disjoint slices [start, stop) of the prompt file for each use (DESIGN step 6: fresh prompts).
@@ -175,6 +204,7 @@ class AvrConfig:
     cot_sft: TrainConfig = field(default_factory=lambda: TrainConfig(loss="sft", lr=1.0e-6))
     cot_po: TrainConfig = field(default_factory=lambda: TrainConfig(loss="dpo", lr=5.0e-7))
     tts: ScalingConfig = field(default_factory=ScalingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     shard_size: int = 64             # prompts per committed shard of a long stage
 
 
@@ -245,7 +275,7 @@ def validate(cfg: DictConfig) -> None:
     need(cfg.scorer.kind in ("hf_rm", "judge"), "scorer.kind", "must be hf_rm or judge")
     need(cfg.generator.kind != "openai" or bool(cfg.generator.base_url), "generator.base_url",
          "required when generator.kind=openai")
-    for stage in ("respond", "critique", "refine", "tts", "thought"):
+    for stage in ("respond", "critique", "refine", "tts", "thought", "eval"):
         s = f"{stage}.sampling"
         need(0.0 <= cfg[stage].sampling.temperature <= 2.0, f"{s}.temperature", "must be in [0, 2]")
         need(0.0 < cfg[stage].sampling.top_p <= 1.0, f"{s}.top_p", "must be in (0, 1]")
@@ -266,6 +296,14 @@ def validate(cfg: DictConfig) -> None:
     need(cfg.search.k >= 1 and cfg.search.m >= 1, "search.k", "search.k and search.m must be >= 1")
     need(1 <= cfg.search.max_rounds <= 10, "search.max_rounds", "must be in 1..10")
     need(0 <= cfg.tts.rounds <= 5, "tts.rounds", "must be in 0..5")
+    need(0 <= cfg.eval.rounds <= 5, "eval.rounds", "must be in 0..5")
+    sl = cfg.eval.slice
+    need(len(sl) == 2 and all(isinstance(v, int) for v in sl) and 0 <= sl[0] < sl[1], "eval.slice",
+         "must be [start, stop] with 0 <= start < stop")
+    need(set(cfg.eval.models) <= {"seed", "rsft", "stage1", "stage2"}, "eval.models",
+         "items must be seed, rsft, stage1 or stage2")
+    need(cfg.eval.judge.kind in ("openai", "local"), "eval.judge.kind", "must be openai or local")
+    need(cfg.eval.position_bias_n >= 0, "eval.position_bias_n", "must be >= 0")
     need(cfg.thought.s >= 2, "thought.s", "must be >= 2 (pairs need two samples)")
     need(cfg.thought.length_rule in ("pick", "drop"), "thought.length_rule", "must be pick or drop")
     for t in ("rsft", "po", "cot_sft", "cot_po"):

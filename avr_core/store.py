@@ -157,6 +157,15 @@ class ArtifactWriter:
                   "time": time.time()}
         self.store.write_atomic(f"{self.dir}/shards/{index:05d}.json", json.dumps(marker).encode())
 
+    def committed_records(self, name: str = "records") -> list[dict]:
+        """Records of one named output over every committed shard, in shard order."""
+        out: list[dict] = []
+        for i in sorted(self.committed()):
+            path = f"{self.dir}/data/{name}-{i:05d}.jsonl"
+            if self.store.fs.exists(path):
+                out.extend(_read_jsonl(self.store.fs, path))
+        return out
+
     def write_file(self, relpath: str, data: bytes) -> None:
         self.store.write_atomic(f"{self.dir}/{relpath}", data)
 

@@ -3,6 +3,7 @@
     avr run --preset tiny [key=value ...]     the whole pipeline
     avr config --preset paper [key=value ...] print the resolved, validated config
     avr chat --model DIR [--rounds R | --thought] "prompt"   try a trained model
+    avr eval [--store PATH] [--model NAME] [--last N]        the leaderboard, read from the store
 """
 from __future__ import annotations
 
@@ -33,9 +34,16 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--thought", action="store_true", help="Stage-2 model: one long thought, final answer extracted")
     c.add_argument("--max-new-tokens", type=int, default=512)
     c.add_argument("--show-trace", action="store_true")
+    e = sub.add_parser("eval", help="show the leaderboard every run appends to (no server needed)")
+    e.add_argument("--store", default=None, help="artifact store (default: AVR_STORE or ./artifacts)")
+    e.add_argument("--model", default=None, help="only this model (seed, rsft, stage1, stage2)")
+    e.add_argument("--last", type=int, default=0, help="only the last N rows")
+    e.add_argument("--csv", action="store_true", help="print CSV instead of markdown")
     args = p.parse_args(argv)
     if args.cmd == "chat":
         return _chat(args)
+    if args.cmd == "eval":
+        return _eval(args)
 
     from avr_core.config import ConfigError, load_config, to_yaml
     from avr_core.inputs import InputError
@@ -45,14 +53,34 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         # fail fast on bad config or prompts, before Prefect starts a server or anything is written
         from omegaconf import OmegaConf
+        from tasks.evaluate import validate_evalset
         from tasks.synthesis import validate_prompts
-        validate_prompts(OmegaConf.to_container(load_config(args.preset, args.overrides), resolve=True))
+        cfg = OmegaConf.to_container(load_config(args.preset, args.overrides), resolve=True)
+        validate_prompts(cfg)
+        validate_evalset(cfg)
         from flows.pipeline import pipeline
         pipeline(preset=args.preset, overrides=list(args.overrides))
         return 0
     except (ConfigError, InputError) as e:
         print(f"avr: error: {e}", file=sys.stderr)
         return 2
+
+
+def _eval(args) -> int:
+    from avr_core.evaluation import leaderboard as lb
+    from tasks.evaluate import read_leaderboard
+
+    root = args.store or os.environ.get("AVR_STORE") or "./artifacts"
+    rows = read_leaderboard(root)
+    if args.model:
+        rows = [r for r in rows if r["model"] == args.model]
+    if args.last:
+        rows = rows[-args.last:]
+    if not rows:
+        print(f"avr: no leaderboard rows in {root} (run `avr run` first)", file=sys.stderr)
+        return 1
+    print(lb.to_csv(rows) if args.csv else lb.to_markdown(rows), end="")
+    return 0
 
 
 def _chat(args) -> int:

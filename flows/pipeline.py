@@ -1,4 +1,4 @@
-"""The whole method, top to bottom (DESIGN.md): stage 1, stage 2, test-time scaling.
+"""The whole method, top to bottom (DESIGN.md): stage 1, stage 2, test-time scaling, evaluation.
 
     avr run --preset tiny
 """
@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from prefect import flow
 
-from flows.evaluate import test_time_scaling
+from flows.evaluate import evaluate, test_time_scaling
 from flows.runs import finish_run, start_run
 from flows.stage1 import learning_signal, stage1
 from flows.stage2 import stage2
@@ -20,6 +20,7 @@ def pipeline(preset: str = "tiny", overrides: list[str] = []) -> dict:  # noqa: 
     signal = learning_signal(cfg, seed, s1["model"])
     s2 = stage2(cfg, s1["model"])                  # search -> thoughts -> CoT RSFT -> thought pairs -> PO
     tts = test_time_scaling(cfg, s1["model"])      # R = 0..5 refinement rounds at inference
+    evaluate(cfg, {"seed": seed, "rsft": s1["rsft"], "stage1": s1["model"], "stage2": s2["model"]}, run["id"])
     return finish_run(run, cfg, {"stage1_synthesis": s1["rsft_data"], "stage1_pairs": s1["pairs"],
                                  "stage1_model": s1["model_ref"], "learning_signal": signal,
                                  "stage2_thoughts": s2["thoughts"], "stage2_pairs": s2["pairs"],

@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 from avr_core.config import load_config, to_yaml
 from avr_core.store import ArtifactRef, Store
 from tasks.common import STAGE_LOG, publish
+from tasks.evaluate import validate_evalset
 from tasks.synthesis import validate_prompts
 
 
@@ -19,6 +20,7 @@ def start_run(preset: str, overrides: list[str] | tuple[str, ...]) -> tuple[dict
     cfg_obj = load_config(preset, list(overrides))
     cfg = OmegaConf.to_container(cfg_obj, resolve=True)
     n = validate_prompts(cfg)
+    validate_evalset(cfg)
     store = Store(cfg["store"]["root"])
     STAGE_LOG.clear()                              # this run's wall-time table starts here
     run_id = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]

@@ -106,11 +106,13 @@ def stage_task(ref_fn: Callable[..., ArtifactRef], *, retries: int = 2, timeout_
 def run_sharded(store: Store, ref: ArtifactRef, config: Any, inputs: list[ArtifactRef], code: str,
                 records: Callable[[], list[dict]], shard_size: int,
                 work: Callable[[list[dict], int], tuple[dict[str, list[dict]], Counter]],
-                stats: Callable[[], dict] | None = None) -> ArtifactRef:
+                stats: Callable[[], dict] | None = None,
+                finish: Callable[[Any], None] | None = None) -> ArtifactRef:
     """Run `work(shard_records, shard_index)` over shards, committing each; skip committed ones.
 
     The artifact appears (manifest written) only after the last shard: a killed run restarts
-    here and redoes at most the shard it was in.
+    here and redoes at most the shard it was in. `finish(writer)` may add whole-artifact files
+    (e.g. alpaca-eval's model_outputs.json) after the last shard, before the manifest.
     """
     if store.exists(ref):
         logger().info("%s: cache hit (%s)", ref.stage, ref.path)
@@ -133,6 +135,8 @@ def run_sharded(store: Store, ref: ArtifactRef, config: Any, inputs: list[Artifa
         after = stats() if stats else {}
         counts.update({f"backend_{k}": after[k] - before.get(k, 0) for k in after})
         w.commit_shard(i, outputs, dict(counts))
+    if finish:
+        finish(w)
     out = w.finalize(extra={"compute_s": round(time.time() - t0, 3), "shards": len(shards)})
     m = store.manifest(out)
     logger().info("%s: wrote %s rows=%s counts=%s", ref.stage, out.path, m["rows"], m["counts"])

@@ -1,6 +1,7 @@
-"""The README's main job, shrunk: the whole stage-1 pipeline on the real SmolLM2 with DeepSpeed
-on CPU -- synthesis, RSFT, synthesis with the RSFT policy, reference log-probs, DPO, learning
-signal -- then a rerun that is a full cache hit."""
+"""The README's main job, shrunk: the whole pipeline on the real SmolLM2 with DeepSpeed on CPU --
+stage 1 (synthesis, RSFT, synthesis with the RSFT policy, reference log-probs, DPO), the learning
+signal, stage 2 (greedy search, thoughts, CoT RSFT, sampled thoughts, thought pairs, DPO) and
+test-time scaling -- then a rerun that is a full cache hit."""
 import json
 import os
 
@@ -16,7 +17,15 @@ SMALL = ["data.stage1_sft=[0,3]", "data.stage1_po=[3,6]", "data.heldout=[40,42]"
          "critique.max_tries=1", "respond.sampling.max_new_tokens=24", "critique.sampling.max_new_tokens=24",
          "refine.sampling.max_new_tokens=24", "scorer.max_length=512",
          "rsft.max_steps=1", "rsft.micro_batch_size=1", "rsft.checkpoint_every=1",
-         "po.max_steps=1", "po.micro_batch_size=1", "po.checkpoint_every=1"]
+         "po.max_steps=1", "po.micro_batch_size=1", "po.checkpoint_every=1",
+         # stage 2 on a couple of prompts. The seed's drop rules are off so that two prompts surely
+         # leave a thought to train on (the rules themselves are tested on fakes in tests/core).
+         "data.stage2=[12,14]", "data.stage2_po=[20,22]", "search.max_rounds=2",
+         "search.drop_no_first_improvement=false", "search.drop_no_terminating_critique=false",
+         "thought.s=3", "thought.sampling.max_new_tokens=48",
+         "cot_sft.max_steps=1", "cot_sft.micro_batch_size=1", "cot_sft.checkpoint_every=1",
+         "cot_po.max_steps=1", "cot_po.checkpoint_every=1", "cot_sft.max_length=512", "cot_po.max_length=512",
+         "tts.rounds=2", "tts.sampling.max_new_tokens=24"]
 
 
 def test_pipeline_on_smollm2(tmp_path):
@@ -25,8 +34,8 @@ def test_pipeline_on_smollm2(tmp_path):
 
     summary = pipeline(preset="tiny", overrides=[f"store.root={tmp_path}", *SMALL])
     store = Store(str(tmp_path))
-    model = store.list("po")
-    assert len(model) == 1 and len(store.list("rsft")) == 1 and len(store.list("ref_logps")) == 1
+    model = [store.ref("po", summary["outputs"]["stage1_model"]["ref"].split("/")[1])]
+    assert len(store.list("po")) == 2 and len(store.list("rsft")) == 2 and len(store.list("ref_logps")) == 2
     m = store.manifest(model[0])
     assert m["train"]["steps"] == 1 and "model/model.safetensors" in m["files"]
     model_dir = tmp_path / "po" / model[0].key / "model"
@@ -40,6 +49,20 @@ def test_pipeline_on_smollm2(tmp_path):
     respond = [store.manifest(r)["config"]["policy"] for r in store.list("respond")]
     assert any(p.get("artifact", "").startswith("rsft/") for p in respond)
 
+    # stage 2: a thought per search trace, trained on, then thought pairs and the Stage-2 model
+    thoughts = store.read_records(store.ref(*summary["outputs"]["stage2_thoughts"]["ref"].split("/")), "rsft")
+    assert len(thoughts) == 2 and thoughts[0]["messages"][-1]["content"].startswith("<|Start of recursive")
+    s2 = store.manifest(store.ref(*summary["outputs"]["stage2_model"]["ref"].split("/")))
+    assert s2["train"]["steps"] == 1 and "model/model.safetensors" in s2["files"]
+    samples = store.list("thought_samples")
+    assert len(samples) == 1 and sum(v for k, v in store.manifest(samples[0])["counts"].items()
+                                     if k.startswith("final_from_")) == 2 * 3   # every sample's final answer found
+    # test-time scaling: R = 0..2 on the held-out prompts, and a timing row per stage
+    rows = store.manifest(store.ref(*summary["outputs"]["test_time_scaling"]["ref"].split("/")))["result"]
+    assert [r["R"] for r in rows] == [0, 1, 2] and all(r["n"] == 2 for r in rows)
+    assert {"search", "thoughts", "sample_thoughts", "thought_pairs", "tts_answers", "tts_curve"} <= {
+        r["task"] for r in summary["stages"] if not r["cached"]}
+
     again = pipeline(preset="tiny", overrides=[f"store.root={tmp_path}", *SMALL])
     assert again["outputs"]["stage1_model"]["ref"] == summary["outputs"]["stage1_model"]["ref"]
-    assert again["wall_s"] < 60
+    assert again["wall_s"] < 60 and all(r["cached"] for r in again["stages"])

@@ -1,0 +1,86 @@
+"""The evaluation set, in alpaca-eval's own format, checked before any work (DESIGN.md step 10).
+
+A file is a JSON array (or JSONL) of rows::
+
+    {"instruction": "Name three primes.", "output": "2, 3 and 5.", "generator": "gpt4_turbo", "dataset": "mine"}
+
+`output` is the REFERENCE answer the judge compares against; `generator` names who wrote it.
+The shipped default is the 805 AlpacaEval instructions (avr_core/data/README.md); its sha256 is
+verified on every load, so a damaged copy never produces numbers.
+
+    >>> rows = load_evalset(DEFAULT_EVALSET)
+    >>> len(rows), rows[0]["id"], rows[0]["reference_generator"], rows[0]["messages"][0]["role"]
+    (805, 'ae-0000', 'example', 'user')
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from avr_core.inputs import InputError
+
+DEFAULT_EVALSET = str(Path(__file__).resolve().parent.parent / "data" / "alpaca_eval" / "alpaca_eval_805.json")
+# Shipped files and the checksum each must have.
+KNOWN_SHA256 = {"alpaca_eval_805.json": "4337273753e16055c9c9a2c3c917a43de8b7a50d538f2c0a6200d21ff711eed5"}
+
+
+def file_sha256(path: str) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def load_evalset(path: str) -> list[dict]:
+    """Rows -> {"id", "instruction", "messages", "reference", "reference_generator", "dataset"}.
+    Raises InputError naming the file, line (JSONL) or record (JSON array), and field."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(path, None, None, "eval set file not found")
+    data = p.read_bytes()
+    want = KNOWN_SHA256.get(p.name)
+    if want and hashlib.sha256(data).hexdigest() != want:
+        raise InputError(path, None, None, f"sha256 mismatch: this is not the shipped file (want {want[:12]}...); "
+                                           "restore it with scripts/fetch_alpaca_eval.py")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(path, None, None, f"not UTF-8 (byte {e.start})") from None
+    rows, unit = _rows(path, text)
+    out, seen = [], {}
+    for n, row in rows:
+        def fail(field, reason, n=n):
+            return InputError(path, n, field, reason, unit=unit)
+        if not isinstance(row, dict):
+            raise fail(None, f"expected an object, got {type(row).__name__}")
+        for field in ("instruction", "output"):
+            if not isinstance(row.get(field), str):
+                raise fail(field, "missing" if field not in row else f"must be text, got {type(row[field]).__name__}")
+        if not row["instruction"].strip():
+            raise fail("instruction", "empty")
+        if row["instruction"] in seen:   # alpaca-eval joins model and reference outputs on the instruction
+            raise fail("instruction", f"duplicate of {unit} {seen[row['instruction']]}")
+        seen[row["instruction"]] = n
+        out.append({"id": f"ae-{len(out):04d}", "instruction": row["instruction"],
+                    "messages": [{"role": "user", "content": row["instruction"]}], "reference": row["output"],
+                    "reference_generator": str(row.get("generator") or "reference"),
+                    "dataset": str(row.get("dataset") or p.stem)})
+    if not out:
+        raise InputError(path, None, None, "no rows")
+    return out
+
+
+def _rows(path: str, text: str):
+    """(position, row) pairs: JSONL lines (1-based) or JSON-array records (1-based)."""
+    if text.lstrip().startswith("["):
+        try:
+            arr = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise InputError(path, e.lineno, None, f"invalid JSON: {e.msg}") from None
+        return list(enumerate(arr, 1)), "row"
+    rows = []
+    for i, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append((i, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise InputError(path, i, None, f"invalid JSON: {e.msg}") from None
+    return rows, "line"

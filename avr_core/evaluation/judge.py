@@ -1,0 +1,172 @@
+"""AlpacaEval judging through alpaca-eval's own annotator machinery (DESIGN.md step 10).
+
+We do not reimplement the judge: `PairwiseAnnotator` renders the package's prompt template,
+randomises the output order, parses the answer and caches annotations. We only
+- write the judge config YAML (and a copy of its prompt template) into a directory of OUR
+  choosing -- the artifact store -- never into site-packages;
+- for a local CPU judge, pass a completion function that reads the next-token log-probs of
+  "m"/"M" from a Hugging Face model, in the OpenAI response shape the package's
+  `logprob_parser` reads. That is the AlpacaEval 2 default annotator's scoring rule
+  (`weighted_alpaca_eval_gpt4_turbo`), with a local model in place of GPT-4 Turbo.
+
+The API key of an OpenAI-compatible judge is read from the environment by the OpenAI client
+itself (OPENAI_API_KEY, or the variable `api_key_env` names): it is never written to a file.
+
+Annotations (one per instruction, `preference` in [1, 2], 2 = the evaluated model wins)::
+
+    {"instruction": "...", "output_1": "<reference>", "output_2": "<model>", "generator_1": "example",
+     "generator_2": "stage1", "annotator": "weighted_alpaca_eval_gpt4_turbo", "preference": 1.73}
+"""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from pathlib import Path
+
+import yaml
+
+BASE_ANNOTATOR = "weighted_alpaca_eval_gpt4_turbo"   # the AlpacaEval 2 default
+
+
+def _package_config(name: str) -> tuple[dict, Path]:
+    import alpaca_eval
+
+    d = Path(alpaca_eval.__file__).parent / "evaluators_configs"
+    cfg = yaml.safe_load((d / name / "configs.yaml").read_text())[name]
+    return cfg, d / cfg["prompt_template"]
+
+
+def write_judge_config(directory: str, judge: dict) -> str:
+    """Write `<directory>/<name>/configs.yaml` (+ its prompt template) for judge config `judge`
+    (the `eval.judge` section); returns the YAML's path. Deterministic: same judge, same bytes."""
+    cfg, template = _package_config(BASE_ANNOTATOR)
+    name = judge["annotator"] if judge["kind"] == "openai" else f"avr_local_{BASE_ANNOTATOR}"
+    out = Path(directory) / name
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(template, out / "prompt.txt")
+    cfg = dict(cfg, prompt_template=str(out / "prompt.txt"))
+    kw = dict(cfg["completions_kwargs"])
+    if judge["kind"] == "openai":
+        kw["model_name"] = judge["model"]
+        kw["num_procs"] = judge["concurrency"]
+        if judge["base_url"]:          # any OpenAI-compatible server, e.g. `vllm serve` on 127.0.0.1
+            (out / "clients.yaml").write_text(yaml.safe_dump({"default": [{"base_url": judge["base_url"]}]}))
+            kw["client_config_path"] = str(out / "clients.yaml")
+            kw["price_per_token"] = 0
+            kw["requires_chatml"] = True
+    else:                              # local: the completion function is passed in code (local_completions)
+        cfg.pop("fn_completions")
+        kw = {"model_name": judge["local_model"]}
+    cfg["completions_kwargs"] = kw
+    (out / "configs.yaml").write_text(yaml.safe_dump({name: cfg}, sort_keys=True))
+    return str(out / "configs.yaml")
+
+
+def annotate(model_outputs: list[dict], reference_outputs: list[dict], config_path: str, cache_path: str,
+             judge: dict, randomize_order: bool = True) -> list[dict]:
+    """Pairwise annotations, reference as output_1 and the model as output_2 (alpaca-eval's
+    convention). Rows the judge could not parse come back with preference None (counted
+    by the caller), never silently missing."""
+    from alpaca_eval.annotators import PairwiseAnnotator
+
+    extra = {} if judge["kind"] == "openai" else {"fn_completions": local_completions}
+    with _api_key(judge):
+        ann = PairwiseAnnotator(annotators_config=config_path, caching_path=cache_path, seed=0,
+                                is_randomize_output_order=randomize_order, **extra)
+        rows = ann.annotate_head2head(outputs_1=reference_outputs, outputs_2=model_outputs)
+    got = {r["instruction"]: r for r in rows}
+    out = []
+    for m in model_outputs:
+        r = got.get(m["instruction"])
+        pref = None if r is None or r.get("preference") is None or _nan(r["preference"]) else float(r["preference"])
+        out.append({"instruction": m["instruction"], "output_1": r["output_1"] if r else None, "output_2": m["output"],
+                    "generator_1": reference_outputs[0]["generator"], "generator_2": m["generator"],
+                    "annotator": Path(config_path).parent.name, "preference": pref})
+    return out
+
+
+def _nan(x) -> bool:
+    return isinstance(x, float) and math.isnan(x)
+
+
+class _api_key:
+    """Expose `judge.api_key_env` as OPENAI_API_KEY for the OpenAI client during a call."""
+
+    def __init__(self, judge: dict):
+        self.src = judge.get("api_key_env") or "OPENAI_API_KEY"
+        self.on = judge["kind"] == "openai"
+
+    def __enter__(self):
+        self.old = os.environ.get("OPENAI_API_KEY")
+        if self.on:
+            key = os.environ.get(self.src)
+            if key is None and not os.environ.get("OPENAI_API_KEY"):
+                os.environ["OPENAI_API_KEY"] = "EMPTY"   # a local server needs none; the client insists on one
+            elif key is not None:
+                os.environ["OPENAI_API_KEY"] = key
+
+    def __exit__(self, *exc):
+        if self.old is None:
+            os.environ.pop("OPENAI_API_KEY", None)
+        else:
+            os.environ["OPENAI_API_KEY"] = self.old
+
+
+# -- the local judge --------------------------------------------------------------------------
+_MODELS: dict[str, tuple] = {}
+LOCAL_BATCH = 4
+
+
+def local_completions(prompts: list[str], model_name: str, **kwargs) -> dict:
+    """alpaca-eval completion function for a local HF model: for each rendered ChatML prompt,
+    the log-probs of the next token being "m" or "M", in the OpenAI choice shape
+    (`completions_all[i]["logprobs"]["content"][0]["top_logprobs"]`) that `logprob_parser` reads.
+    The ChatML turns are re-rendered with the judge model's own chat template."""
+    import time
+
+    import torch
+
+    tok, model = _load(model_name)
+    ids_m, ids_M = tok.encode("m", add_special_tokens=False), tok.encode("M", add_special_tokens=False)
+    texts = [tok.apply_chat_template(parse_chatml(p), tokenize=False, add_generation_prompt=True) for p in prompts]
+    lps, t0 = [], time.time()
+    for i in range(0, len(texts), LOCAL_BATCH):    # batched, left-padded: the last position is the next token
+        enc = tok(texts[i:i + LOCAL_BATCH], return_tensors="pt", add_special_tokens=False, padding=True)
+        with torch.no_grad():
+            lps.extend(torch.log_softmax(model(**enc).logits[:, -1].float(), -1)[:, [ids_m[0], ids_M[0]]].tolist())
+    choices = []
+    for lm, lM in lps:
+        top = [{"token": "m", "logprob": lm}, {"token": "M", "logprob": lM}]
+        best = "m" if lm >= lM else "M"
+        choices.append({"text": best, "logprobs": {"content": [{"token": best, "logprob": max(lm, lM),
+                                                                 "top_logprobs": top}]}})
+    n = max(1, len(prompts))
+    return {"completions": [c["text"] for c in choices], "completions_all": choices,
+            "price_per_example": [0.0] * len(prompts), "time_per_example": [(time.time() - t0) / n] * len(prompts)}
+
+
+def parse_chatml(text: str) -> list[dict]:
+    """'<|im_start|>system\\nX<|im_end|>\\n<|im_start|>user\\nY<|im_end|>' -> messages.
+
+    >>> parse_chatml("<|im_start|>system\\nBe fair.<|im_end|>\\n<|im_start|>user\\nA or B?<|im_end|>")
+    [{'role': 'system', 'content': 'Be fair.'}, {'role': 'user', 'content': 'A or B?'}]
+    """
+    msgs = []
+    for part in text.split("<|im_start|>")[1:]:
+        role, _, body = part.partition("\n")
+        msgs.append({"role": role.strip(), "content": body.split("<|im_end|>")[0].strip()})
+    return msgs or [{"role": "user", "content": text}]
+
+
+def _load(model_name: str):
+    if model_name not in _MODELS:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from avr_core.models import resolve_model_path
+
+        path = resolve_model_path(model_name)
+        tok = AutoTokenizer.from_pretrained(path, padding_side="left")
+        tok.pad_token = tok.pad_token or tok.eos_token
+        _MODELS[model_name] = (tok, AutoModelForCausalLM.from_pretrained(path, dtype="float32").eval())
+    return _MODELS[model_name]

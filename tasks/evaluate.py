@@ -1,0 +1,195 @@
+"""Evaluation tasks (DESIGN.md step 10): the eval set, every model's answers in alpaca-eval's
+format, alpaca-eval judging with metrics, and the leaderboard every run appends to.
+
+Cache keys: answers on (model artifact, eval set, sampling/R); judgements on (answers, eval
+set, judge config). A nightly run whose models did not change judges nothing again.
+"""
+from __future__ import annotations
+
+import json
+import time
+
+import avr_core.evaluation.evalset
+import avr_core.evaluation.judge
+import avr_core.evaluation.metrics
+import avr_core.inference
+from avr_core.backends import make_generator
+from avr_core.backends.base import SamplingParams
+from avr_core.evaluation import leaderboard as lb
+from avr_core.evaluation.evalset import load_evalset
+from avr_core.evaluation.judge import annotate, write_judge_config
+from avr_core.evaluation.metrics import lc_win_rate, position_agreement, win_rate
+from avr_core.inference import answer_prompts
+from avr_core.store import ArtifactRef, code_version
+from tasks.common import logger, policy_identity, publish, run_sharded, stage_task, store_of
+from tasks.synthesis import _Lazy, _file_digest, _ref, resolve_data_path
+from prefect import task
+
+_EVALSET = code_version(avr_core.evaluation.evalset)
+_GEN = code_version(avr_core.inference, avr_core.evaluation.evalset)
+_JUDGE = code_version(avr_core.evaluation.judge, avr_core.evaluation.metrics)
+SMOKE_TITLE = ("SMOKE RUN (tiny preset): 135M models judged by a 135M local judge -- shows the machinery "
+               "works end to end; NOT a benchmark result")
+
+
+def _evalset_section(cfg: dict) -> dict:
+    path = resolve_data_path(cfg["eval"]["prompts"])
+    return {"file_sha256": _file_digest(path), "slice": list(cfg["eval"]["slice"])}
+
+
+def eval_prompts_ref(cfg):
+    return _ref(cfg, "eval_prompts", _evalset_section(cfg), [], _EVALSET)
+
+
+def validate_evalset(cfg: dict) -> int:
+    """Read and check the whole eval file (InputError names file, row/line and field)."""
+    return len(load_evalset(resolve_data_path(cfg["eval"]["prompts"])))
+
+
+@stage_task(eval_prompts_ref, retries=0, timeout_s=600)
+def eval_prompts(cfg: dict) -> ArtifactRef:
+    """The [start, stop) slice `eval.slice` of the validated eval set, with its references."""
+    rows = load_evalset(resolve_data_path(cfg["eval"]["prompts"]))
+    start, stop = cfg["eval"]["slice"]
+    chosen = rows[start:stop]
+    return run_sharded(store_of(cfg), eval_prompts_ref(cfg), _evalset_section(cfg), [], _EVALSET,
+                       lambda: chosen, max(1, len(chosen)), lambda shard, i: ({"records": shard}, {"file_rows": len(rows)}))
+
+
+# -- answers ----------------------------------------------------------------------------------
+def _gen_section(cfg, policy, name, mode, rounds):
+    return {"model": name, "mode": mode, "rounds": rounds, "policy": policy_identity(policy),
+            "sampling": cfg["eval"]["sampling"], "generator": cfg["generator"], "shard_size": cfg["shard_size"]}
+
+
+def eval_answers_ref(cfg, policy, name, mode, rounds, prompts):
+    return _ref(cfg, "eval_answers", _gen_section(cfg, policy, name, mode, rounds), [prompts], _GEN)
+
+
+@stage_task(eval_answers_ref)
+def eval_answers(cfg: dict, policy: dict, name: str, mode: str, rounds: int, prompts: ArtifactRef) -> ArtifactRef:
+    """Every prompt answered (never dropped): Stage-1/seed models with `rounds` explicit refinement
+    rounds, Stage-2 models with one thought whose final answer is extracted (fallbacks recorded).
+    Also writes `model_outputs.json` in alpaca-eval's format (`alpaca_eval --model_outputs` reads it)."""
+    store, section = store_of(cfg), _gen_section(cfg, policy, name, mode, rounds)
+    ref = eval_answers_ref(cfg, policy, name, mode, rounds, prompts)
+    gen = _Lazy(lambda: make_generator(policy, cfg["generator"]))
+    tok: dict = {}          # the policy's tokenizer, loaded on the first miss (None: lengths in characters only)
+    s = cfg["eval"]["sampling"]
+    params = SamplingParams(n=1, temperature=s["temperature"], top_p=s["top_p"], max_new_tokens=s["max_new_tokens"],
+                            seed=s["seed"])
+
+    def tokens(text):
+        if "t" not in tok:
+            tok["t"] = _tokenizer(policy)
+        return len(tok["t"].encode(text, add_special_tokens=False)) if tok["t"] is not None else None
+
+    def work(shard, i):
+        outs = answer_prompts([r["messages"] for r in shard], gen.get(), mode, rounds, params)
+        recs, counts = [], {}
+        for r, o in zip(shard, outs):
+            key = f"answer_from_{o['path']}"
+            counts[key] = counts.get(key, 0) + 1
+            counts["empty_answers"] = counts.get("empty_answers", 0) + (not o["answer"].strip())
+            recs.append({"id": r["id"], "instruction": r["instruction"], "output": o["answer"], "generator": name,
+                         "dataset": r["dataset"], "raw": o["raw"], "path": o["path"], "rounds": o["rounds"],
+                         "len_chars": len(o["answer"]), "len_tokens": tokens(o["answer"])})
+        return {"records": recs}, counts
+
+    def finish(w):   # alpaca-eval's own format, exactly the keys its loader reads
+        outputs = [{k: r[k] for k in ("instruction", "output", "generator", "dataset")} for r in w.committed_records()]
+        w.write_file("model_outputs.json", json.dumps(outputs, indent=2, ensure_ascii=False).encode())
+    return run_sharded(store, ref, section, [prompts], _GEN, lambda: store.read_records(prompts), cfg["shard_size"],
+                       work, stats=gen.stats, finish=finish)
+
+
+def _tokenizer(policy: dict):
+    try:
+        from transformers import AutoTokenizer
+
+        from avr_core.models import resolve_model_path
+        return AutoTokenizer.from_pretrained(resolve_model_path(policy["path"]))
+    except Exception:   # e.g. an OpenAI-served model with no local files: lengths in characters only
+        return None
+
+
+# -- judging ----------------------------------------------------------------------------------
+def _judge_section(cfg):
+    e = cfg["eval"]
+    return {"judge": e["judge"], "position_bias_n": e["position_bias_n"], "df_gamed": e["df_gamed"]}
+
+
+def judge_ref(cfg, answers, prompts):
+    return _ref(cfg, "eval_judge", _judge_section(cfg), [answers, prompts], _JUDGE)
+
+
+@stage_task(judge_ref, retries=2, timeout_s=12 * 3600)
+def judge(cfg: dict, answers: ArtifactRef, prompts: ArtifactRef) -> ArtifactRef:
+    """alpaca-eval pairwise judging against the references -> annotations + WR ± se, LC, length,
+    and a position-bias check on the first `position_bias_n` instructions."""
+    store, ref = store_of(cfg), judge_ref(cfg, answers, prompts)
+    if store.exists(ref):
+        return ref
+    jcfg = cfg["eval"]["judge"]
+    w = store.writer(ref.stage, ref.key, _judge_section(cfg), [answers, prompts], _JUDGE)
+    config_path = write_judge_config(w.dir + "/judge", jcfg)          # in the store, never site-packages
+    cache = store._p(".work", "judge_cache", f"{ref.key}.json")       # survives a retry of this task
+    store.fs.makedirs(cache.rsplit("/", 1)[0], exist_ok=True)
+    refs = {r["instruction"]: r for r in store.read_records(prompts)}
+    model = [{k: r[k] for k in ("instruction", "output", "generator", "dataset")} for r in store.read_records(answers)]
+    reference = [{"instruction": r["instruction"], "output": r["reference"], "generator": r["reference_generator"],
+                  "dataset": r["dataset"]} for r in refs.values()]
+    t0 = time.time()
+    ann = annotate(model, reference, config_path, cache, jcfg)
+    bias, sub = None, model[:cfg["eval"]["position_bias_n"]]
+    if sub:   # the same pairs in both FIXED orders (own cache: the main pass randomises the order)
+        ids = {m["instruction"] for m in sub}
+        ref_sub = [r for r in reference if r["instruction"] in ids]
+        fixed = cache.replace(".json", ".fixed-order.json")
+        bias = position_agreement(annotate(sub, ref_sub, config_path, fixed, jcfg, randomize_order=False),
+                                  annotate(ref_sub, sub, config_path, fixed, jcfg, randomize_order=False))
+    result = {**win_rate(ann), **lc_win_rate(ann, full_evalset=len(model) == 805, df_gamed=cfg["eval"]["df_gamed"] or None),
+              "avg_len_chars": sum(len(m["output"]) for m in model) / max(1, len(model)),
+              "model": model[0]["generator"] if model else None, "reference": reference[0]["generator"],
+              "annotator": jcfg["annotator"] if jcfg["kind"] == "openai" else f"local:{jcfg['local_model']}",
+              "position_bias": bias, "judge_s": round(time.time() - t0, 1)}
+    w.commit_shard(0, {"annotations": ann}, {"annotations": len(ann), "unparsed_judgements": result["unparsed"]})
+    w.write_file("metrics.json", json.dumps(result, indent=2).encode())
+    logger().info("judge %s vs %s: WR %s ± %s, LC %s (%s), avg len %.0f, position agreement %s",
+                  result["model"], result["reference"], result["win_rate"], result["standard_error"],
+                  result["lc_win_rate"], result["lc_kind"], result["avg_len_chars"], bias and bias["agreement"])
+    return w.finalize(extra={"result": result})
+
+
+# -- leaderboard ------------------------------------------------------------------------------
+def leaderboard_path(cfg) -> str:
+    return store_of(cfg)._p("leaderboard", "leaderboard.csv")
+
+
+def read_leaderboard(store_root: str) -> list[dict]:
+    from avr_core.store import Store
+
+    s = Store(store_root)
+    path = s._p("leaderboard", "leaderboard.csv")
+    return lb.from_csv(s.fs.cat_file(path).decode()) if s.fs.exists(path) else []
+
+
+@task(name="leaderboard", retries=0)
+def leaderboard(cfg: dict, run_id: str, judged: dict[str, ArtifactRef], stages: dict[str, tuple]) -> str:
+    """Append this run's rows (one per evaluated model) to `<store>/leaderboard/` (CSV + markdown),
+    publish the table on the Prefect run, and return the markdown."""
+    store = store_of(cfg)
+    new = []
+    for name, ref in judged.items():
+        r = store.manifest(ref)["result"]
+        new.append({"date": time.strftime("%Y-%m-%d %H:%M"), "run": run_id, "model": name, "stage": stages[name][0],
+                    "R": stages[name][1], "n": r["n_total"], "win_rate": r["win_rate"], "se": r["standard_error"],
+                    "lc": r["lc_win_rate"], "lc_kind": r["lc_kind"], "avg_len": r["avg_len_chars"],
+                    "judge": r["annotator"], "evalset": cfg["eval"]["prompts"].rsplit("/", 1)[-1], "artifact": str(ref)})
+    rows = lb.merge(read_leaderboard(cfg["store"]["root"]), new)
+    title = SMOKE_TITLE if cfg["eval"]["smoke"] else None
+    md = lb.to_markdown(rows, title)
+    store.write_atomic(store._p("leaderboard", "leaderboard.csv"), lb.to_csv(rows).encode())
+    store.write_atomic(store._p("leaderboard", "leaderboard.md"), md.encode())
+    publish(store.ref("leaderboard", "leaderboard.csv"), "avr-leaderboard", table=new, markdown=md)
+    return md
