@@ -20,8 +20,8 @@ def pipeline(preset: str = "tiny", overrides: list[str] = []) -> dict:  # noqa: 
     signal = learning_signal(cfg, seed, s1["model"])
     s2 = stage2(cfg, s1["model"])                  # search -> thoughts -> CoT RSFT -> thought pairs -> PO
     tts = test_time_scaling(cfg, s1["model"])      # R = 0..5 refinement rounds at inference
-    evaluate(cfg, {"seed": seed, "rsft": s1["rsft"], "stage1": s1["model"], "stage2": s2["model"]}, run["id"])
+    board = evaluate(cfg, {"seed": seed, "rsft": s1["rsft"], "stage1": s1["model"], "stage2": s2["model"]}, run["id"])
     return finish_run(run, cfg, {"stage1_synthesis": s1["rsft_data"], "stage1_pairs": s1["pairs"],
                                  "stage1_model": s1["model_ref"], "learning_signal": signal,
                                  "stage2_thoughts": s2["thoughts"], "stage2_pairs": s2["pairs"],
-                                 "stage2_model": s2["model_ref"], "test_time_scaling": tts})
+                                 "stage2_model": s2["model_ref"], "test_time_scaling": tts}, board)

@@ -29,7 +29,7 @@ def start_run(preset: str, overrides: list[str] | tuple[str, ...]) -> tuple[dict
     return {"id": run_id, "started": time.time(), "preset": preset, "overrides": list(overrides)}, cfg
 
 
-def finish_run(run: dict, cfg: dict, outputs: dict[str, ArtifactRef]) -> dict:
+def finish_run(run: dict, cfg: dict, outputs: dict[str, ArtifactRef], leaderboard: str | None = None) -> dict:
     store = Store(cfg["store"]["root"])
     wall = round(time.time() - run["started"], 1)
     summary = {**run, "wall_s": wall, "stages": list(STAGE_LOG),
@@ -42,6 +42,8 @@ def finish_run(run: dict, cfg: dict, outputs: dict[str, ArtifactRef]) -> dict:
     for name, out in summary["outputs"].items():
         print(f"{name}: {out['path']}\n  rows={out['rows']}\n  counts={out['counts']}")
     print(f"\nper-stage wall time (run {run['id']}):\n{table}")
+    if leaderboard:
+        print(f"\nleaderboard ({store._p('leaderboard', 'leaderboard.md')}; `avr eval` shows it again):\n{leaderboard}")
     return summary
 
 

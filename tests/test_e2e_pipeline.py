@@ -1,7 +1,8 @@
 """The README's main job, shrunk: the whole pipeline on the real SmolLM2 with DeepSpeed on CPU --
 stage 1 (synthesis, RSFT, synthesis with the RSFT policy, reference log-probs, DPO), the learning
 signal, stage 2 (greedy search, thoughts, CoT RSFT, sampled thoughts, thought pairs, DPO) and
-test-time scaling -- then a rerun that is a full cache hit."""
+test-time scaling and the AlpacaEval evaluation of all four models by the local judge -- then a
+rerun that is a full cache hit and appends its rows to the leaderboard."""
 import json
 import os
 
@@ -25,7 +26,8 @@ SMALL = ["data.stage1_sft=[0,3]", "data.stage1_po=[3,6]", "data.heldout=[40,42]"
          "thought.s=3", "thought.sampling.max_new_tokens=48",
          "cot_sft.max_steps=1", "cot_sft.micro_batch_size=1", "cot_sft.checkpoint_every=1",
          "cot_po.max_steps=1", "cot_po.checkpoint_every=1", "cot_sft.max_length=512", "cot_po.max_length=512",
-         "tts.rounds=2", "tts.sampling.max_new_tokens=24"]
+         "tts.rounds=2", "tts.sampling.max_new_tokens=24",
+         "eval.slice=[0,2]", "eval.sampling.max_new_tokens=24", "eval.position_bias_n=1"]
 
 
 def test_pipeline_on_smollm2(tmp_path):
@@ -63,6 +65,14 @@ def test_pipeline_on_smollm2(tmp_path):
     assert {"search", "thoughts", "sample_thoughts", "thought_pairs", "tts_answers", "tts_curve"} <= {
         r["task"] for r in summary["stages"] if not r["cached"]}
 
+    # evaluation: every model answered both prompts, judged by alpaca-eval's annotator with the local judge
+    from tasks.evaluate import read_leaderboard
+    rows = read_leaderboard(str(tmp_path))
+    assert [r["model"] for r in rows] == ["seed", "rsft", "stage1", "stage2"] and all(r["n"] == 2 for r in rows)
+    assert all(0 <= r["win_rate"] <= 100 and r["lc_kind"] == "unavailable" for r in rows)
+    assert [r["R"] for r in rows] == [0, 0, 1, 0]
+
     again = pipeline(preset="tiny", overrides=[f"store.root={tmp_path}", *SMALL])
     assert again["outputs"]["stage1_model"]["ref"] == summary["outputs"]["stage1_model"]["ref"]
     assert again["wall_s"] < 60 and all(r["cached"] for r in again["stages"])
+    assert len(read_leaderboard(str(tmp_path))) == 8          # a nightly rerun appends its rows

@@ -45,3 +45,24 @@ def test_console_script_is_installed():
 def test_chat_rejects_rounds_out_of_range(capsys):
     code, err = run(["chat", "--rounds", "6", "hi"], capsys)
     assert code == 2 and "0..5" in err
+
+
+def test_bad_eval_file_is_rejected_before_any_work(tmp_path, capsys):
+    bad = tmp_path / "eval.json"
+    bad.write_text('[{"instruction": "q", "output": "a"}, {"instruction": "q2"}]')
+    code, err = run(["run", "--preset", "tiny", f"eval.prompts={bad}", f"store.root={tmp_path}/s"], capsys)
+    assert code == 2 and f"{bad}: row 2: field 'output': missing" in err and "Traceback" not in err
+    assert not (tmp_path / "s").exists()
+
+
+def test_avr_eval_prints_the_leaderboard_from_the_store(tmp_path, capsys):
+    from avr_core.evaluation import leaderboard as lb
+    rows = [{"date": "d", "run": f"r{i}", "model": m, "stage": m, "R": 0, "n": 4, "win_rate": 50.0 + i, "se": 5.0,
+             "lc": None, "lc_kind": "unavailable", "avg_len": 100.0, "judge": "j", "evalset": "e", "artifact": f"a/{i}"}
+            for i, m in enumerate(["seed", "stage1", "seed"])]
+    (tmp_path / "leaderboard").mkdir()
+    (tmp_path / "leaderboard" / "leaderboard.csv").write_text(lb.to_csv(rows))
+    assert main(["eval", "--store", str(tmp_path), "--model", "seed"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("| seed |") == 2 and "52.0 ± 5.0" in out and "stage1" not in out
+    assert main(["eval", "--store", str(tmp_path / "empty")]) == 1
