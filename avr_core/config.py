@@ -181,6 +181,15 @@ class DataConfig:
 
 
 @dataclass
+class ScheduleConfig:
+    """The nightly rerun of the pipeline deployment (`avr serve`); unchanged stages come from cache."""
+
+    cron: str = "0 2 * * *"          # 02:00 every day
+    timezone: str = "UTC"            # IANA name, e.g. Europe/Berlin
+    active: bool = False             # on/off switch: a preset or override turns it on
+
+
+@dataclass
 class StoreConfig:
     root: str = "./artifacts"        # path or fsspec URL; AVR_STORE overrides
 
@@ -205,6 +214,7 @@ class AvrConfig:
     cot_po: TrainConfig = field(default_factory=lambda: TrainConfig(loss="dpo", lr=5.0e-7))
     tts: ScalingConfig = field(default_factory=ScalingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     shard_size: int = 64             # prompts per committed shard of a long stage
 
 
@@ -303,6 +313,7 @@ def validate(cfg: DictConfig) -> None:
     need(set(cfg.eval.models) <= {"seed", "rsft", "stage1", "stage2"}, "eval.models",
          "items must be seed, rsft, stage1 or stage2")
     need(cfg.eval.judge.kind in ("openai", "local"), "eval.judge.kind", "must be openai or local")
+    need(len(cfg.schedule.cron.split()) == 5, "schedule.cron", "must be a 5-field cron string, e.g. '0 2 * * *'")
     need(cfg.eval.position_bias_n >= 0, "eval.position_bias_n", "must be >= 0")
     need(cfg.thought.s >= 2, "thought.s", "must be >= 2 (pairs need two samples)")
     need(cfg.thought.length_rule in ("pick", "drop"), "thought.length_rule", "must be pick or drop")

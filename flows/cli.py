@@ -4,6 +4,9 @@
     avr config --preset paper [key=value ...] print the resolved, validated config
     avr chat --model DIR [--rounds R | --thought] "prompt"   try a trained model
     avr eval [--store PATH] [--model NAME] [--last N]        the leaderboard, read from the store
+    avr artifacts list|show KEY|lineage KEY|verify [KEY]     read manifests directly (no server)
+    avr server [--host 127.0.0.1] [--port 4200]              a Prefect server + UI, telemetry off
+    avr serve --preset tiny [key=value ...]                  deployments for the UI + the nightly schedule
 """
 from __future__ import annotations
 
@@ -23,7 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     _env_defaults()
     p = argparse.ArgumentParser(prog="avr", description="AvR: Alignment via Refinement pipeline")
     sub = p.add_subparsers(dest="cmd", required=True)
-    for name, help_ in [("run", "run the whole pipeline"), ("config", "print the resolved config")]:
+    for name, help_ in [("run", "run the whole pipeline"), ("config", "print the resolved config"),
+                        ("serve", "register the pipeline and stage deployments (UI, nightly cron) and serve them")]:
         s = sub.add_parser(name, help=help_)
         s.add_argument("--preset", default="tiny", help="conf/<preset>.yaml or a YAML path")
         s.add_argument("overrides", nargs="*", help="key=value overrides, e.g. critique.k=3")
@@ -39,7 +43,22 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--model", default=None, help="only this model (seed, rsft, stage1, stage2)")
     e.add_argument("--last", type=int, default=0, help="only the last N rows")
     e.add_argument("--csv", action="store_true", help="print CSV instead of markdown")
+    sv = sub.add_parser("server", help="start a Prefect server and its UI (127.0.0.1 unless --host)")
+    sv.add_argument("--host", default=os.environ.get("AVR_SERVER_HOST", "127.0.0.1"))
+    sv.add_argument("--port", type=int, default=4200)
+    a = sub.add_parser("artifacts", help="list / show / lineage / verify artifacts from their manifests")
+    a.add_argument("action", choices=["list", "show", "lineage", "verify"])
+    a.add_argument("key", nargs="?", help="stage/key or a unique key prefix (show, lineage; optional for verify)")
+    a.add_argument("--store", default=None, help="artifact store (default: AVR_STORE or ./artifacts)")
+    a.add_argument("--stage", default=None, help="list: only this stage")
     args = p.parse_args(argv)
+    if args.cmd == "artifacts":
+        return _artifacts(args)
+    if args.cmd == "server":
+        print(f"Prefect UI: http://{args.host}:{args.port}  -- in another shell: "
+              f"export PREFECT_API_URL=http://{args.host}:{args.port}/api", flush=True)
+        os.execv(sys.executable, [sys.executable, "-m", "prefect", "server", "start", "--host", args.host,
+                                  "--port", str(args.port)])
     if args.cmd == "chat":
         return _chat(args)
     if args.cmd == "eval":
@@ -50,6 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.cmd == "config":
             print(to_yaml(load_config(args.preset, args.overrides)), end="")
+            return 0
+        if args.cmd == "serve":
+            from flows.deploy import serve
+            serve(args.preset, list(args.overrides))
             return 0
         # fail fast on bad config or prompts, before Prefect starts a server or anything is written
         from omegaconf import OmegaConf
@@ -64,6 +87,38 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, InputError) as e:
         print(f"avr: error: {e}", file=sys.stderr)
         return 2
+
+
+def _artifacts(args) -> int:
+    import json
+
+    from avr_core import inspect
+    from avr_core.store import Store
+
+    store = Store(args.store or os.environ.get("AVR_STORE") or "./artifacts")
+    try:
+        ref = inspect.resolve(store, args.key) if args.key else None
+        if args.action in ("show", "lineage") and ref is None:
+            raise ValueError(f"`avr artifacts {args.action}` needs a KEY")
+    except ValueError as e:
+        print(f"avr: error: {e}", file=sys.stderr)
+        return 2
+    if args.action == "list":
+        for r in inspect.list_rows(store, args.stage):
+            print(f"{r['artifact']:40} {r['created']}  rows={r['rows']}  inputs={r['inputs']}")
+    elif args.action == "show":
+        print(json.dumps(store.manifest(ref), indent=2))
+    elif args.action == "lineage":
+        print("\n".join(inspect.lineage(store, ref)))
+    else:
+        problems = inspect.verify(store, ref)
+        for line in problems:
+            print(line)
+        n = 1 if ref else len(store.list())
+        print(f"verified {n} artifact(s): {'OK' if not problems else f'{len(problems)} problem(s)'}",
+              file=sys.stderr)
+        return 1 if problems else 0
+    return 0
 
 
 def _eval(args) -> int:

@@ -36,6 +36,12 @@ def finish_run(run: dict, cfg: dict, outputs: dict[str, ArtifactRef], leaderboar
                "outputs": {k: {"ref": str(v), "path": v.path, "counts": store.manifest(v)["counts"],
                                "rows": store.manifest(v)["rows"]} for k, v in outputs.items()}}
     store.write_atomic(f"{store._p('runs', run['id'])}/summary.json", json.dumps(summary, indent=2).encode())
+    from avr_core.inspect import recompute_reason
+    for r in STAGE_LOG:   # why each computed stage could not come from cache
+        if not r["cached"] and "why" not in r:
+            stage, _, key = r["artifact"].partition("/")
+            ref = store.ref(stage, key)
+            r["why"] = recompute_reason(store, ref) if store.exists(ref) else "failed"
     table = wall_time_table(STAGE_LOG, wall)
     store.write_atomic(f"{store._p('runs', run['id'])}/timings.md", table.encode())
     publish(store.ref("runs", run["id"]), "avr-run-timings", table=STAGE_LOG, markdown=table)
@@ -51,17 +57,19 @@ def wall_time_table(log: list[dict], wall_s: float) -> str:
     """Markdown: one row per stage call in run order, then the run's total and what the stages
     do not account for (Prefect flow bookkeeping, config and input checks).
 
-    >>> print(wall_time_table([{"task": "respond", "artifact": "respond/ab", "cached": False, "wall_s": 3.0}], 4.5))
+    >>> print(wall_time_table([{"task": "respond", "artifact": "respond/ab", "cached": False, "wall_s": 3.0,
+    ...                         "why": "changed config"}], 4.5))
     | stage | artifact | status | wall s |
     |---|---|---|---|
-    | respond | respond/ab | computed | 3.0 |
+    | respond | respond/ab | computed (changed config) | 3.0 |
     | (outside stages) | | | 1.5 |
     | **total** | | 1 computed, 0 cached | **4.5** |
     <BLANKLINE>
     """
+    def status(r):
+        return "cached" if r["cached"] else f"computed ({r['why']})" if r.get("why") else "computed"
     lines = ["| stage | artifact | status | wall s |", "|---|---|---|---|"]
-    lines += [f"| {r['task']} | {r['artifact']} | {'cached' if r['cached'] else 'computed'} | {r['wall_s']:.1f} |"
-              for r in log]
+    lines += [f"| {r['task']} | {r['artifact']} | {status(r)} | {r['wall_s']:.1f} |" for r in log]
     inside = sum(r["wall_s"] for r in log)
     n_cached = sum(r["cached"] for r in log)
     lines.append(f"| (outside stages) | | | {max(0.0, wall_s - inside):.1f} |")

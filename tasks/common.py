@@ -7,6 +7,7 @@ cache record: the task then runs and finds (or rebuilds) it in the store.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -140,4 +141,27 @@ def run_sharded(store: Store, ref: ArtifactRef, config: Any, inputs: list[Artifa
     out = w.finalize(extra={"compute_s": round(time.time() - t0, 3), "shards": len(shards)})
     m = store.manifest(out)
     logger().info("%s: wrote %s rows=%s counts=%s", ref.stage, out.path, m["rows"], m["counts"])
+    try:
+        publish_stage(store, out, m)
+    except Exception as e:  # showing a stage must never fail it: the store is the record
+        logger().warning("%s: could not publish Prefect artifacts: %s", out, e)
     return out
+
+
+def publish_stage(store: Store, ref: ArtifactRef, manifest: dict) -> None:
+    """The stage's Prefect artifacts: counts (inputs, outputs, every filter's drops, parse
+    failures, tokens, time), a sample of three records, and a link to its directory."""
+    from avr_core.inspect import sample_markdown
+
+    table = [{"count": f"rows:{k}", "value": v} for k, v in manifest["rows"].items()]
+    table += [{"count": k, "value": v} for k, v in sorted(manifest["counts"].items())]
+    table.append({"count": "compute_s", "value": manifest.get("compute_s")})
+    names = sorted(manifest["rows"], key=lambda n: (n != "records", n))
+    first = next((f for f in sorted(manifest["files"]) if names and f.startswith(f"data/{names[0]}-")), None)
+    recs: list[dict] = []
+    if first:   # three records from the first data file: never the whole (possibly huge) artifact
+        with store.fs.open(store._p(ref.stage, ref.key, first), "r", encoding="utf-8") as f:
+            recs = [json.loads(line) for _, line in zip(range(3), f)]
+    sample = sample_markdown(recs)
+    publish(ref, ref.stage.replace("_", "-"), table=table,
+            markdown=f"### {ref}\n\n{sample}\n\nstore: `{ref.path}`")

@@ -37,14 +37,15 @@ def test_pipeline_on_smollm2(tmp_path):
     summary = pipeline(preset="tiny", overrides=[f"store.root={tmp_path}", *SMALL])
     store = Store(str(tmp_path))
     model = [store.ref("po", summary["outputs"]["stage1_model"]["ref"].split("/")[1])]
-    assert len(store.list("po")) == 2 and len(store.list("rsft")) == 2 and len(store.list("ref_logps")) == 2
+    assert len(store.list("po")) == 1 and len(store.list("rsft")) == 1 and len(store.list("ref_logps")) == 2
+    assert len(store.list("cot_sft")) == 1 and len(store.list("cot_po")) == 1
     m = store.manifest(model[0])
     assert m["train"]["steps"] == 1 and "model/model.safetensors" in m["files"]
     model_dir = tmp_path / "po" / model[0].key / "model"
     rows = [json.loads(x) for x in (model_dir / "metrics.jsonl").read_text().splitlines()]
     assert {"loss", "lr", "tokens_per_s"} <= set(rows[0])
     assert AutoModelForCausalLM.from_pretrained(model_dir) is not None
-    assert not (tmp_path / ".work").exists() or not any((tmp_path / ".work").iterdir())  # checkpoints cleaned
+    assert not list((tmp_path / ".work").rglob("ckpt*"))          # training checkpoints cleaned up
     sig = store.manifest(store.list("signal")[0])["result"]
     assert sig["n"] == 2
     # the stage-1 synthesis for PO was sampled by the RSFT model, not the seed

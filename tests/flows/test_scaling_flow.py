@@ -38,8 +38,13 @@ def test_curve_from_one_run(tmp_path, monkeypatch):
 
     from prefect.client.orchestration import get_client
     with get_client(sync_client=True) as client:
-        keys = {a.key for a in client.read_artifacts()}
+        arts = client.read_artifacts()
+    keys = {a.key for a in arts}
     assert {"tts-curve", "tts-curve-report", "tts-curve-dir"} <= keys
+    # every sharded stage publishes its counts, a sample of records and a link to its directory
+    assert {"tts-answers", "tts-answers-report", "tts-answers-dir", "prompts"} <= keys
+    counts = next(a for a in arts if a.key == "tts-answers" and a.type == "table")
+    assert "answers_scored" in str(counts.data)
 
     gens.clear()
     assert tts_flow(cfg, cfg["policy"]) == ref and gens == []               # cache hit: no model built

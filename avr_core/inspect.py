@@ -1,0 +1,158 @@
+"""Inspect an artifact store from its manifests alone -- no Prefect server needed.
+
+    avr artifacts list [--stage po]          every artifact: stage/key, created, rows
+    avr artifacts show po/86a7...            its manifest
+    avr artifacts lineage po/86a7...         what it was made from, down to the prompt files
+    avr artifacts verify                     every file against the sha256 in its manifest
+
+A key may be written `stage/key` or as a unique prefix of the key alone.
+"""
+from __future__ import annotations
+
+import hashlib
+
+from avr_core.store import MANIFEST, ArtifactRef, Store
+
+
+def resolve(store: Store, key: str) -> ArtifactRef:
+    """`stage/key`, or a unique key prefix -> a reference; ValueError naming the problem."""
+    stage, _, k = key.rpartition("/")
+    cands = [r for r in store.list(stage or None) if r.key.startswith(k)]
+    if len(cands) != 1:
+        raise ValueError(f"{key!r}: {'no artifact' if not cands else f'{len(cands)} artifacts'} match in {store.root}")
+    return cands[0]
+
+
+def list_rows(store: Store, stage: str | None = None) -> list[dict]:
+    rows = []
+    for r in store.list(stage):
+        m = store.manifest(r)
+        rows.append({"artifact": str(r), "created": m.get("created"), "rows": m.get("rows"),
+                     "inputs": len(m.get("inputs", []))})
+    return sorted(rows, key=lambda x: x["created"] or "")
+
+
+def _parents(store: Store, ref: ArtifactRef) -> list[str]:
+    """Input artifacts, plus the model a stage ran (a trained policy is named by its artifact key)."""
+    m = store.manifest(ref)
+    out = list(m.get("inputs", []))
+    cfg = m.get("config") or {}
+    for section in ("policy", "reference"):
+        art = cfg.get(section, {}).get("artifact") if isinstance(cfg.get(section), dict) else None
+        if art and art not in out:
+            out.append(art)
+    return out
+
+
+def lineage(store: Store, ref: ArtifactRef, depth: int = 0, seen: set | None = None) -> list[str]:
+    """Indented lines: the artifact, then recursively what it was made from. Prompt artifacts
+    show the file checksum and slice that made them; a model its base policy path."""
+    seen = set() if seen is None else seen
+    m = store.manifest(ref)
+    cfg = m.get("config") or {}
+    note = ""
+    if ref.stage in ("prompts", "eval_prompts"):
+        note = f"  file_sha256={cfg.get('file_sha256')} slice={cfg.get('slice')} split={cfg.get('split', '')}"
+    elif isinstance(cfg.get("policy"), dict) and "artifact" not in cfg["policy"]:
+        note = f"  policy={cfg['policy'].get('path')}"
+    lines = [f"{'  ' * depth}{ref}  ({m.get('created')}){note}"]
+    if str(ref) in seen:
+        return [lines[0] + "  [see above]"]
+    seen.add(str(ref))
+    for parent in _parents(store, ref):
+        stage, _, key = parent.partition("/")
+        pref = store.ref(stage, key)
+        lines += lineage(store, pref, depth + 1, seen) if store.exists(pref) else [f"{'  ' * (depth + 1)}{parent}  MISSING"]
+    return lines
+
+
+def verify(store: Store, ref: ArtifactRef | None = None) -> list[str]:
+    """Problems found (empty = all good): a file missing, truncated or modified against its
+    manifest, or a stage directory with data but no manifest (an unfinished or damaged artifact)."""
+    problems = []
+    refs = [ref] if ref else store.list()
+    for r in refs:
+        for rel, meta in store.manifest(r)["files"].items():
+            path = store._p(r.stage, r.key, rel)
+            if not store.fs.exists(path):
+                problems.append(f"{r}: {rel}: missing")
+                continue
+            if store.fs.size(path) != meta["bytes"]:
+                problems.append(f"{r}: {rel}: size {store.fs.size(path)} != {meta['bytes']} in the manifest")
+            elif _sha256(store, path) != meta["sha256"]:
+                problems.append(f"{r}: {rel}: sha256 differs from the manifest (modified)")
+    if ref is None:
+        problems += [f"{p}: no {MANIFEST} (unfinished or damaged: it does not exist)" for p in _unfinished(store)]
+    return problems
+
+
+def _unfinished(store: Store) -> list[str]:
+    out = []
+    for stage_dir in store._ls(store._base):
+        stage = stage_dir.rsplit("/", 1)[-1]
+        if stage.startswith(".") or stage in ("runs", "leaderboard"):
+            continue
+        for d in store._ls(stage_dir):
+            if not store.fs.exists(f"{d}/{MANIFEST}"):
+                out.append(f"{stage}/{d.rsplit('/', 1)[-1]}")
+    return out
+
+
+def _sha256(store: Store, path: str) -> str:
+    h = hashlib.sha256()
+    with store.fs.open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def sample_markdown(records: list[dict], n: int = 3, width: int = 300) -> str:
+    """A few records as markdown for a person: prompt, answer (+ score), the first critique with
+    its rating, its first refinement with its score. Other record shapes show as short JSON.
+
+    >>> print(sample_markdown([{"id": "p1", "messages": [{"role": "user", "content": "2+2?"}], "answer": "5",
+    ...                         "answer_score": 3.0, "critiques": [{"text": "Wrong.", "rating": 2, "forced": True,
+    ...                         "refinements": [{"text": "4", "score": 7.5}]}]}]))
+    **p1**
+    - prompt: 2+2?
+    - answer (score 3.0): 5
+    - critique (rating 2, forced): Wrong.
+    - refinement (score 7.5): 4
+    <BLANKLINE>
+    """
+    import json
+
+    cut = lambda t: (t if len(t) <= width else t[:width] + " …").replace("\n", " ")  # noqa: E731
+    out = []
+    for r in records[:n]:
+        if "messages" in r and r.get("answer") is not None:
+            lines = [f"**{r.get('id')}**", f"- prompt: {cut(r['messages'][-1]['content'])}",
+                     f"- answer (score {r.get('answer_score', 'n/a')}): {cut(r['answer'])}"]
+            for c in r.get("critiques", [])[:1]:
+                lines.append(f"- critique (rating {c.get('rating')}{', forced' if c.get('forced') else ''}): {cut(c['text'])}")
+                for f in c.get("refinements", [])[:1]:
+                    lines.append(f"- refinement (score {f.get('score', 'n/a')}): {cut(f['text'])}")
+        else:
+            lines = [f"**{r.get('id', '?')}**", "```", cut(json.dumps(r, ensure_ascii=False)), "```"]
+        out.append("\n".join(lines) + "\n")
+    return "\n".join(out)
+
+
+_WHY = {"config": "changed config", "inputs": "new inputs", "code_version": "new code version"}
+
+
+def recompute_reason(store: Store, ref: ArtifactRef) -> str:
+    """Why a stage was computed rather than reused: compared with the earlier artifacts of the
+    same stage, which one of (config, inputs, code version) differs. Upstream changes show as
+    "new inputs" all the way down, which is what they are."""
+    m = store.manifest(ref)
+    earlier = [store.manifest(r) for r in store.list(ref.stage) if r.key != ref.key]
+    earlier = [o for o in earlier if (o.get("created") or "") <= (m.get("created") or "")]
+    if not earlier:
+        return "first artifact of this stage in the store"
+    reasons = set()
+    for o in earlier:
+        diff = [f for f in _WHY if o.get(f) != m.get(f)]
+        if len(diff) == 1:
+            reasons.add(_WHY[diff[0]])
+    return ", ".join(sorted(reasons)) or "new combination of config, inputs and code"

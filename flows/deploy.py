@@ -1,0 +1,69 @@
+"""Deployments: the whole pipeline and each stage as a flow a user picks in the Prefect UI,
+with the preset and `key=value` overrides as parameters, the pipeline on a nightly cron.
+
+    avr server                        # a Prefect server + UI on 127.0.0.1:4200 (telemetry off)
+    avr serve --preset tiny           # register the deployments and run what the UI triggers
+
+A stage deployment runs its upstream stages too: they come back from cache when they are done
+already, so "run stage 2 only" costs stage 2. Every run validates its parameters before any
+work (`start_run`): a bad override fails at once, naming the key.
+"""
+from __future__ import annotations
+
+from prefect import flow
+from prefect.schedules import Cron
+
+from avr_core.config import load_config
+from flows.evaluate import evaluate, test_time_scaling
+from flows.pipeline import pipeline
+from flows.runs import finish_run, start_run
+from flows.stage1 import stage1
+from flows.stage2 import stage2
+
+
+@flow(name="avr-stage1-run", log_prints=True)
+def stage1_run(preset: str = "tiny", overrides: list[str] = []) -> dict:  # noqa: B006 (Prefect parameter)
+    """Stage 1 alone: synthesis -> RSFT -> synthesis -> PO."""
+    run, cfg = start_run(preset, overrides)
+    s1 = stage1(cfg, cfg["policy"])
+    return finish_run(run, cfg, {"stage1_pairs": s1["pairs"], "stage1_model": s1["model_ref"]})
+
+
+@flow(name="avr-stage2-run", log_prints=True)
+def stage2_run(preset: str = "tiny", overrides: list[str] = []) -> dict:  # noqa: B006
+    """Stage 2 on the Stage-1 model (stage 1 from cache when done)."""
+    run, cfg = start_run(preset, overrides)
+    s2 = stage2(cfg, stage1(cfg, cfg["policy"])["model"])
+    return finish_run(run, cfg, {"stage2_pairs": s2["pairs"], "stage2_model": s2["model_ref"]})
+
+
+@flow(name="avr-evaluate-run", log_prints=True)
+def evaluate_run(preset: str = "tiny", overrides: list[str] = []) -> dict:  # noqa: B006
+    """Test-time scaling and the AlpacaEval leaderboard for every model (stages from cache when done)."""
+    run, cfg = start_run(preset, overrides)
+    seed = cfg["policy"]
+    s1 = stage1(cfg, seed)
+    s2 = stage2(cfg, s1["model"])
+    tts = test_time_scaling(cfg, s1["model"])
+    board = evaluate(cfg, {"seed": seed, "rsft": s1["rsft"], "stage1": s1["model"], "stage2": s2["model"]}, run["id"])
+    return finish_run(run, cfg, {"test_time_scaling": tts}, board)
+
+
+def deployments(preset: str = "tiny", overrides: list[str] = ()) -> list:
+    """The pipeline (with the nightly schedule of `schedule.*`) and one deployment per stage flow,
+    each defaulting to this preset and these overrides (validated here, before registering)."""
+    cfg = load_config(preset, list(overrides))
+    params = {"preset": preset, "overrides": list(overrides)}
+    nightly = Cron(cfg.schedule.cron, timezone=cfg.schedule.timezone, active=cfg.schedule.active)
+    return [pipeline.to_deployment(name=f"avr-{cfg.preset}", parameters=params, schedule=nightly,
+                                   description="the whole AvR pipeline; nightly reruns reuse every cached stage"),
+            *[f.to_deployment(name=f"{f.name}-{cfg.preset}", parameters=params)
+              for f in (stage1_run, stage2_run, evaluate_run)]]
+
+
+def serve(preset: str = "tiny", overrides: list[str] = ()) -> None:
+    """Register the deployments and serve them (blocks; Ctrl-C stops). Needs a real server:
+    `avr server`, or PREFECT_API_URL pointing at one."""
+    from prefect import serve as prefect_serve
+
+    prefect_serve(*deployments(preset, overrides))

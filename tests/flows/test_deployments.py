@@ -1,0 +1,79 @@
+"""Deployments against a REAL Prefect server started here on 127.0.0.1: `avr serve`'s deployments
+register with their parameters (preset + overrides) and the nightly schedule from config; a bad
+override is refused before anything is registered, naming the key."""
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from avr_core.config import ConfigError
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    port, home = _free_port(), tmp_path_factory.mktemp("prefect-home")
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "server", "--port", str(port)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/api"
+    for _ in range(240):
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None:
+            raise RuntimeError(proc.stdout.read().decode()[-2000:])
+        time.sleep(0.5)
+    else:
+        proc.kill()
+        raise RuntimeError("prefect server did not come up in 120 s")
+    yield {"url": url, "env": {**env, "PREFECT_API_URL": url}}
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+REGISTER = """
+import json, sys
+from prefect.client.orchestration import get_client
+from flows.deploy import deployments
+ids = [d.apply() for d in deployments("tiny", sys.argv[1:])]
+with get_client(sync_client=True) as c:
+    out = [c.read_deployment(i) for i in ids]
+print(json.dumps([{"name": d.name, "parameters": d.parameters,
+                   "schedules": [{"cron": s.schedule.cron, "tz": s.schedule.timezone, "active": s.active}
+                                 for s in d.schedules]} for d in out]))
+"""
+
+
+def test_deployments_register_with_parameters_and_nightly_schedule(server):
+    import json
+    r = subprocess.run([sys.executable, "-c", REGISTER, "critique.k=3", "schedule.active=true",
+                        "schedule.timezone=Europe/Berlin"], env=server["env"], capture_output=True, text=True,
+                       timeout=300, cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    assert r.returncode == 0, r.stderr[-2000:]
+    deps = {d["name"]: d for d in json.loads(r.stdout.strip().splitlines()[-1])}
+    assert set(deps) == {"avr-tiny", "avr-stage1-run-tiny", "avr-stage2-run-tiny", "avr-evaluate-run-tiny"}
+    assert deps["avr-tiny"]["parameters"] == {"preset": "tiny", "overrides": ["critique.k=3", "schedule.active=true",
+                                                                              "schedule.timezone=Europe/Berlin"]}
+    assert deps["avr-tiny"]["schedules"] == [{"cron": "0 2 * * *", "tz": "Europe/Berlin", "active": True}]
+    assert deps["avr-stage2-run-tiny"]["schedules"] == []
+
+
+def test_bad_override_is_refused_before_registering():
+    from flows.deploy import deployments
+    with pytest.raises(ConfigError, match="critique.kk"):
+        deployments("tiny", ["critique.kk=3"])
+    with pytest.raises(ConfigError, match="schedule.cron"):
+        deployments("tiny", ["schedule.cron=every night"])
