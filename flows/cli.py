@@ -5,6 +5,7 @@
     avr chat --model DIR [--rounds R | --thought] "prompt"   try a trained model
     avr eval [--store PATH] [--model NAME] [--last N]        the leaderboard, read from the store
     avr artifacts list|show KEY|lineage KEY|verify [KEY]     read manifests directly (no server)
+    avr resume FLOW_RUN_ID                                   run a failed run again: done stages from cache
     avr server [--host 127.0.0.1] [--port 4200]              a Prefect server + UI, telemetry off
     avr serve --preset tiny [key=value ...]                  deployments for the UI + the nightly schedule
 """
@@ -43,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--model", default=None, help="only this model (seed, rsft, stage1, stage2)")
     e.add_argument("--last", type=int, default=0, help="only the last N rows")
     e.add_argument("--csv", action="store_true", help="print CSV instead of markdown")
+    rs = sub.add_parser("resume", help="run a failed run again with its parameters (finished stages from cache)")
+    rs.add_argument("flow_run_id")
     sv = sub.add_parser("server", help="start a Prefect server and its UI (127.0.0.1 unless --host)")
     sv.add_argument("--host", default=os.environ.get("AVR_SERVER_HOST", "127.0.0.1"))
     sv.add_argument("--port", type=int, default=4200)
@@ -54,6 +57,14 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.cmd == "artifacts":
         return _artifacts(args)
+    if args.cmd == "resume":
+        from flows.deploy import resume
+        try:
+            resume(args.flow_run_id)
+        except ValueError as e:
+            print(f"avr: error: {e}", file=sys.stderr)
+            return 2
+        return 0
     if args.cmd == "server":
         print(f"Prefect UI: http://{args.host}:{args.port}  -- in another shell: "
               f"export PREFECT_API_URL=http://{args.host}:{args.port}/api", flush=True)

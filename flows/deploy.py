@@ -17,8 +17,15 @@ from avr_core.config import load_config
 from flows.evaluate import evaluate, test_time_scaling
 from flows.pipeline import pipeline
 from flows.runs import finish_run, start_run
-from flows.stage1 import stage1
+from flows.stage1 import stage1, synthesis
 from flows.stage2 import stage2
+
+
+@flow(name="avr-synthesis-run", log_prints=True)
+def synthesis_run(preset: str = "tiny", overrides: list[str] = [], split: str = "stage1_sft") -> dict:  # noqa: B006
+    """Stage-1 synthesis alone with the seed policy (respond -> critique -> refine -> rm_score -> select)."""
+    run, cfg = start_run(preset, overrides)
+    return finish_run(run, cfg, {"synthesis": synthesis(cfg, cfg["policy"], split)})
 
 
 @flow(name="avr-stage1-run", log_prints=True)
@@ -58,7 +65,24 @@ def deployments(preset: str = "tiny", overrides: list[str] = ()) -> list:
     return [pipeline.to_deployment(name=f"avr-{cfg.preset}", parameters=params, schedule=nightly,
                                    description="the whole AvR pipeline; nightly reruns reuse every cached stage"),
             *[f.to_deployment(name=f"{f.name}-{cfg.preset}", parameters=params)
-              for f in (stage1_run, stage2_run, evaluate_run)]]
+              for f in (synthesis_run, stage1_run, stage2_run, evaluate_run)]]
+
+
+def resume(flow_run_id: str) -> dict:
+    """Run a failed or crashed run again, with its own parameters read from the Prefect API:
+    finished stages come back from cache and a half-finished sharded stage continues from its
+    last committed shard. (From the UI, "Retry" on a served deployment's run does the same.)"""
+    from uuid import UUID
+
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(UUID(flow_run_id))
+        name = client.read_flow(run.flow_id).name
+    known = {f.name: f for f in (pipeline, synthesis_run, stage1_run, stage2_run, evaluate_run)}
+    if name not in known:
+        raise ValueError(f"flow run {flow_run_id} is a {name!r} run; avr resume knows {sorted(known)}")
+    return known[name](**run.parameters)
 
 
 def serve(preset: str = "tiny", overrides: list[str] = ()) -> None:

@@ -64,7 +64,8 @@ def test_deployments_register_with_parameters_and_nightly_schedule(server):
                        timeout=300, cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
     assert r.returncode == 0, r.stderr[-2000:]
     deps = {d["name"]: d for d in json.loads(r.stdout.strip().splitlines()[-1])}
-    assert set(deps) == {"avr-tiny", "avr-stage1-run-tiny", "avr-stage2-run-tiny", "avr-evaluate-run-tiny"}
+    assert set(deps) == {"avr-tiny", "avr-synthesis-run-tiny", "avr-stage1-run-tiny", "avr-stage2-run-tiny",
+                         "avr-evaluate-run-tiny"}
     assert deps["avr-tiny"]["parameters"] == {"preset": "tiny", "overrides": ["critique.k=3", "schedule.active=true",
                                                                               "schedule.timezone=Europe/Berlin"]}
     assert deps["avr-tiny"]["schedules"] == [{"cron": "0 2 * * *", "tz": "Europe/Berlin", "active": True}]

@@ -1,0 +1,60 @@
+"""Resume, against the real (temporary) Prefect API of the test harness, on fake backends
+(control flow only): a run that fails in a late stage is resumed by its flow-run id; earlier
+stages do no work and the final artifact is byte-identical to the one an uninterrupted run
+makes. (A failure in the middle of a sharded stage: tests/flows/test_stage1_flow.py.)"""
+import os
+
+import pytest
+
+os.environ["AVR_RETRY_DELAY_S"] = "0"
+
+import tasks.synthesis as t  # noqa: E402
+from avr_core.store import Store  # noqa: E402
+from flows.deploy import resume, synthesis_run  # noqa: E402
+from tasks.common import STAGE_LOG  # noqa: E402
+from tests.fakes import FakeGenerator, FakeScorer  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+
+@pytest.fixture
+def gens(monkeypatch):
+    made = []
+
+    def gen(policy, backend):
+        made.append(FakeGenerator(critiques=["Needs work. Rating: [[4]]", "Fine. Rating: [[7]]"]))
+        return made[-1]
+    monkeypatch.setattr(t, "make_generator", gen)
+    monkeypatch.setattr(t, "make_scorer", lambda c: FakeScorer())
+    return made
+
+
+def overrides(root):
+    return [f"store.root={root}", "data.stage1_sft=[0,10]", "shard_size=3"]
+
+
+def select_files(root):
+    store = Store(str(root))
+    [ref] = store.list("select")
+    m = store.manifest(ref)
+    return ref.key, {f: v["sha256"] for f, v in m["files"].items()}
+
+
+def failed_run(monkeypatch, root, task):
+    monkeypatch.setenv("AVR_FAIL_TASK", task)
+    state = synthesis_run(preset="tiny", overrides=overrides(root), return_state=True)
+    monkeypatch.delenv("AVR_FAIL_TASK")
+    assert state.is_failed()
+    return str(state.state_details.flow_run_id)
+
+
+def test_resume_after_a_late_failure_redoes_nothing_before_it(tmp_path, monkeypatch, gens):
+    synthesis_run(preset="tiny", overrides=overrides(tmp_path / "clean"))
+    clean = select_files(tmp_path / "clean")
+
+    run_id = failed_run(monkeypatch, tmp_path / "r", "select")
+    gens.clear()
+    resume(run_id)
+    assert gens == []                                            # no model was even built
+    assert {r["task"] for r in STAGE_LOG if not r["cached"]} == {"select"}
+    assert select_files(tmp_path / "r") == clean                 # same key, byte-identical files
