@@ -7,6 +7,7 @@
     avr artifacts list|show KEY|lineage KEY|verify [KEY]     read manifests directly (no server)
     avr resume FLOW_RUN_ID                                   run a failed run again: done stages from cache
     avr server [--host 127.0.0.1] [--port 4200]              a Prefect server + UI, telemetry off
+    avr deploy --preset paper --pool avr-gpu [key=value ...] the deployments on a work pool (docker/)
     avr serve --preset tiny [key=value ...]                  deployments for the UI + the nightly schedule
 """
 from __future__ import annotations
@@ -28,10 +29,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="avr", description="AvR: Alignment via Refinement pipeline")
     sub = p.add_subparsers(dest="cmd", required=True)
     for name, help_ in [("run", "run the whole pipeline"), ("config", "print the resolved config"),
-                        ("serve", "register the pipeline and stage deployments (UI, nightly cron) and serve them")]:
+                        ("serve", "register the pipeline and stage deployments (UI, nightly cron) and serve them"),
+                        ("deploy", "register the deployments on a work pool for workers (docker/compose.yaml)")]:
         s = sub.add_parser(name, help=help_)
         s.add_argument("--preset", default="tiny", help="conf/<preset>.yaml or a YAML path")
         s.add_argument("overrides", nargs="*", help="key=value overrides, e.g. critique.k=3")
+        if name == "deploy":
+            s.add_argument("--pool", default="avr-gpu", help="the work pool the workers pull from")
     c = sub.add_parser("chat", help="answer a prompt with a model (Stage-1: R refinement rounds; Stage-2: a thought)")
     c.add_argument("prompt", nargs="?", help="the prompt (default: read lines from stdin)")
     c.add_argument("--model", default="embedded:smollm2-135m-instruct", help="model directory or embedded:NAME")
@@ -84,6 +88,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "serve":
             from flows.deploy import serve
             serve(args.preset, list(args.overrides))
+            return 0
+        if args.cmd == "deploy":
+            from flows.deploy import deploy_to_pool
+            ids = deploy_to_pool(args.preset, list(args.overrides), args.pool)
+            print(f"registered {len(ids)} deployments on work pool {args.pool!r}")
             return 0
         # fail fast on bad config or prompts, before Prefect starts a server or anything is written
         from omegaconf import OmegaConf

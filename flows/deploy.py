@@ -85,6 +85,23 @@ def resume(flow_run_id: str) -> dict:
     return known[name](**run.parameters)
 
 
+def deploy_to_pool(preset: str = "tiny", overrides: list[str] = (), pool: str = "avr-gpu") -> list:
+    """Register the same deployments on a work pool (created as a `process` pool if missing):
+    workers such as docker/compose.yaml's GPU worker pull their runs. The code must be at the
+    same path on the worker (the image's /app)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectNotFound
+
+    deps = deployments(preset, overrides)          # validates before anything is registered
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_work_pool(pool)
+        except ObjectNotFound:
+            client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
+    return [d.apply(work_pool_name=pool) for d in deps]
+
+
 def serve(preset: str = "tiny", overrides: list[str] = ()) -> None:
     """Register the deployments and serve them (blocks; Ctrl-C stops). Needs a real server:
     `avr server`, or PREFECT_API_URL pointing at one."""

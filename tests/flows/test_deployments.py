@@ -72,6 +72,26 @@ def test_deployments_register_with_parameters_and_nightly_schedule(server):
     assert deps["avr-stage2-run-tiny"]["schedules"] == []
 
 
+POOL = """
+import json
+from prefect.client.orchestration import get_client
+from flows.deploy import deploy_to_pool
+ids = deploy_to_pool("tiny", [], "avr-test-pool")
+with get_client(sync_client=True) as c:
+    print(json.dumps({"pool": c.read_work_pool("avr-test-pool").type,
+                      "deps": [c.read_deployment(i).work_pool_name for i in ids]}))
+"""
+
+
+def test_deployments_on_a_work_pool_for_workers(server):
+    import json
+    r = subprocess.run([sys.executable, "-c", POOL], env=server["env"], capture_output=True, text=True, timeout=300,
+                       cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out == {"pool": "process", "deps": ["avr-test-pool"] * 5}
+
+
 def test_bad_override_is_refused_before_registering():
     from flows.deploy import deployments
     with pytest.raises(ConfigError, match="critique.kk"):
