@@ -70,3 +70,52 @@ def plot_scaling(rows: list[dict], title: str = "test-time scaling") -> bytes:
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
     return buf.getvalue()
+
+
+def search_gain_table(traces: list[dict]) -> list[dict]:
+    """Per greedy-search round: prompts still searching, how many improved, and the mean gain of
+    the round's best refinement over the answer it refined (DESIGN.md step 7).
+
+    >>> search_gain_table([{"answer_score": 1.0, "rounds": [{"best": {"score": 2.0}, "improved": True},
+    ...                                                     {"best": {"score": 1.5}, "improved": False}]}])
+    [{'round': 1, 'active': 1, 'improved': 1, 'mean_gain': 1.0}, {'round': 2, 'active': 1, 'improved': 0, 'mean_gain': -0.5}]
+    """
+    rows = []
+    depth = max((len(t["rounds"]) for t in traces), default=0)
+    for i in range(depth):
+        gains, improved = [], 0
+        for t in traces:
+            if len(t["rounds"]) <= i or not t["rounds"][i].get("best"):
+                continue
+            before = t["answer_score"]
+            for r in t["rounds"][:i]:         # the answer this round refined: the last improvement so far
+                if r["improved"]:
+                    before = r["best"]["score"]
+            gains.append(t["rounds"][i]["best"]["score"] - before)
+            improved += bool(t["rounds"][i]["improved"])
+        rows.append({"round": i + 1, "active": len(gains), "improved": improved,
+                     "mean_gain": round(sum(gains) / len(gains), 6) if gains else 0.0})
+    return rows
+
+
+def plot_search_gain(rows: list[dict]) -> bytes:
+    """PNG: mean score gain of each search round's best refinement, and prompts still active."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = [r["round"] for r in rows]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.4))
+    a.bar(x, [r["mean_gain"] for r in rows])
+    a.axhline(0, color="grey", lw=0.8)
+    a.set(xlabel="search round", ylabel="mean score gain of the best refinement", xticks=x)
+    b.plot(x, [r["active"] for r in rows], marker="o", label="searching")
+    b.plot(x, [r["improved"] for r in rows], marker="o", label="improved")
+    b.set(xlabel="search round", ylabel="prompts", xticks=x)
+    b.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()

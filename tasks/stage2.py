@@ -3,19 +3,24 @@ fresh prompt scored on their final answers, and length-controlled thought pairs.
 Training reuses `tasks.training` (train_sft with section cot_sft, train_po with cot_po)."""
 from __future__ import annotations
 
+import base64
+import json
+
+import avr_core.scaling
 import avr_core.search
 import avr_core.selection
 import avr_core.thought
 from avr_core import synthesis as core
 from avr_core.backends import make_generator, make_scorer
+from avr_core.scaling import plot_search_gain, search_gain_table
 from avr_core.search import SearchConfig, ThoughtRules, greedy_search, long_thought
 from avr_core.selection import ThoughtPairRules, thought_pairs as pair_thoughts
 from avr_core.store import ArtifactRef, code_version
 from avr_core.thought import extract_final_answer
-from tasks.common import policy_identity, run_sharded, stage_task, store_of
+from tasks.common import policy_identity, publish, run_sharded, stage_task, store_of
 from tasks.synthesis import _SYNTH, _Lazy, _records, _ref
 
-_S2 = code_version(avr_core.search, avr_core.thought, avr_core.selection) + _SYNTH
+_S2 = code_version(avr_core.search, avr_core.thought, avr_core.selection, avr_core.scaling) + _SYNTH
 
 
 def _search_section(cfg, policy):
@@ -44,8 +49,19 @@ def search(cfg: dict, policy: dict, prompts: ArtifactRef) -> ArtifactRef:
         traces, c2 = greedy_search(answered, gen.get(), scorer.get(), scfg, core.Sampling(**cfg["critique"]["sampling"]),
                                    core.Sampling(**cfg["refine"]["sampling"]), salt=i)
         return {"records": traces}, counts + c2
-    return run_sharded(store, ref, _search_section(cfg, policy), [prompts], _S2, lambda: store.read_records(prompts),
-                       cfg["shard_size"], work, stats=gen.stats)
+
+    def finish(w):   # the score gain per round, as a table and a plot beside the traces
+        rows = search_gain_table(w.committed_records())
+        w.write_file("score_gain.json", json.dumps(rows, indent=2).encode())
+        w.write_file("score_gain.png", plot_search_gain(rows))
+    out = run_sharded(store, ref, _search_section(cfg, policy), [prompts], _S2, lambda: store.read_records(prompts),
+                      cfg["shard_size"], work, stats=gen.stats, finish=finish)
+    png = store._p(out.stage, out.key, "score_gain.png")
+    if store.fs.exists(png):
+        rows = json.loads(store.fs.cat_file(store._p(out.stage, out.key, "score_gain.json")))
+        publish(out, "search-score-gain", table=rows,
+                markdown=f"![score gain per round](data:image/png;base64,{base64.b64encode(store.fs.cat_file(png)).decode()})")
+    return out
 
 
 def thoughts_ref(cfg, traces):

@@ -37,6 +37,8 @@ def test_search_then_thoughts(tmp_path, monkeypatch):
     th = parse_thought(rows[0]["messages"][-1]["content"])
     assert th.answer == "An answer." and len(th.steps) == 1 and th.final_critique   # 2 -> 4 words, then stop
     assert store.manifest(out["thoughts"])["counts"]["thoughts"] == 5
+    gain = store.manifest(out["traces"])
+    assert {"score_gain.json", "score_gain.png"} <= set(gain["files"])      # the per-round plot beside the traces
 
 
 def test_sampled_thoughts_make_length_controlled_pairs(tmp_path, monkeypatch):
