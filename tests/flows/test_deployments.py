@@ -1,6 +1,7 @@
 """Deployments against a REAL Prefect server started here on 127.0.0.1: `avr serve`'s deployments
 register with their parameters (preset + overrides) and the nightly schedule from config; a bad
 override is refused before anything is registered, naming the key."""
+import json
 import os
 import socket
 import subprocess
@@ -98,3 +99,42 @@ def test_bad_override_is_refused_before_registering():
         deployments("tiny", ["critique.kk=3"])
     with pytest.raises(ConfigError, match="schedule.cron"):
         deployments("tiny", ["schedule.cron=every night"])
+
+
+TRIGGER = """
+import json, time
+from prefect.deployments import run_deployment
+from prefect.client.orchestration import get_client
+with get_client(sync_client=True) as c:          # wait for `avr serve` to have registered its deployments
+    for _ in range(240):
+        try:
+            c.read_deployment_by_name("avr-pipeline/avr-tiny")
+            break
+        except Exception:
+            time.sleep(0.5)
+run = run_deployment("avr-pipeline/avr-tiny", parameters={"preset": "tiny", "overrides": ["critique.kk=3"]},
+                     timeout=240)
+with get_client(sync_client=True) as c:
+    logs = c.read_logs()
+print(json.dumps({"state": run.state.type.value, "message": run.state.message,
+                  "logs": [l.message for l in logs if "critique.kk" in l.message][:3]}))
+"""
+
+
+def test_a_run_triggered_like_the_ui_validates_its_parameters_first(server, tmp_path):
+    """`avr serve` executes runs created through the API (what the UI's Run button does); a bad
+    override fails that run at once, naming the key, before any stage."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
+    env = {**server["env"], "AVR_STORE": str(tmp_path / "store")}
+    serve = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--preset", "tiny"], env=env, cwd=root,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        r = subprocess.run([sys.executable, "-c", TRIGGER], env=env, capture_output=True, text=True, timeout=400,
+                           cwd=root)
+    finally:
+        serve.terminate()
+        serve.wait(timeout=60)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["state"] == "FAILED" and "critique.kk" in (out["message"] + " ".join(out["logs"]))
+    assert not (tmp_path / "store").exists()          # nothing was written
