@@ -141,13 +141,15 @@ def sample_markdown(records: list[dict], n: int = 3, width: int = 300) -> str:
 _WHY = {"config": "changed config", "inputs": "new inputs", "code_version": "new code version"}
 
 
-def recompute_reason(store: Store, ref: ArtifactRef) -> str:
+def recompute_reason(store: Store, ref: ArtifactRef, before: str | None = None) -> str:
     """Why a stage was computed rather than reused: compared with the earlier artifacts of the
-    same stage, which one of (config, inputs, code version) differs. Upstream changes show as
-    "new inputs" all the way down, which is what they are."""
+    same stage (those created before `before`, an ISO time such as the run's start), which one
+    of (config, inputs, code version) differs. Upstream changes show as "new inputs" all the way
+    down, which is what they are."""
     m = store.manifest(ref)
+    cutoff = before or m.get("created") or ""
     earlier = [store.manifest(r) for r in store.list(ref.stage) if r.key != ref.key]
-    earlier = [o for o in earlier if (o.get("created") or "") <= (m.get("created") or "")]
+    earlier = [o for o in earlier if (o.get("created") or "") <= cutoff]
     if not earlier:
         return "first artifact of this stage in the store"
     reasons = set()

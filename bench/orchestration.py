@@ -105,7 +105,7 @@ def main() -> int:
     p.add_argument("--preset", default="tiny")
     args = p.parse_args()
     o = overhead(args.n)
-    print(f"overhead per stage task ({args.n} cache-hit calls each): direct {o['direct_ms']:.1f} ms, "
+    print(f"overhead per stage task ({args.n} cache-hit calls each): direct {o['direct_ms']:.2f} ms, "
           f"as a Prefect task {o['prefect_ms']:.1f} ms -> Prefect adds {o['overhead_ms']:.1f} ms per task (target <= 50)")
     r = resume()
     print(f"resume: {r['committed_before']} shards committed before the failure, {r['recomputed_committed']} of them "

@@ -37,11 +37,12 @@ def finish_run(run: dict, cfg: dict, outputs: dict[str, ArtifactRef], leaderboar
                                "rows": store.manifest(v)["rows"]} for k, v in outputs.items()}}
     store.write_atomic(f"{store._p('runs', run['id'])}/summary.json", json.dumps(summary, indent=2).encode())
     from avr_core.inspect import recompute_reason
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(run["started"]))   # compare with earlier runs only
     for r in STAGE_LOG:   # why each computed stage could not come from cache
         if not r["cached"] and "why" not in r:
             stage, _, key = r["artifact"].partition("/")
             ref = store.ref(stage, key)
-            r["why"] = recompute_reason(store, ref) if store.exists(ref) else "failed"
+            r["why"] = recompute_reason(store, ref, started) if store.exists(ref) else "failed"
     table = wall_time_table(STAGE_LOG, wall)
     store.write_atomic(f"{store._p('runs', run['id'])}/timings.md", table.encode())
     publish(store.ref("runs", run["id"]), "avr-run-timings", table=STAGE_LOG, markdown=table)

@@ -1,6 +1,6 @@
 """Stage 2 -- long refinement thoughts (DESIGN.md steps 7-9).
 
-    avr run --preset tiny            # (wired into the pipeline once tuned for the tiny preset)
+    avr run --preset tiny            # the pipeline runs `stage2` below after stage 1
 """
 from __future__ import annotations
 
