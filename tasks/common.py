@@ -120,6 +120,7 @@ def run_sharded(store: Store, ref: ArtifactRef, config: Any, inputs: list[Artifa
     if store.exists(ref):
         logger().info("%s: cache hit (%s)", ref.stage, ref.path)
         return ref
+    check_inputs(store, ref, inputs)   # before any work and before anything is written
     w = store.writer(ref.stage, ref.key, config, inputs, code)
     rows = records()  # read only on a miss
     shards = [rows[i:i + shard_size] for i in range(0, len(rows), shard_size)] or [[]]
@@ -148,6 +149,22 @@ def run_sharded(store: Store, ref: ArtifactRef, config: Any, inputs: list[Artifa
     except Exception as e:  # showing a stage must never fail it: the store is the record
         logger().warning("%s: could not publish Prefect artifacts: %s", out, e)
     return out
+
+
+class InputIntegrityError(RuntimeError):
+    """An input artifact's files no longer match its manifest: the stage refuses to run on it."""
+
+
+def check_inputs(store: Store, ref: ArtifactRef, inputs: list[ArtifactRef]) -> None:
+    """Verify every input artifact's files (size and sha256) against its manifest. A damaged
+    input would silently poison everything downstream; refuse, name it, and say how to recover."""
+    from avr_core.inspect import verify
+
+    problems = [p for i in inputs for p in verify(store, i)]
+    if problems:
+        raise InputIntegrityError(f"{ref.stage}: refusing to run on damaged input(s): " + "; ".join(problems[:5])
+                                  + ". Delete the damaged artifact's manifest.json to have it rebuilt, "
+                                  "or restore it (`avr artifacts verify` lists every problem).")
 
 
 def publish_stage(store: Store, ref: ArtifactRef, manifest: dict) -> None:

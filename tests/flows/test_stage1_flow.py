@@ -122,3 +122,16 @@ def test_run_records_resolved_config_and_summary(tmp_path, backends):
     assert saved["critique"]["k"] == 3 and saved["store"]["root"] == str(tmp_path)
     on_disk = json.loads((runs[0] / "summary.json").read_text())
     assert on_disk["outputs"]["stage1_synthesis"]["ref"] == summary["outputs"]["stage1_synthesis"]["ref"] == str(ref)
+
+
+def test_a_stage_refuses_a_damaged_input(tmp_path, backends):
+    """Store integrity: an input whose file no longer matches its manifest stops the next stage
+    before any work, naming the artifact and file; nothing of the stage is written."""
+    from tasks.common import InputIntegrityError
+    cfg = cfg_for(tmp_path)
+    answers = t.respond(cfg, cfg["policy"], t.prompts(cfg, "stage1_sft"))
+    data = next((tmp_path / "respond" / answers.key / "data").iterdir())
+    data.write_text(data.read_text().replace("An answer.", "An answEr."))      # same size, other bytes
+    with pytest.raises(InputIntegrityError, match=rf"respond/{answers.key}: data/.*sha256 differs"):
+        t.critique.fn(cfg, cfg["policy"], answers)
+    assert not (tmp_path / "critique").exists()
