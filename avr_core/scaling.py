@@ -53,10 +53,7 @@ def to_csv(rows: list[dict]) -> str:
 
 def plot_scaling(rows: list[dict], title: str = "test-time scaling") -> bytes:
     """PNG: mean score ± se against R (left) and mean answer length against R (right)."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on workers
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     R = [r["R"] for r in rows]
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.4))
@@ -65,11 +62,7 @@ def plot_scaling(rows: list[dict], title: str = "test-time scaling") -> bytes:
     b.plot(R, [r["mean_chars"] for r in rows], marker="o", color="tab:orange")
     b.set(xlabel="refinement rounds R", ylabel="mean answer length (chars)", xticks=R)
     fig.suptitle(f"{title} (n={rows[0]['n']})")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    return buf.getvalue()
+    return _png(fig)
 
 
 def search_gain_table(traces: list[dict]) -> list[dict]:
@@ -100,10 +93,7 @@ def search_gain_table(traces: list[dict]) -> list[dict]:
 
 def plot_search_gain(rows: list[dict]) -> bytes:
     """PNG: mean score gain of each search round's best refinement, and prompts still active."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     x = [r["round"] for r in rows]
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.4))
@@ -114,8 +104,20 @@ def plot_search_gain(rows: list[dict]) -> bytes:
     b.plot(x, [r["improved"] for r in rows], marker="o", label="improved")
     b.set(xlabel="search round", ylabel="prompts", xticks=x)
     b.legend()
+    return _png(fig)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on workers
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _png(fig) -> bytes:
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
+    _pyplot().close(fig)
     return buf.getvalue()

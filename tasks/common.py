@@ -167,6 +167,14 @@ def check_inputs(store: Store, ref: ArtifactRef, inputs: list[ArtifactRef]) -> N
                                   "or restore it (`avr artifacts verify` lists every problem).")
 
 
+def publish_plot(ref: ArtifactRef, key: str, png: bytes, table: list[dict], caption: str, text: str = "") -> None:
+    """A plot (embedded as a data URI: the UI renders markdown, not local files) and its table."""
+    import base64
+
+    img = f"![{caption}](data:image/png;base64,{base64.b64encode(png).decode()})"
+    publish(ref, key, table=table, markdown=f"{img}\n\n{text}\n\nstore: `{ref.path}`")
+
+
 def publish_stage(store: Store, ref: ArtifactRef, manifest: dict) -> None:
     """The stage's Prefect artifacts: counts (inputs, outputs, every filter's drops, parse
     failures, tokens, time), a sample of three records, and a link to its directory."""

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import time
 
+from prefect import task
+
 import avr_core.evaluation.evalset
 import avr_core.evaluation.judge
 import avr_core.evaluation.metrics
@@ -23,7 +25,6 @@ from avr_core.inference import answer_prompts
 from avr_core.store import ArtifactRef, code_version
 from tasks.common import logger, policy_identity, publish, run_sharded, stage_task, store_of
 from tasks.synthesis import _Lazy, _file_digest, _ref, resolve_data_path
-from prefect import task
 
 _EVALSET = code_version(avr_core.evaluation.evalset)
 _GEN = code_version(avr_core.inference, avr_core.evaluation.evalset)

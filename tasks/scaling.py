@@ -3,7 +3,6 @@ R = 0..tts.rounds rounds, every intermediate answer is scored, and the curve (ta
 goes into the store and onto the Prefect run as artifacts."""
 from __future__ import annotations
 
-import base64
 import json
 
 import avr_core.inference
@@ -13,7 +12,7 @@ from avr_core.backends.base import SamplingParams
 from avr_core.inference import answer_prompts
 from avr_core.scaling import plot_scaling, scaling_table, to_csv, to_markdown
 from avr_core.store import ArtifactRef, code_version
-from tasks.common import logger, policy_identity, publish, run_sharded, stage_task, store_of
+from tasks.common import logger, policy_identity, publish_plot, run_sharded, stage_task, store_of
 from tasks.synthesis import _SYNTH, _Lazy, _ref
 
 _CODE = code_version(avr_core.inference, avr_core.scaling) + _SYNTH
@@ -58,7 +57,10 @@ def tts_curve_ref(cfg, answers, label="stage-1 model"):
 def tts_curve(cfg: dict, answers: ArtifactRef, label: str = "stage-1 model") -> ArtifactRef:
     """Mean score ± spread and answer length per R: scaling.csv/.md/.json and scaling.png."""
     store, ref = store_of(cfg), tts_curve_ref(cfg, answers, label)
-    if not store.exists(ref):
+    if store.exists(ref):
+        rows = store.manifest(ref)["result"]
+        png = store.fs.cat_file(store._p(ref.stage, ref.key, "scaling.png"))
+    else:
         rows = scaling_table(store.read_records(answers))
         png = plot_scaling(rows, f"test-time scaling, {label}, scorer={cfg['scorer']['kind']}")
         w = store.writer(ref.stage, ref.key, {"label": label}, [answers], _CODE)
@@ -67,10 +69,6 @@ def tts_curve(cfg: dict, answers: ArtifactRef, label: str = "stage-1 model") -> 
         w.write_file("scaling.md", to_markdown(rows).encode())
         w.write_file("scaling.png", png)
         w.finalize(extra={"result": rows})
-    rows = store.manifest(ref)["result"]
-    png = store.fs.cat_file(store._p(ref.stage, ref.key, "scaling.png"))
     logger().info("test-time scaling (%s):\n%s", cfg["scorer"]["kind"], to_markdown(rows))
-    publish(ref, "tts-curve", table=rows,
-            markdown=f"![test-time scaling](data:image/png;base64,{base64.b64encode(png).decode()})\n\n"
-                     f"{to_markdown(rows)}\n\nstore: `{ref.path}`")
+    publish_plot(ref, "tts-curve", png, rows, "test-time scaling", to_markdown(rows))
     return ref

@@ -3,7 +3,6 @@ fresh prompt scored on their final answers, and length-controlled thought pairs.
 Training reuses `tasks.training` (train_sft with section cot_sft, train_po with cot_po)."""
 from __future__ import annotations
 
-import base64
 import json
 
 import avr_core.scaling
@@ -17,7 +16,7 @@ from avr_core.search import SearchConfig, ThoughtRules, greedy_search, long_thou
 from avr_core.selection import ThoughtPairRules, thought_pairs as pair_thoughts
 from avr_core.store import ArtifactRef, code_version
 from avr_core.thought import extract_final_answer
-from tasks.common import policy_identity, publish, run_sharded, stage_task, store_of
+from tasks.common import policy_identity, publish_plot, run_sharded, stage_task, store_of
 from tasks.synthesis import _SYNTH, _Lazy, _records, _ref
 
 _S2 = code_version(avr_core.search, avr_core.thought, avr_core.selection, avr_core.scaling) + _SYNTH
@@ -59,8 +58,7 @@ def search(cfg: dict, policy: dict, prompts: ArtifactRef) -> ArtifactRef:
     png = store._p(out.stage, out.key, "score_gain.png")
     if store.fs.exists(png):
         rows = json.loads(store.fs.cat_file(store._p(out.stage, out.key, "score_gain.json")))
-        publish(out, "search-score-gain", table=rows,
-                markdown=f"![score gain per round](data:image/png;base64,{base64.b64encode(store.fs.cat_file(png)).decode()})")
+        publish_plot(out, "search-score-gain", store.fs.cat_file(png), rows, "score gain per round")
     return out
 
 
