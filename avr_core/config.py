@@ -2,7 +2,7 @@
 
     cfg = load_config("tiny", ["critique.k=3"])   # conf/base.yaml <- conf/tiny.yaml <- overrides
 
-An unknown key or a wrong type is a `ConfigError` naming the key (and the file it came from);
+An unknown key or a wrong type is a `ConfigError` naming the key (and the file and line it came from);
 range checks (`validate`) run before any work. `to_yaml(cfg)` is what each run saves.
 """
 from __future__ import annotations
@@ -34,6 +34,7 @@ class BackendConfig:
     concurrency: int = 16
     timeout_s: float = 120.0
     max_retries: int = 4
+    down_budget_s: float = 300.0     # openai: server down (no answer but 5xx) this long -> the stage fails
     tensor_parallel_size: int = 1    # vllm
     gpu_memory_utilization: float = 0.9
     max_model_len: int = 4096
@@ -192,6 +193,8 @@ class ScheduleConfig:
 @dataclass
 class StoreConfig:
     root: str = "./artifacts"        # path or fsspec URL; AVR_STORE overrides
+    lock_timeout_s: float = 0        # wait at most this long for another process computing the
+                                     # same artifact, then fail naming it (0: as long as it runs)
 
 
 @dataclass
@@ -229,12 +232,33 @@ def preset_path(preset: str) -> Path:
     return CONF_DIR / f"{preset}.yaml"
 
 
-def _merge(base: DictConfig, layer: Any, origin: str) -> DictConfig:
+def _merge(base: DictConfig, layer: Any, origin: str, key: str = "?") -> DictConfig:
+    """`origin` is a YAML file (the error then names the key's line) or an override item."""
     try:
         return OmegaConf.merge(base, layer)
     except OmegaConfBaseException as e:
-        key = getattr(e, "full_key", None) or "?"
-        raise ConfigError(f"{origin}: key '{key}': {_first_line(e)}") from None
+        key = getattr(e, "full_key", None) or key
+        line = _yaml_line(Path(origin), key) if origin.endswith((".yaml", ".yml")) else None
+        raise ConfigError(f"{origin}{f':{line}' if line else ''}: key '{key}': {_first_line(e)}") from None
+
+
+def _yaml_line(path: Path, key: str) -> int | None:
+    """1-based line of the dotted `key` in a YAML file (of its deepest part found there)."""
+    import yaml
+
+    try:
+        node = yaml.compose(path.read_text(encoding="utf-8"), Loader=yaml.SafeLoader)
+    except Exception:  # only a better message is lost
+        return None
+    line = None
+    for part in key.split("."):
+        if not isinstance(node, yaml.MappingNode):
+            break
+        match = [(k, v) for k, v in node.value if getattr(k, "value", None) == part]
+        if not match:
+            break
+        line, node = match[0][0].start_mark.line + 1, match[0][1]
+    return line
 
 
 def _first_line(e: Exception) -> str:
@@ -264,13 +288,23 @@ def load_config(preset: str = "tiny", overrides: list[str] | tuple[str, ...] = (
             raise ConfigError(f"{path}: preset not found (known presets: {known})")
         try:
             layer = OmegaConf.load(path)
-        except Exception as e:  # malformed YAML: the parser's message has line and column
-            raise ConfigError(f"{path}: invalid YAML: {e}") from None
+        except Exception as e:  # malformed YAML: the parser's mark has the line
+            mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None)
+            where = f"{path}:{mark.line + 1}" if mark else str(path)
+            raise ConfigError(f"{where}: invalid YAML: {problem or e} (column {mark.column + 1})" if mark
+                              else f"{where}: invalid YAML: {e}") from None
+        if not isinstance(layer, DictConfig):
+            raise ConfigError(f"{path}: expected a mapping of config keys (like 'critique: {{k: 2}}'), "
+                              f"got a list") from None
         cfg = _merge(cfg, layer, str(path))
-    cfg = _merge(cfg, parse_overrides(overrides), "override")
+    parse_overrides(overrides)  # every item well-formed before any is applied
+    for o in overrides:        # one at a time, so a merge error names its item and key
+        cfg = _merge(cfg, parse_overrides([o]), f"override {o!r}", o.partition("=")[0].strip())
     if os.environ.get("AVR_STORE") and not any(o.startswith("store.root=") for o in overrides):
         cfg.store.root = os.environ["AVR_STORE"]
     validate(cfg)
+    from avr_core.redact import register_env
+    register_env(cfg.generator.api_key_env, cfg.eval.judge.api_key_env)   # their values are masked in logs
     OmegaConf.set_readonly(cfg, True)
     return cfg
 
@@ -295,6 +329,7 @@ def validate(cfg: DictConfig) -> None:
     need(cfg.refine.m >= 1, "refine.m", "must be >= 1")
     need(cfg.shard_size >= 1, "shard_size", "must be >= 1")
     need(cfg.generator.batch_size >= 1, "generator.batch_size", "must be >= 1")
+    need(cfg.generator.down_budget_s > 0, "generator.down_budget_s", "must be > 0 (seconds)")
     need(cfg.scorer.batch_size >= 1, "scorer.batch_size", "must be >= 1")
     need(bool(cfg.policy.path), "policy.path", "a model path is required")
     need(bool(cfg.scorer.model.path), "scorer.model.path", "a model path is required")
@@ -313,7 +348,9 @@ def validate(cfg: DictConfig) -> None:
     need(set(cfg.eval.models) <= {"seed", "rsft", "stage1", "stage2"}, "eval.models",
          "items must be seed, rsft, stage1 or stage2")
     need(cfg.eval.judge.kind in ("openai", "local"), "eval.judge.kind", "must be openai or local")
-    need(len(cfg.schedule.cron.split()) == 5, "schedule.cron", "must be a 5-field cron string, e.g. '0 2 * * *'")
+    cron_problem = _cron_problem(cfg.schedule.cron)
+    need(cron_problem is None, "schedule.cron", cron_problem or "")
+    need(_timezone_ok(cfg.schedule.timezone), "schedule.timezone", "must be an IANA time zone, e.g. Europe/Berlin")
     need(cfg.eval.position_bias_n >= 0, "eval.position_bias_n", "must be >= 0")
     need(cfg.thought.s >= 2, "thought.s", "must be >= 2 (pairs need two samples)")
     need(cfg.thought.length_rule in ("pick", "drop"), "thought.length_rule", "must be pick or drop")
@@ -325,6 +362,81 @@ def validate(cfg: DictConfig) -> None:
         need(cfg[t].grad_accum >= 1, f"{t}.grad_accum", "must be >= 1")
         need(cfg[t].zero_stage in (0, 1, 2, 3), f"{t}.zero_stage", "must be 0..3")
         need(cfg[t].max_length > 0, f"{t}.max_length", "must be > 0")
+    check_no_secrets(cfg)
+
+
+def check_no_secrets(cfg: DictConfig) -> None:
+    """Every run saves its resolved config (runs/<id>/config.yaml, each manifest's `config`,
+    Prefect's flow-run parameters), so a key must never be IN it: the config names the variable
+    that holds the key (`*.api_key_env`), and a value that is (or contains) a secret -- the value
+    of a key variable, `sk-...`, `Bearer ...`, a password in a URL -- is refused. The error names
+    the key, never the value."""
+    from avr_core.redact import ENV_NAME, redact
+
+    for key in ("generator.api_key_env", "eval.judge.api_key_env"):
+        if not ENV_NAME.match(str(OmegaConf.select(cfg, key) or "")):
+            raise ConfigError(f"key '{key}': must be the NAME of an environment variable holding the key "
+                              "(e.g. OPENAI_API_KEY), never the key itself")
+    names = (cfg.generator.api_key_env, cfg.eval.judge.api_key_env)
+    try:
+        flat = OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"config: {redact(_first_line(e), names)}") from None
+
+    def walk(node, path):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{path}.{k}" if path else str(k))
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                walk(v, f"{path}[{i}]")
+        elif isinstance(node, str) and redact(node, names) != node:
+            raise ConfigError(f"key '{path}': holds a secret (an API key, token or password); put it in an "
+                              "environment variable and name that variable (e.g. eval.judge.api_key_env) "
+                              "-- the resolved config is saved with every run")
+    walk(flat, "")
+
+
+_CRON_FIELDS = [("minute", 0, 59, []), ("hour", 0, 23, []), ("day of month", 1, 31, []),
+                ("month", 1, 12, "jan feb mar apr may jun jul aug sep oct nov dec".split()),
+                ("day of week", 0, 7, "sun mon tue wed thu fri sat".split())]
+
+
+def _cron_problem(cron: str) -> str | None:
+    """Why `cron` is not a plain 5-field cron string (`*`, numbers, names, `a-b`, `/step`, lists).
+
+    >>> _cron_problem("0 2 * * mon-fri"), _cron_problem("61 2 * * *")
+    (None, "minute field '61': 61 is not in 0..59")
+    """
+    fields = str(cron).split()
+    if len(fields) != 5:
+        return "must be a 5-field cron string, e.g. '0 2 * * *'"
+    for text, (name, lo, hi, names) in zip(fields, _CRON_FIELDS):
+        for part in text.split(","):
+            span, slash, step = part.partition("/")
+            if slash and not (step.isdigit() and int(step) > 0):
+                return f"{name} field {text!r}: step {step!r} must be a positive number"
+            if span == "*":
+                continue
+            ends = span.split("-")
+            if len(ends) > 2 or not all(ends):
+                return f"{name} field {text!r}: expected *, a value or a range a-b"
+            for e in ends:
+                v = names.index(e.lower()) + (lo if name == "month" else 0) if e.lower() in names else \
+                    int(e) if e.isdigit() else None
+                if v is None or not lo <= v <= hi:
+                    return f"{name} field {text!r}: {e} is not in {lo}..{hi}"
+    return None
+
+
+def _timezone_ok(tz: str) -> bool:
+    import zoneinfo
+
+    try:
+        zoneinfo.ZoneInfo(tz)
+        return True
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):   # "Europe" is a directory there
+        return tz == "UTC" or not zoneinfo.available_timezones()  # no tz database here: cannot tell
 
 
 def to_yaml(cfg: DictConfig) -> str:

@@ -48,6 +48,34 @@ def resolve_model_path(ref: str) -> str:
     return str(out)
 
 
+def model_ref_problem(ref: str) -> str | None:
+    """Why `ref` cannot name a model on this machine, or None; cheap (nothing is loaded).
+
+    A path (starting with `/`, `.` or `~`, or existing here) must be a directory with a
+    `config.json`; `embedded:NAME` must be a known name; a hub id (`org/name`) passes -- it is
+    looked up when loaded.
+
+    >>> model_ref_problem("meta-llama/Meta-Llama-3-8B-Instruct") is None
+    True
+    >>> model_ref_problem("/no/such/model")
+    'no such model directory'
+    >>> model_ref_problem("embedded:gpt-5")
+    "unknown embedded model; known: ['smollm2-135m-instruct']"
+    """
+    if ref.startswith(EMBEDDED_PREFIX):
+        return None if ref[len(EMBEDDED_PREFIX):] in EMBEDDED else f"unknown embedded model; known: {sorted(EMBEDDED)}"
+    p = Path(ref).expanduser()
+    if not (ref.startswith(("/", ".", "~")) or ref.count("/") > 1 or p.exists()):
+        return None
+    if not p.exists():
+        return "no such model directory"
+    if not p.is_dir():
+        return "not a directory (a model is a directory with config.json and weights)"
+    if not (p / "config.json").is_file():
+        return "not a model directory: it has no config.json"
+    return None
+
+
 def _gguf_file(name: str) -> Path:
     dist, rel = EMBEDDED[name]
     try:

@@ -9,13 +9,30 @@ Layout (root is a path or any fsspec URL, e.g. s3://bucket/avr)::
 An artifact without its manifest does not exist. A long stage commits shards as it goes;
 a restarted stage skips committed shards (their marker exists), so a kill loses at most the
 shard in flight and never duplicates a record. Nothing is ever pickled into the store.
+
+Concurrency: `Store.lock(ref)` is an exclusive per-artifact lock (`flock` on
+`<root>/.locks/<stage>.<key>.lock`) that a stage holds around "exists? -> compute -> manifest", so
+two processes running the same stage with the same config compute it once: the second waits,
+then finds the manifest and reuses the artifact. The kernel drops a `flock` when its holder dies,
+even by SIGKILL, so a killed holder never blocks the restart. A lock file holds only who holds
+it, lives outside every artifact directory, is no data, and is removed by its holder on release
+(a killed holder's stays, unlocked, until the next run of that stage takes and removes it).
+Only a local (or locally mounted) store is locked: an object store (s3://, gs://, ...) has no
+lock that dies with its holder, and a lease would need an expiry (a slow stage would lose it)
+or a clean-up by hand (a killed holder would block everyone). There two runs of the same stage
+may both compute it; each writes the same content under the same key, manifest last, so the
+artifact is still whole: the work is merely done twice.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
+import logging
 import os
 import platform
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -25,6 +42,12 @@ import fsspec
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
+LOCKS = ".locks"   # <root>/.locks/: lock files, outside every artifact (dot dirs are not stages)
+log = logging.getLogger("avr")
+
+
+class ArtifactLockTimeout(TimeoutError):
+    """Another process held an artifact's lock for longer than the caller agreed to wait."""
 
 
 @dataclass(frozen=True)
@@ -117,6 +140,30 @@ class Store:
                code: str) -> "ArtifactWriter":
         return ArtifactWriter(self, self.ref(stage, key), config, inputs, code)
 
+    # -- locking --------------------------------------------------------------------------
+    @property
+    def lockable(self) -> bool:
+        """Only a local (or locally mounted) store can be locked; see the module docstring."""
+        return "file" in _protocols(self.fs)
+
+    def lock(self, target: "ArtifactRef | str", timeout: float | None = None,
+             logger: logging.Logger | None = None) -> "contextlib.AbstractContextManager[None]":
+        """Exclusive lock on one artifact (or a named shared file such as "leaderboard") across
+        processes. Waits (logging once who it waits for) until the holder finishes or dies;
+        `timeout` seconds (None: forever) raises `ArtifactLockTimeout` naming the artifact.
+        Re-entrant within one process. A no-op on a store that is not local. `logger`: where the
+        waiting is said (a Prefect run logger shows it in the UI); default the "avr" logger.
+
+            with store.lock(ref):
+                if not store.exists(ref):      # re-check: a process we waited for made it
+                    compute_and_finalize()
+        """
+        what = str(target)
+        name = f"{target.stage}.{target.key}" if isinstance(target, ArtifactRef) else str(target)
+        if not self.lockable:
+            return contextlib.nullcontext()
+        return _flock(self._p(LOCKS, f"{name}.lock"), what, timeout, logger or log)
+
     def write_atomic(self, path: str, data: bytes) -> None:
         """Write to a temporary name, then rename: readers see all of it or nothing."""
         self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
@@ -208,6 +255,99 @@ class ArtifactWriter:
     def _is_committed_file(self, rel: str) -> bool:
         stem = rel.rsplit("-", 1)[-1].split(".")[0]
         return stem.isdigit() and int(stem) in self.committed()
+
+
+def _protocols(fs) -> tuple:
+    p = fs.protocol
+    return p if isinstance(p, tuple) else (p,)
+
+
+_HELD: dict[str, list] = {}    # lock path -> [fd, depth]: this process's locks (re-entrancy)
+_HELD_GUARD = threading.Lock()
+
+
+@contextlib.contextmanager
+def _flock(path: str, what: str, timeout: float | None, log: logging.Logger, poll_s: float = 0.1) -> Iterator[None]:
+    """`flock(LOCK_EX)` on `path`, polled so a timeout can fail cleanly. The fd is close-on-exec
+    (Python's default), so a training subprocess never inherits the lock past its parent."""
+    import fcntl
+
+    with _HELD_GUARD:
+        if path in _HELD:          # this process already holds it (a nested call): re-enter
+            _HELD[path][1] += 1
+            held = True
+        else:
+            held = False
+    if held:
+        try:
+            yield
+        finally:
+            with _HELD_GUARD:
+                _HELD[path][1] -= 1
+        return
+    t0, warned = time.monotonic(), False
+    while True:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except OSError as e:
+                    if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                        raise
+                if not warned:
+                    log.warning("waiting for another process computing %s (%s; lock %s)%s", what,
+                                _holder(path), path, f", for at most {timeout:g} s" if timeout else "")
+                    warned = True
+                if timeout is not None and time.monotonic() - t0 >= timeout:
+                    raise ArtifactLockTimeout(
+                        f"{what}: another process ({_holder(path)}) has been computing it for more than "
+                        f"{timeout:g} s (lock {path}); rerun later, or raise store.lock_timeout_s")
+                time.sleep(poll_s)
+        except BaseException:
+            os.close(fd)
+            raise
+        if _same_file(fd, path):
+            break
+        os.close(fd)   # the holder we waited for removed this file on release: lock the current one
+    try:
+        if warned:
+            log.info("%s: lock acquired after %.1f s waiting", what, time.monotonic() - t0)
+        os.ftruncate(fd, 0)   # who holds it, for the message of whoever waits next
+        os.pwrite(fd, f"pid={os.getpid()} host={platform.node()} since={time.strftime('%H:%M:%S')}".encode(), 0)
+        with _HELD_GUARD:
+            _HELD[path] = [fd, 1]
+        try:
+            yield
+        finally:
+            with _HELD_GUARD:
+                del _HELD[path]
+            # Remove the file while still holding it, so no lock file outlives a finished stage.
+            # Safe: a waiter that then gets the lock on the removed file sees it is no longer
+            # the one at `path` (_same_file) and locks the current one instead.
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+    finally:
+        os.close(fd)      # closing the fd releases the flock (and so does the kernel on SIGKILL)
+
+
+def _same_file(fd: int, path: str) -> bool:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    mine = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
+
+
+def _holder(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read().strip() or "holder unknown"
+    except OSError:
+        return "holder unknown"
 
 
 def _jsonl(records: list[dict]) -> bytes:

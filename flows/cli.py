@@ -26,6 +26,8 @@ def _env_defaults() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     _env_defaults()
+    from avr_core.redact import install
+    install()   # no key value in any log line from here on
     p = argparse.ArgumentParser(prog="avr", description="AvR: Alignment via Refinement pipeline")
     sub = p.add_subparsers(dest="cmd", required=True)
     for name, help_ in [("run", "run the whole pipeline"), ("config", "print the resolved config"),
@@ -96,11 +98,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         # fail fast on bad config or prompts, before Prefect starts a server or anything is written
         from omegaconf import OmegaConf
-        from tasks.evaluate import validate_evalset
-        from tasks.synthesis import validate_prompts
-        cfg = OmegaConf.to_container(load_config(args.preset, args.overrides), resolve=True)
-        validate_prompts(cfg)
-        validate_evalset(cfg)
+
+        from flows.runs import preflight
+        preflight(OmegaConf.to_container(load_config(args.preset, args.overrides), resolve=True))
         from flows.pipeline import pipeline
         pipeline(preset=args.preset, overrides=list(args.overrides))
         return 0
@@ -146,7 +146,11 @@ def _eval(args) -> int:
     from tasks.evaluate import read_leaderboard
 
     root = args.store or os.environ.get("AVR_STORE") or "./artifacts"
-    rows = read_leaderboard(root)
+    try:
+        rows = read_leaderboard(root)
+    except ValueError as e:   # a damaged leaderboard.csv: its line and column
+        print(f"avr: error: {root}/leaderboard/leaderboard.csv: {e}", file=sys.stderr)
+        return 2
     if args.model:
         rows = [r for r in rows if r["model"] == args.model]
     if args.last:
@@ -159,6 +163,11 @@ def _eval(args) -> int:
 
 
 def _chat(args) -> int:
+    from avr_core.models import model_ref_problem
+
+    if problem := model_ref_problem(args.model):   # before loading anything
+        print(f"avr: error: --model {args.model}: {problem}", file=sys.stderr)
+        return 2
     from avr_core.backends.base import SamplingParams
     from avr_core.backends.hf import HFGenerator
     from avr_core.inference import answer_prompts
@@ -167,7 +176,11 @@ def _chat(args) -> int:
     if not 0 <= args.rounds <= 5:
         print("avr: error: --rounds must be in 0..5", file=sys.stderr)
         return 2
-    gen = HFGenerator(resolve_model_path(args.model))
+    try:
+        gen = HFGenerator(resolve_model_path(args.model))
+    except OSError as e:   # e.g. a hub id that is not in the local cache (HF_HUB_OFFLINE)
+        print(f"avr: error: --model {args.model}: cannot load: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
     prompts = [args.prompt] if args.prompt else [line.strip() for line in sys.stdin if line.strip()]
     params = SamplingParams(n=1, temperature=0.0, max_new_tokens=args.max_new_tokens)
     for q, out in zip(prompts, answer_prompts([[{"role": "user", "content": q}] for q in prompts], gen,

@@ -3,24 +3,60 @@ config, and write a run summary (which stages came from cache) at the end."""
 from __future__ import annotations
 
 import json
+import os
 import time
 import uuid
+from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from avr_core.config import load_config, to_yaml
+from avr_core.config import ConfigError, load_config, to_yaml
+from avr_core.models import model_ref_problem
 from avr_core.store import ArtifactRef, Store
 from tasks.common import STAGE_LOG, publish
 from tasks.evaluate import validate_evalset
 from tasks.synthesis import validate_prompts
 
 
+def preflight(cfg: dict) -> int:
+    """The checks of a validated config against this machine, before any work: the prompt and
+    eval files (InputError: file, line, field), the model paths and the store root (ConfigError:
+    the key). Returns the number of prompts. Nothing is loaded or written."""
+    n = validate_prompts(cfg)
+    validate_evalset(cfg)
+    models = [("scorer.model.path", cfg["scorer"]["model"]["path"])]
+    if cfg["generator"]["kind"] != "openai":          # there, the path may be the server's model name
+        models.insert(0, ("policy.path", cfg["policy"]["path"]))
+    if cfg["eval"]["judge"]["kind"] == "local":
+        models.append(("eval.judge.local_model", cfg["eval"]["judge"]["local_model"]))
+    for key, ref in models:
+        if problem := model_ref_problem(ref):
+            raise ConfigError(f"key '{key}': {problem} (got {ref!r})")
+    _check_store_root(cfg["store"]["root"])
+    return n
+
+
+def _check_store_root(root: str) -> None:
+    """A local store root must be (or be creatable as) a writable directory; URLs are not checked."""
+    if "://" in root and not root.startswith("file://"):
+        return
+    p = Path(root.removeprefix("file://")).expanduser().absolute()
+    if p.exists() and not p.is_dir():
+        raise ConfigError(f"key 'store.root': not a directory (got {root!r})")
+    up = p
+    while not up.exists():
+        up = up.parent
+    if not up.is_dir():
+        raise ConfigError(f"key 'store.root': {str(up)!r} is a file, not a directory (got {root!r})")
+    if not os.access(up, os.W_OK | os.X_OK):
+        raise ConfigError(f"key 'store.root': {str(up)!r} is not writable (got {root!r})")
+
+
 def start_run(preset: str, overrides: list[str] | tuple[str, ...]) -> tuple[dict, dict]:
     """Everything that can reject a run happens here, before any stage runs."""
     cfg_obj = load_config(preset, list(overrides))
     cfg = OmegaConf.to_container(cfg_obj, resolve=True)
-    n = validate_prompts(cfg)
-    validate_evalset(cfg)
+    n = preflight(cfg)
     store = Store(cfg["store"]["root"])
     STAGE_LOG.clear()                              # this run's wall-time table starts here
     run_id = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]

@@ -37,6 +37,12 @@ def store_of(cfg: dict) -> Store:
     return Store(cfg["store"]["root"])
 
 
+def lock_timeout(cfg: dict) -> float | None:
+    """`store.lock_timeout_s`: how long a stage waits for another process computing the same
+    artifact before it fails naming it (unset or 0: wait as long as that process runs)."""
+    return (cfg["store"].get("lock_timeout_s") or None) if "store" in cfg else None
+
+
 def logger():
     try:
         return get_run_logger()
@@ -63,17 +69,26 @@ STAGE_LOG: list[dict] = []
 
 class StageTask(Task):
     """A Prefect task that also logs (stage, key, cached or computed, wall time) per call.
-    The wall time includes Prefect's own overhead and the cache lookup, as a user waits it."""
+    The wall time includes Prefect's own overhead and the cache lookup, as a user waits it.
+
+    Every call holds its artifact's lock (`Store.lock`) from the cache check to the manifest:
+    the ONE place that makes concurrent runs of any stage (sharded or not, training included)
+    compute an artifact once. Flows call stages one at a time, so a process never holds two."""
 
     def __call__(self, *args, **kwargs):
         if os.environ.get("AVR_FAIL_TASK") == self.name:   # fault injection for resume and chaos tests
             raise RuntimeError(f"injected failure in stage {self.name!r} (AVR_FAIL_TASK)")
         params = get_call_parameters(self.fn, args, kwargs)
         ref = self.ref_fn(**params)
-        cached = store_of(params["cfg"]).exists(ref)
+        store = store_of(params["cfg"])
         t0 = time.perf_counter()
+        cached = False
         try:
-            return super().__call__(*args, **kwargs)
+            # one process computes an artifact, any other one running the same stage with the same
+            # config waits here, then finds the manifest (Prefect's cache or the body's `exists`)
+            with store.lock(ref, timeout=lock_timeout(params["cfg"]), logger=logger()):
+                cached = store.exists(ref)
+                return super().__call__(*args, **kwargs)
         finally:
             STAGE_LOG.append({"task": self.name, "artifact": str(ref), "cached": cached,
                               "wall_s": round(time.perf_counter() - t0, 2)})
@@ -84,6 +99,10 @@ def publish(ref: ArtifactRef, key: str, table: list[dict] | None = None, markdow
     plus a link to the artifact directory. Never fails the stage: the store is the record."""
     from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
+    from avr_core.redact import redact   # artifacts live in Prefect's database: no secret goes there
+    if table is not None:
+        table = [{k: redact(v) if isinstance(v, str) else v for k, v in row.items()} for row in table]
+    markdown = redact(markdown) if markdown is not None else None
     try:
         if table is not None:
             create_table_artifact(table=table, key=key, description=f"{ref} ({ref.path})")
@@ -110,17 +129,18 @@ def run_sharded(store: Store, ref: ArtifactRef, config: Any, inputs: list[Artifa
                 records: Callable[[], list[dict]], shard_size: int,
                 work: Callable[[list[dict], int], tuple[dict[str, list[dict]], Counter]],
                 stats: Callable[[], dict] | None = None,
-                finish: Callable[[Any], None] | None = None) -> ArtifactRef:
+                finish: Callable[[Any], None] | None = None, models: list[ArtifactRef] = ()) -> ArtifactRef:
     """Run `work(shard_records, shard_index)` over shards, committing each; skip committed ones.
 
     The artifact appears (manifest written) only after the last shard: a killed run restarts
     here and redoes at most the shard it was in. `finish(writer)` may add whole-artifact files
     (e.g. alpaca-eval's model_outputs.json) after the last shard, before the manifest.
+    `models`: the trained-model artifacts the stage loads, verified with its inputs.
     """
     if store.exists(ref):
         logger().info("%s: cache hit (%s)", ref.stage, ref.path)
         return ref
-    check_inputs(store, ref, inputs)   # before any work and before anything is written
+    check_inputs(store, ref, [*inputs, *models])   # before any work and before anything is written
     w = store.writer(ref.stage, ref.key, config, inputs, code)
     rows = records()  # read only on a miss
     shards = [rows[i:i + shard_size] for i in range(0, len(rows), shard_size)] or [[]]
@@ -165,6 +185,13 @@ def check_inputs(store: Store, ref: ArtifactRef, inputs: list[ArtifactRef]) -> N
         raise InputIntegrityError(f"{ref.stage}: refusing to run on damaged input(s): " + "; ".join(problems[:5])
                                   + ". Delete the damaged artifact's manifest.json to have it rebuilt, "
                                   "or restore it (`avr artifacts verify` lists every problem).")
+
+
+def model_artifacts(cfg: dict, *policies: dict | None) -> list[ArtifactRef]:
+    """The trained-model artifacts among `policies` (a policy from the config has none): what a
+    stage must also verify before it loads a model, besides its data inputs."""
+    store = store_of(cfg)
+    return [store.ref(*p["artifact"].split("/", 1)) for p in policies if p and p.get("artifact")]
 
 
 def publish_plot(ref: ArtifactRef, key: str, png: bytes, table: list[dict], caption: str, text: str = "") -> None:

@@ -23,7 +23,8 @@ from avr_core.evaluation.judge import annotate, write_judge_config
 from avr_core.evaluation.metrics import lc_win_rate, position_agreement, win_rate
 from avr_core.inference import answer_prompts
 from avr_core.store import ArtifactRef, code_version
-from tasks.common import logger, policy_identity, publish, run_sharded, stage_task, store_of
+from tasks.common import (check_inputs, logger, model_artifacts, policy_identity, publish, run_sharded,
+                          stage_task, store_of)
 from tasks.synthesis import _Lazy, _file_digest, _ref, resolve_data_path
 
 _EVALSET = code_version(avr_core.evaluation.evalset)
@@ -101,7 +102,7 @@ def eval_answers(cfg: dict, policy: dict, name: str, mode: str, rounds: int, pro
         outputs = [{k: r[k] for k in ("instruction", "output", "generator", "dataset")} for r in w.committed_records()]
         w.write_file("model_outputs.json", json.dumps(outputs, indent=2, ensure_ascii=False).encode())
     return run_sharded(store, ref, section, [prompts], _GEN, lambda: store.read_records(prompts), cfg["shard_size"],
-                       work, stats=gen.stats, finish=finish)
+                       work, stats=gen.stats, finish=finish, models=model_artifacts(cfg, policy))
 
 
 def _tokenizer(policy: dict):
@@ -131,6 +132,7 @@ def judge(cfg: dict, answers: ArtifactRef, prompts: ArtifactRef) -> ArtifactRef:
     store, ref = store_of(cfg), judge_ref(cfg, answers, prompts)
     if store.exists(ref):
         return ref
+    check_inputs(store, ref, [answers, prompts])
     jcfg = cfg["eval"]["judge"]
     w = store.writer(ref.stage, ref.key, _judge_section(cfg), [answers, prompts], _JUDGE)
     config_path = write_judge_config(w.dir + "/judge", jcfg)          # in the store, never site-packages
@@ -187,10 +189,6 @@ def leaderboard(cfg: dict, run_id: str, judged: dict[str, ArtifactRef], stages: 
                     "R": stages[name][1], "n": r["n_total"], "win_rate": r["win_rate"], "se": r["standard_error"],
                     "lc": r["lc_win_rate"], "lc_kind": r["lc_kind"], "avg_len": r["avg_len_chars"],
                     "judge": r["annotator"], "evalset": cfg["eval"]["prompts"].rsplit("/", 1)[-1], "artifact": str(ref)})
-    rows = lb.merge(read_leaderboard(cfg["store"]["root"]), new)
-    title = SMOKE_TITLE if cfg["eval"]["smoke"] else None
-    md = lb.to_markdown(rows, title)
-    store.write_atomic(store._p("leaderboard", "leaderboard.csv"), lb.to_csv(rows).encode())
-    store.write_atomic(store._p("leaderboard", "leaderboard.md"), md.encode())
+    md = lb.append(store, new, SMOKE_TITLE if cfg["eval"]["smoke"] else None)   # locked: no row lost
     publish(store.ref("leaderboard", "leaderboard.csv"), "avr-leaderboard", table=new, markdown=md)
     return md

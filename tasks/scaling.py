@@ -12,7 +12,8 @@ from avr_core.backends.base import SamplingParams
 from avr_core.inference import answer_prompts
 from avr_core.scaling import plot_scaling, scaling_table, to_csv, to_markdown
 from avr_core.store import ArtifactRef, code_version
-from tasks.common import logger, policy_identity, publish_plot, run_sharded, stage_task, store_of
+from tasks.common import (check_inputs, logger, model_artifacts, policy_identity, publish_plot, run_sharded,
+                          stage_task, store_of)
 from tasks.synthesis import _SYNTH, _Lazy, _ref
 
 _CODE = code_version(avr_core.inference, avr_core.scaling) + _SYNTH
@@ -46,7 +47,7 @@ def tts_answers(cfg: dict, policy: dict, prompts: ArtifactRef) -> ArtifactRef:
                  "scores": [next(scores) for _ in o["answers"]], "trace": o["trace"]} for r, o in zip(shard, outs)]
         return {"records": recs}, {"answers_scored": len(convs)}
     return run_sharded(store, ref, _section(cfg, policy), [prompts], _CODE, lambda: store.read_records(prompts),
-                       cfg["shard_size"], work, stats=gen.stats)
+                       cfg["shard_size"], work, stats=gen.stats, models=model_artifacts(cfg, policy))
 
 
 def tts_curve_ref(cfg, answers, label="stage-1 model"):
@@ -61,6 +62,7 @@ def tts_curve(cfg: dict, answers: ArtifactRef, label: str = "stage-1 model") -> 
         rows = store.manifest(ref)["result"]
         png = store.fs.cat_file(store._p(ref.stage, ref.key, "scaling.png"))
     else:
+        check_inputs(store, ref, [answers])
         rows = scaling_table(store.read_records(answers))
         png = plot_scaling(rows, f"test-time scaling, {label}, scorer={cfg['scorer']['kind']}")
         w = store.writer(ref.stage, ref.key, {"label": label}, [answers], _CODE)

@@ -6,7 +6,7 @@ import json
 import avr_core.signal
 from avr_core.signal import paired_difference
 from avr_core.store import ArtifactRef, cache_key, code_version
-from tasks.common import logger, stage_task, store_of
+from tasks.common import check_inputs, logger, stage_task, store_of
 
 _CODE = code_version(avr_core.signal)
 
@@ -21,6 +21,7 @@ def learning_signal(cfg: dict, base: ArtifactRef, trained: ArtifactRef) -> Artif
     store, ref = store_of(cfg), learning_signal_ref(cfg, base, trained)
     if store.exists(ref):
         return ref
+    check_inputs(store, ref, [base, trained])
     score = lambda r: {x["id"]: x["answer_score"] for x in store.read_records(r)}  # noqa: E731
     result = {"base": str(base), "trained": str(trained), "scorer": cfg["scorer"]["kind"],
               **paired_difference(score(base), score(trained))}

@@ -16,7 +16,7 @@ from avr_core.search import SearchConfig, ThoughtRules, greedy_search, long_thou
 from avr_core.selection import ThoughtPairRules, thought_pairs as pair_thoughts
 from avr_core.store import ArtifactRef, code_version
 from avr_core.thought import extract_final_answer
-from tasks.common import policy_identity, publish_plot, run_sharded, stage_task, store_of
+from tasks.common import model_artifacts, policy_identity, publish_plot, run_sharded, stage_task, store_of
 from tasks.synthesis import _SYNTH, _Lazy, _records, _ref
 
 _S2 = code_version(avr_core.search, avr_core.thought, avr_core.selection, avr_core.scaling) + _SYNTH
@@ -54,7 +54,8 @@ def search(cfg: dict, policy: dict, prompts: ArtifactRef) -> ArtifactRef:
         w.write_file("score_gain.json", json.dumps(rows, indent=2).encode())
         w.write_file("score_gain.png", plot_search_gain(rows))
     out = run_sharded(store, ref, _search_section(cfg, policy), [prompts], _S2, lambda: store.read_records(prompts),
-                      cfg["shard_size"], work, stats=gen.stats, finish=finish)
+                      cfg["shard_size"], work, stats=gen.stats, finish=finish,
+                      models=model_artifacts(cfg, policy))
     png = store._p(out.stage, out.key, "score_gain.png")
     if store.fs.exists(png):
         rows = json.loads(store.fs.cat_file(store._p(out.stage, out.key, "score_gain.json")))
@@ -113,7 +114,7 @@ def sample_thoughts(cfg: dict, policy: dict, prompts: ArtifactRef) -> ArtifactRe
                 t["score"] = next(scores)
         return {"records": recs}, counts
     return run_sharded(store, ref, _sample_section(cfg, policy), [prompts], _S2, lambda: store.read_records(prompts),
-                       cfg["shard_size"], work, stats=gen.stats)
+                       cfg["shard_size"], work, stats=gen.stats, models=model_artifacts(cfg, policy))
 
 
 def thought_pairs_ref(cfg, samples):

@@ -18,7 +18,7 @@ from avr_core.backends import make_generator, make_scorer
 from avr_core.inputs import load_prompts
 from avr_core.selection import SelectRules, select as select_records
 from avr_core.store import ArtifactRef, cache_key, code_version
-from tasks.common import policy_identity, run_sharded, stage_task, store_of
+from tasks.common import model_artifacts, policy_identity, run_sharded, stage_task, store_of
 
 ROOT = Path(__file__).resolve().parent.parent
 _SYNTH = code_version(avr_core.synthesis, avr_core.backends.hf)
@@ -85,7 +85,8 @@ def _generation_stage(cfg, stage, policy, inp, fn):
     ref, store = _ref(cfg, stage, section, [inp], _SYNTH), store_of(cfg)
     gen = _Lazy(lambda: make_generator(policy, cfg["generator"]))  # loaded only on a cache miss
     return run_sharded(store, ref, section, [inp], _SYNTH, lambda: store.read_records(inp), cfg["shard_size"],
-                       lambda shard, i: _records(fn(shard, gen.get(), i)), stats=gen.stats)
+                       lambda shard, i: _records(fn(shard, gen.get(), i)), stats=gen.stats,
+                       models=model_artifacts(cfg, policy))
 
 
 class _Lazy:

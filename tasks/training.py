@@ -21,7 +21,7 @@ import avr_core.training.logps
 import avr_core.training.recipe
 from avr_core.losses import NEEDS_REFERENCE
 from avr_core.store import ArtifactRef, Store, cache_key, code_version
-from tasks.common import logger, policy_identity, stage_task, store_of
+from tasks.common import check_inputs, logger, model_artifacts, policy_identity, stage_task, store_of
 
 _CODE = code_version(avr_core.training.recipe, avr_core.training.data, avr_core.training.logps,
                      *(importlib.import_module(f"avr_core.losses.{n}") for n in ("sft", "dpo", "ipo", "simpo", "rm_margin")))
@@ -68,6 +68,7 @@ def reference_logps(cfg: dict, reference: dict, pairs: ArtifactRef, section: str
     max_length = cfg[section]["max_length"]
     if store.exists(ref):
         return ref
+    check_inputs(store, ref, [pairs, *model_artifacts(cfg, reference)])
     path = resolve_model_path(reference["path"])
     examples, counts = tokenize_pairs(_pairs_rows(store, pairs), AutoTokenizer.from_pretrained(path),
                                       max_length)
@@ -121,6 +122,7 @@ def _train(cfg, stage, base, ref, inputs, rows_fn, ref_logps):
     if store.exists(ref):
         logger().info("%s: cache hit (%s)", stage, ref.path)
         return ref
+    check_inputs(store, ref, [*inputs, *model_artifacts(cfg, base)])
     rows = rows_fn()
     if not rows:
         raise ValueError(f"{stage}: no training rows in {inputs[0]} (see its manifest counts)")

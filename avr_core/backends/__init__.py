@@ -34,7 +34,8 @@ def make_generator(model: dict, backend: dict) -> Generator:
             from avr_core.backends.openai_api import OpenAIGenerator
             _CACHE[key] = OpenAIGenerator(base_url=backend["base_url"], model=backend["served_model"] or path,
                                           api_key_env=backend["api_key_env"], concurrency=backend["concurrency"],
-                                          timeout_s=backend["timeout_s"], max_retries=backend["max_retries"])
+                                          timeout_s=backend["timeout_s"], max_retries=backend["max_retries"],
+                                          down_budget_s=backend["down_budget_s"])
         elif kind == "vllm":
             from avr_core.backends.vllm_offline import VLLMGenerator
             _CACHE[key] = VLLMGenerator(path, tensor_parallel_size=backend["tensor_parallel_size"],

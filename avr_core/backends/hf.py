@@ -21,6 +21,8 @@ def _dtype(name: str):
 def _load_tokenizer(path: str, trust_remote_code: bool):
     from transformers import AutoTokenizer
 
+    if trust_remote_code:   # every HF model here (generator, reward model, judge scorer) loads through this
+        log.warning("trust_remote_code is ON for %s: its repository code will run", path)
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     tok.padding_side = "left"  # decoder-only batches: pad on the left so generation continues the text
     if tok.pad_token is None:
@@ -51,8 +53,6 @@ class HFGenerator:
         import torch
         from transformers import AutoModelForCausalLM
 
-        if trust_remote_code:
-            log.warning("trust_remote_code is ON for %s: its repository code will run", path)
         self.tok = _load_tokenizer(path, trust_remote_code)
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=_dtype(dtype),
                                                           trust_remote_code=trust_remote_code).eval()

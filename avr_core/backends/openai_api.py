@@ -21,8 +21,18 @@ Response read: ``choices[*].message.content`` ordered by ``choices[*].index`` an
 
 Failure policy: 5xx, 429 (honouring Retry-After), 408, timeouts, connection errors,
 malformed or truncated JSON, missing or empty content are retried with exponential backoff
-and jitter; other 4xx (bad request, context too long) are permanent. A request that fails
-for good yields ``[]`` and is counted in ``stats.failed_requests``; the round goes on.
+and jitter (each retry counted in ``stats.retries``); other 4xx (bad request, context too
+long) are permanent. A request that fails for good yields ``[]`` and is counted in
+``stats.failed_requests``; the round goes on.
+
+Server down: a request whose retries ran out on a connection error, timeout or 5xx asks
+``GET /models`` whether the server is up. If it answers, the failure was that request's
+own (dropped and counted as above). If not, the server is down and the request keeps
+waiting for it instead of being dropped (once it is back, the request's retries start
+afresh). Once no chat request has had any answer but 5xx (or none at all) for
+``down_budget_s``, `generate` raises `BackendUnavailable` naming the URL and how long,
+abandoning the round: a down server never turns a round into empty samples. The next
+`generate` checks the server again before sending anything.
 The API key is read from the environment and is never logged or put in an exception.
 """
 from __future__ import annotations
@@ -39,6 +49,8 @@ from typing import Sequence
 import httpx
 from tqdm.auto import tqdm
 
+from avr_core.redact import register_env
+
 from .base import BackendStats, BackendUnavailable, Conversation, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -53,10 +65,12 @@ _MAX_RETRY_AFTER_S = 600.0
 class _Retryable(Exception):
     """One attempt failed in a way worth retrying; `delay_s` overrides the backoff."""
 
-    def __init__(self, reason: str, delay_s: float | None = None, bad_content: bool = False):
+    def __init__(self, reason: str, delay_s: float | None = None, bad_content: bool = False,
+                 no_answer: bool = False):
         super().__init__(reason)
         self.delay_s = delay_s
         self.bad_content = bad_content
+        self.no_answer = no_answer   # no answer but 5xx (or none): maybe the server is down
 
 
 class _Permanent(Exception):
@@ -73,14 +87,18 @@ class OpenAIGenerator:
 
     def __init__(self, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY",
                  concurrency: int = 16, timeout_s: float = 120.0, max_retries: int = 4,
-                 backoff_s: float = 1.0, max_backoff_s: float = 30.0, progress: bool | None = None):
+                 backoff_s: float = 1.0, max_backoff_s: float = 30.0, down_budget_s: float = 300.0,
+                 progress: bool | None = None):
         self.base_url = base_url.rstrip("/")
         self.model = model
         self.api_key_env = api_key_env
+        register_env(api_key_env)    # its value is masked in every log line (avr_core/redact.py)
         self.concurrency = max(1, int(concurrency))
         self.max_retries = max(0, int(max_retries))
         self.backoff_s = backoff_s
         self.max_backoff_s = max_backoff_s
+        self.down_budget_s = float(down_budget_s)
+        self._down_since: float | None = None   # monotonic time of the first no-answer since the last answer
         # tqdm's disable=None hides the bar when stderr is not a terminal (CI, Prefect workers).
         self._bar_disable = None if progress is None else not progress
         self.stats = BackendStats()
@@ -146,18 +164,26 @@ class OpenAIGenerator:
         if not self._checked:
             self.check()
         results: list[list[str]] = [[] for _ in conversations]
+        with self._lock:
+            self._down_since = None   # each round gets the whole budget
+        stop = threading.Event()
         pool = ThreadPoolExecutor(max_workers=min(self.concurrency, len(conversations)),
                                   thread_name_prefix="openai-gen")
         try:
-            futures = {pool.submit(self._request, i, conv, params): i
+            futures = {pool.submit(self._request, i, conv, params, stop): i
                        for i, conv in enumerate(conversations)}
             with tqdm(total=len(futures), desc="generate", unit="req", leave=False,
                       disable=self._bar_disable) as bar:
                 for fut in as_completed(futures):
                     results[futures[fut]] = fut.result()
                     bar.update(1)
+        except BackendUnavailable:
+            self._checked = False     # the next round checks the server before sending anything
+            raise
         finally:
-            # On Ctrl-C / an unexpected error, do not keep sending the rest of the round.
+            # On Ctrl-C / a down server / an unexpected error, do not keep sending the rest of
+            # the round: requests waiting to retry wake up and stop.
+            stop.set()
             pool.shutdown(wait=True, cancel_futures=True)
         return results
 
@@ -173,36 +199,94 @@ class OpenAIGenerator:
             body["add_generation_prompt"] = False
         return body
 
-    def _request(self, index: int, conv: Conversation, params: SamplingParams) -> list[str]:
-        """All attempts for one conversation; [] (counted) when it fails for good."""
+    def _request(self, index: int, conv: Conversation, params: SamplingParams,
+                 stop: threading.Event | None = None) -> list[str]:
+        """All attempts for one conversation; [] (counted) when it fails for good.
+
+        Raises BackendUnavailable when the server has been down for longer than the budget."""
+        stop = stop or threading.Event()
         # Seed offset per conversation: prompts get different samples, reruns the same ones.
         base_seed = None if params.seed is None else params.seed + index
         content_retries = 0
-        for attempt in range(self.max_retries + 1):
+        attempt = 0       # retries charged to this request (and its backoff step)
+        tries = 0
+        waited = False    # found the whole server down since the last charged retry
+        while not stop.is_set():
             seed = None if base_seed is None else base_seed + content_retries * _RETRY_SEED_STRIDE
+            tries += 1
             try:
                 texts, tokens = self._attempt(self._body(conv, params, seed), params.n)
             except _Permanent as e:
                 log.warning("request %d failed for good: %s", index, e)
                 break
             except _Retryable as e:
-                if attempt == self.max_retries:
-                    log.warning("request %d failed after %d attempts: %s", index, attempt + 1, e)
-                    break
+                if e.no_answer:
+                    self._check_down_budget(e)
+                if attempt >= self.max_retries:
+                    if e.no_answer and self._server_down():
+                        waited = True   # the server itself is down: wait for it (up to the budget)
+                    elif waited:        # it came back meanwhile: this request's retries start afresh
+                        waited, attempt = False, 0
+                    else:
+                        log.warning("request %d failed after %d attempts: %s", index, tries, e)
+                        break
                 content_retries += e.bad_content
                 delay = e.delay_s if e.delay_s is not None else self._backoff(attempt)
-                log.info("request %d: %s; retry %d in %.2fs", index, e, attempt + 1, delay)
+                if e.no_answer:   # a down server is given up on at the budget, not a backoff later
+                    delay = min(delay, self._budget_left() + 0.01)
+                log.info("request %d: %s; retry %d in %.2fs", index, e, tries, delay)
                 with self._lock:
                     self.stats.retries += 1
-                time.sleep(delay)
+                if stop.wait(delay):
+                    break
+                attempt += 1
                 continue
             with self._lock:
                 self.stats.samples += len(texts)
                 self.stats.tokens_generated += tokens
             return texts
+        if stop.is_set():
+            return []   # round abandoned: not this request's failure, nothing to count
         with self._lock:
             self.stats.failed_requests += 1
         return []
+
+    # -- server down --------------------------------------------------------------------
+
+    def _answered(self, ok: bool) -> None:
+        """Record a chat attempt's outcome for the down clock: any answer but 5xx resets it."""
+        with self._lock:
+            if ok:
+                self._down_since = None
+            elif self._down_since is None:
+                self._down_since = time.monotonic()
+
+    def _down_s(self) -> float:
+        with self._lock:
+            since = self._down_since
+        return 0.0 if since is None else time.monotonic() - since
+
+    def _budget_left(self) -> float:
+        return max(0.0, self.down_budget_s - self._down_s())
+
+    def _check_down_budget(self, e: _Retryable) -> None:
+        down_s = self._down_s()
+        if down_s > self.down_budget_s:
+            raise BackendUnavailable(
+                f"the OpenAI-compatible server at {self.base_url} has given no answer but errors for "
+                f"{down_s:.1f}s, longer than down_budget_s={self.down_budget_s:g} (last: {e}); the round "
+                f"was abandoned rather than returned empty. Restart the server (or fix generator.base_url, "
+                f"or raise generator.down_budget_s for slow restarts) and run again: committed shards "
+                f"are kept and the stage resumes after them")
+
+    def _server_down(self) -> bool:
+        """Is the whole server down (GET /models gets no answer, or 5xx), not just one request?"""
+        try:
+            r = self._client.get(f"{self.base_url}/models",
+                                 timeout=min(10.0, self._client.timeout.read or 10.0))
+        except httpx.HTTPError:
+            return True
+        return r.status_code >= 500
 
     def _backoff(self, attempt: int) -> float:
         # "Equal jitter": half fixed, half random, so many failed requests do not retry in lockstep.
@@ -213,13 +297,17 @@ class OpenAIGenerator:
         try:
             r = self._client.post(f"{self.base_url}/chat/completions", json=body)
         except httpx.TimeoutException as e:
-            raise _Retryable(f"timeout ({type(e).__name__})") from None
+            self._answered(False)
+            raise _Retryable(f"timeout ({type(e).__name__})", no_answer=True) from None
         except httpx.TransportError as e:  # connection refused/reset, truncated response
-            raise _Retryable(f"transport error ({type(e).__name__}: {e})") from None
+            self._answered(False)
+            raise _Retryable(f"transport error ({type(e).__name__}: {e})", no_answer=True) from None
+        self._answered(r.status_code < 500)
         if r.status_code == 429:
             raise _Retryable("HTTP 429", delay_s=_retry_after(r.headers.get("retry-after")))
         if r.status_code >= 500 or r.status_code == 408:
-            raise _Retryable(f"HTTP {r.status_code}", delay_s=_retry_after(r.headers.get("retry-after")))
+            raise _Retryable(f"HTTP {r.status_code}", delay_s=_retry_after(r.headers.get("retry-after")),
+                             no_answer=r.status_code >= 500)
         if r.status_code != 200:
             raise _Permanent(f"HTTP {r.status_code}: {r.text[:300]}")
         try:

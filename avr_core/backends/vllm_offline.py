@@ -29,6 +29,8 @@ class VLLMGenerator:
     def __init__(self, model: str, tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.9,
                  max_model_len: int | None = None, trust_remote_code: bool = False, seed: int = 0,
                  progress: bool = False, **engine_kwargs):
+        if trust_remote_code:
+            log.warning("trust_remote_code is ON for %s: its repository code will run", model)
         try:
             import vllm
         except ImportError as e:

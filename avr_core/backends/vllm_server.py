@@ -74,6 +74,8 @@ def serve_vllm(model_dir: str | os.PathLike, host: str = "127.0.0.1", port: int 
     e.g. ``"http://127.0.0.1:41234/v1"``; the server (its whole process group) is stopped
     on exit. Raises BackendUnavailable with the log tail if it dies or does not get healthy.
     """
+    if "--trust-remote-code" in extra_args:
+        log.warning("trust_remote_code is ON for %s: its repository code will run", model_dir)
     py = Path(python) if python else vllm_env_python()
     if py is None or not py.exists():
         raise BackendUnavailable(f"no vLLM environment found; {_SETUP_HINT}")

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import yaml
 
+from avr_core.redact import register_env
+
 BASE_ANNOTATOR = "weighted_alpaca_eval_gpt4_turbo"   # the AlpacaEval 2 default
 
 
@@ -95,6 +97,7 @@ class _api_key:
 
     def __init__(self, judge: dict):
         self.src = judge.get("api_key_env") or "OPENAI_API_KEY"
+        register_env(self.src)       # its value is masked in every log line (avr_core/redact.py)
         self.on = judge["kind"] == "openai"
 
     def __enter__(self):

@@ -31,12 +31,19 @@ def to_csv(rows: list[dict]) -> str:
 
 
 def from_csv(text: str) -> list[dict]:
-    rows = list(csv.DictReader(io.StringIO(text)))
-    for r in rows:
-        for k in ("win_rate", "se", "lc", "avg_len"):
-            r[k] = float(r[k]) if r.get(k) not in (None, "") else None
-        for k in ("R", "n"):
-            r[k] = int(r[k]) if r.get(k) not in (None, "") else None
+    """Rows of a leaderboard CSV; a damaged one is a ValueError naming the line and the column."""
+    reader = csv.DictReader(io.StringIO(text))
+    missing = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
+    if missing:
+        raise ValueError(f"line 1: missing column(s) {', '.join(map(repr, missing))} (not a leaderboard CSV)")
+    rows = []
+    for r in reader:
+        for k, kind in [("win_rate", float), ("se", float), ("lc", float), ("avg_len", float), ("R", int), ("n", int)]:
+            try:
+                r[k] = kind(r[k]) if r.get(k) not in (None, "") else None
+            except ValueError:
+                raise ValueError(f"line {reader.line_num}: field '{k}': not a number ({r[k]!r})") from None
+        rows.append(r)
     return rows
 
 
@@ -53,3 +60,16 @@ def to_markdown(rows: list[dict], title: str | None = None) -> str:
         body += (f"| {r['date']} | {r['run']} | {r['model']} | {r['stage']} | {r['R']} | {r['n']} | "
                  f"{_num(r['win_rate'])} ± {_num(r['se'])} | {lc} | {_num(r['avg_len'], '{:.0f}')} | {r['judge']} |\n")
     return (f"{title}\n\n" if title else "") + head + body
+
+
+def append(store, new: list[dict], title: str | None = None) -> str:
+    """Add `new` to `<store>/leaderboard/leaderboard.{csv,md}` and return the markdown. A
+    read-modify-write, so it holds the store's "leaderboard" lock (`Store.lock`): two runs that
+    finish at once both keep their rows, and readers see whole files (atomic writes)."""
+    csv_path, md_path = store._p("leaderboard", "leaderboard.csv"), store._p("leaderboard", "leaderboard.md")
+    with store.lock("leaderboard"):
+        rows = merge(from_csv(store.fs.cat_file(csv_path).decode()) if store.fs.exists(csv_path) else [], new)
+        md = to_markdown(rows, title)
+        store.write_atomic(csv_path, to_csv(rows).encode())
+        store.write_atomic(md_path, md.encode())
+    return md

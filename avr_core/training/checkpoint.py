@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -112,6 +113,7 @@ def load(engine, ckpt_dir: str | Path, rank: int) -> dict | None:
     tag = latest_tag(ckpt_dir)
     if tag is None:
         return None
+    _load_weights_only(engine)
     path, _ = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True,
                                      load_lr_scheduler_states=True)
     if path is None:
@@ -122,6 +124,40 @@ def load(engine, ckpt_dir: str | Path, rank: int) -> dict | None:
     if rng.exists():
         set_rng_state(json.loads(rng.read_text()))
     return state
+
+
+def _allowed_globals() -> list:
+    """The DeepSpeed classes its checkpoints hold besides tensors and plain containers."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def safe_torch_load(path: str, map_location=None):
+    """`torch.load(weights_only=True)` with DeepSpeed's few checkpoint classes allow-listed: the
+    checkpoint lives in the store (`.work/`), and a planted pickle must not run code on resume."""
+    try:
+        with torch.serialization.safe_globals(_allowed_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise RuntimeError(f"refusing to load checkpoint file {path}: it holds more than tensors and "
+                           f"DeepSpeed's known classes ({_why(e)}). Delete the "
+                           "checkpoint directory to restart training from scratch.") from None
+
+
+def _why(e: Exception) -> str:
+    lines = str(e).splitlines()
+    return next((ln.strip() for ln in lines if "Unsupported" in ln or "WeightsUnpickler" in ln), lines[-1] if lines else "")[:300]
+
+
+def _load_weights_only(engine) -> None:
+    """DeepSpeed's TorchCheckpointEngine unpickles everything (weights_only off): load safely instead."""
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+    ce = getattr(engine, "checkpoint_engine", None)
+    if isinstance(ce, TorchCheckpointEngine):
+        ce.load = safe_torch_load
 
 
 def export_hf(engine, tokenizer, out_dir: str | Path, rank: int, files: dict[str, str] | None = None) -> None:

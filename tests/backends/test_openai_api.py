@@ -1,99 +1,25 @@
 """OpenAIGenerator against a real HTTP server on 127.0.0.1 that fakes the chat API.
 
-`FakeChatServer` answers `/v1/models` and `/v1/chat/completions` deterministically: sample
-j of a request is ``"<last message content> #<seed>.<j>"``, so tests can check order, n and
-seeds. It can be scripted to fail the next k chat requests in a given way.
+`FlakyChatServer` (tests/backends/flaky_chat_server.py) answers `/v1/models` and
+`/v1/chat/completions` deterministically: sample j of a request is
+``"<last message content> #<seed>.<j>"``, so tests can check order, n and seeds. It can be
+scripted to fail the next k chat requests in a given way, fail a seeded share of them, or go down.
 """
 from __future__ import annotations
 
-import json
 import socket
-import threading
 import time
-from collections import deque
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from avr_core.backends.base import BackendUnavailable, Generator, SamplingParams
 from avr_core.backends.openai_api import OpenAIGenerator, _retry_after
-
-
-class FakeChatServer:
-    """Test fake: a tiny OpenAI-compatible server. `fail(mode, times)` queues failures.
-
-    Modes: "500", "429" (with Retry-After: `retry_after`), "empty" (200 with ""
-    content), "truncated" (200 with a cut JSON body), "400" (permanent).
-    """
-
-    def __init__(self):
-        self.requests: list[dict] = []
-        self.failures: deque[str] = deque()
-        self.retry_after = "0"
-        self.lock = threading.Lock()
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *a):  # keep pytest output clean
-                pass
-
-            def _send(self, code, body: bytes, headers=()):
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                for k, v in headers:
-                    self.send_header(k, v)
-                self.end_headers()
-                self.wfile.write(body)
-
-            def do_GET(self):
-                if self.path == "/v1/models":
-                    self._send(200, json.dumps({"object": "list", "data": [{"id": "fake"}]}).encode())
-                else:
-                    self._send(404, b"{}")
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                with fake.lock:
-                    fake.requests.append({"body": body, "auth": self.headers.get("Authorization")})
-                    mode = fake.failures.popleft() if fake.failures else None
-                if mode == "500":
-                    return self._send(500, b'{"error": "boom"}')
-                if mode == "429":
-                    return self._send(429, b'{"error": "slow down"}', [("Retry-After", fake.retry_after)])
-                if mode == "400":
-                    return self._send(400, b'{"error": "context too long"}')
-                last = body["messages"][-1]["content"]
-                texts = ["" if mode == "empty" else f"{last} #{body.get('seed')}.{j}"
-                         for j in range(body["n"])]
-                resp = {"choices": [{"index": j, "message": {"role": "assistant", "content": t}}
-                                    for j, t in reversed(list(enumerate(texts)))],  # out of order on purpose
-                        "usage": {"completion_tokens": 3 * body["n"]}}
-                raw = json.dumps(resp).encode()
-                if mode == "truncated":
-                    raw = raw[: len(raw) // 2]
-                self._send(200, raw)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.base_url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.02,), daemon=True)
-
-    def fail(self, mode: str, times: int = 1) -> None:
-        with self.lock:
-            self.failures.extend([mode] * times)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+from tests.backends.flaky_chat_server import FlakyChatServer
 
 
 @pytest.fixture
 def server():
-    with FakeChatServer() as s:
+    with FlakyChatServer() as s:
         yield s
 
 
@@ -200,3 +126,52 @@ def test_retry_after_parsing():
     assert _retry_after("-1") == 0.0
     assert _retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # a date in the past
     assert _retry_after("garbage") is None
+
+
+# -- server down: wait up to generator.down_budget_s, then fail the round loudly -------------
+
+def test_server_down_longer_than_budget_raises_not_empty(server):
+    gen = make_gen(server.base_url, max_retries=1, down_budget_s=0.3, concurrency=4)
+    assert gen.generate([conv("a")], P) == [["a #10.0", "a #10.1"]]   # checked and working
+    server.down()                                                    # connection refused from now on
+    t0 = time.monotonic()
+    with pytest.raises(BackendUnavailable) as e:
+        gen.generate([conv(f"q{i}") for i in range(6)], P)
+    took = time.monotonic() - t0
+    msg = str(e.value)
+    assert server.base_url in msg and "down_budget_s=0.3" in msg and "resumes" in msg
+    assert 0.3 <= took < 3.0                      # waited the budget, not max_retries, not forever
+    assert gen.stats.failed_requests == 0         # abandoned, not silently turned into empty samples
+    assert gen.stats.retries > 2                  # kept trying past max_retries while it was down
+    with pytest.raises(BackendUnavailable, match="no OpenAI-compatible server"):   # re-checked first
+        gen.generate([conv("a")], P)
+    server.up()
+    assert gen.generate([conv("a")], P) == [["a #10.0", "a #10.1"]]   # same port, back to normal
+
+
+def test_server_answering_only_503_counts_as_down(server):
+    gen = make_gen(server.base_url, max_retries=1, down_budget_s=0.3)
+    gen.check()
+    server.down("503")
+    with pytest.raises(BackendUnavailable, match=r"HTTP 503"):
+        gen.generate([conv("a")], P)
+    assert gen.stats.failed_requests == 0
+
+
+def test_server_down_shorter_than_budget_is_waited_out(server):
+    import threading
+    gen = make_gen(server.base_url, max_retries=1, down_budget_s=5.0)
+    gen.check()
+    server.down()
+    threading.Timer(0.5, server.up).start()        # a restart: back within the budget
+    out = gen.generate([conv(f"q{i}") for i in range(4)], P)
+    assert out == [[f"q{i} #{10 + i}.0", f"q{i} #{10 + i}.1"] for i in range(4)]   # nothing dropped
+    assert gen.stats.failed_requests == 0 and gen.stats.retries >= 4
+
+
+def test_one_bad_request_on_a_live_server_is_dropped_not_waited_for(server):
+    server.fail("500", times=100)                 # this request 500s every time; /models answers
+    gen = make_gen(server.base_url, max_retries=2, concurrency=1, down_budget_s=60)
+    t0 = time.monotonic()
+    assert gen.generate([conv("a")], P) == [[]]
+    assert time.monotonic() - t0 < 2.0 and gen.stats.failed_requests == 1 and gen.stats.retries == 2
