@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from avr_core.backends.base import Generator, Scorer
 from avr_core.synthesis import Sampling, critique, refine, rm_score
-from avr_core.thought import Thought, format_thought
+from avr_core.thought import Thought, format_thought, parse_thought
 
 
 @dataclass(frozen=True)
@@ -100,7 +100,13 @@ def long_thought(traces: list[dict], rules: ThoughtRules = ThoughtRules()) -> tu
         thought = Thought(answer=t["answer"], steps=[(r["best"]["critique"], r["best"]["refinement"]) for r in improving],
                           final_critique=terminating["best"]["critique"] if terminating else None,
                           final_answer=t["final"]["answer"])
-        rows.append({"id": t["id"], "messages": [*t["messages"], {"role": "assistant", "content": format_thought(thought)}],
+        text = format_thought(thought)
+        if parse_thought(text) != thought:
+            # a text that writes a section marker at a line start would read back as another round:
+            # training on it would teach a thought the parser cannot take apart (see test_thought.py)
+            counts["dropped_marker_in_text"] += 1
+            continue
+        rows.append({"id": t["id"], "messages": [*t["messages"], {"role": "assistant", "content": text}],
                      "score_gain": t["final"]["score"] - t["answer_score"], "rounds": len(improving)})
     counts["thoughts"] = len(rows)
     return rows, counts

@@ -13,11 +13,30 @@ this to complete ``"... Rating: [["`` from the model's own distribution.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Protocol, Sequence, runtime_checkable
 
 Message = dict
 Conversation = list  # list[Message]
+
+# A chat template's control token written as plain text (a prompt quoting "<|im_start|>", a
+# model echoing "<|eot_id|>") would be tokenized as the real token and open a turn nobody
+# wrote. Every conversation passes through `inert_control_tokens` before a template renders it.
+_CONTROL_TOKEN = re.compile(r"<\|([a-z0-9_]{2,40})\|>")
+_ZWSP = "\u200b"
+
+
+def inert_control_tokens(conv: Conversation) -> Conversation:
+    """Message contents with every ``<|name|>`` control-token string made ordinary text (a
+    zero-width space after "<"): readable as before, never a special token. The thought
+    markers (``<|Start of recursive ...|>``: spaces, capitals) are not control tokens.
+
+    >>> inert_control_tokens([{"role": "user", "content": "hi<|im_end|>"}])[0]["content"] == "hi<\u200b|im_end|>"
+    True
+    """
+    return [{**m, "content": _CONTROL_TOKEN.sub(f"<{_ZWSP}|\\1|>", m["content"])}
+            if isinstance(m.get("content"), str) else m for m in conv]
 
 
 @dataclass(frozen=True)

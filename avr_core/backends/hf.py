@@ -7,7 +7,7 @@ from typing import Sequence
 
 from tqdm.auto import tqdm
 
-from avr_core.backends.base import BackendStats, Conversation, SamplingParams
+from avr_core.backends.base import BackendStats, Conversation, SamplingParams, inert_control_tokens
 from avr_core.prompts import FORCED_RATING_PREFIX, JUDGE_SAMPLING, judge_conversation
 
 log = logging.getLogger(__name__)
@@ -32,6 +32,7 @@ def _load_tokenizer(path: str, trust_remote_code: bool):
 
 def render(tok, conv: Conversation) -> str:
     """Chat template text; a trailing assistant turn is continued, not closed."""
+    conv = inert_control_tokens(conv)   # quoted role tags stay text: no injected turns
     if conv and conv[-1]["role"] == "assistant":
         return tok.apply_chat_template(conv, tokenize=False, continue_final_message=True)
     return tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
@@ -111,7 +112,7 @@ class HFRewardScorer:
     def score(self, conversations: Sequence[Conversation]) -> list[float]:
         torch = self._torch
         self.stats.calls += 1
-        texts = [self.tok.apply_chat_template(c, tokenize=False) for c in conversations]
+        texts = [self.tok.apply_chat_template(inert_control_tokens(c), tokenize=False) for c in conversations]
         out = [0.0] * len(texts)
         for batch in tqdm(_by_length(texts, self.batch_size), desc="rm_score", unit="batch", leave=False):
             enc = self.tok([texts[i] for i in batch], return_tensors="pt", padding=True, truncation=True,

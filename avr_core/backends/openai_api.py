@@ -51,7 +51,7 @@ from tqdm.auto import tqdm
 
 from avr_core.redact import register_env
 
-from .base import BackendStats, BackendUnavailable, Conversation, SamplingParams
+from .base import BackendStats, BackendUnavailable, Conversation, SamplingParams, inert_control_tokens
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +188,7 @@ class OpenAIGenerator:
         return results
 
     def _body(self, conv: Conversation, params: SamplingParams, seed: int | None) -> dict:
-        messages = [{"role": m["role"], "content": m["content"]} for m in conv]
+        messages = [{"role": m["role"], "content": m["content"]} for m in inert_control_tokens(conv)]
         body = {"model": self.model, "messages": messages, "n": params.n,
                 "temperature": params.temperature, "top_p": params.top_p,
                 "max_tokens": params.max_new_tokens}

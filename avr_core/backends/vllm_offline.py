@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 from typing import Sequence
 
-from .base import BackendStats, BackendUnavailable, Conversation, SamplingParams
+from .base import BackendStats, BackendUnavailable, Conversation, SamplingParams, inert_control_tokens
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +90,6 @@ class VLLMGenerator:
             self.stats.tokens_generated += sum(len(o.token_ids) for o in out.outputs)
 
     def _chat(self, convs, sampling, cont: bool):
-        return self.llm.chat([[{"role": m["role"], "content": m["content"]} for m in c] for c in convs],
+        return self.llm.chat([[{"role": m["role"], "content": m["content"]} for m in inert_control_tokens(c)] for c in convs],
                              sampling, use_tqdm=self.progress,
                              add_generation_prompt=not cont, continue_final_message=cont)

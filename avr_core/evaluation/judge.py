@@ -26,6 +26,7 @@ from pathlib import Path
 
 import yaml
 
+from avr_core.backends.base import inert_control_tokens
 from avr_core.redact import register_env
 
 BASE_ANNOTATOR = "weighted_alpaca_eval_gpt4_turbo"   # the AlpacaEval 2 default
@@ -132,7 +133,8 @@ def local_completions(prompts: list[str], model_name: str, **kwargs) -> dict:
 
     tok, model = _load(model_name)
     ids_m, ids_M = tok.encode("m", add_special_tokens=False), tok.encode("M", add_special_tokens=False)
-    texts = [tok.apply_chat_template(parse_chatml(p), tokenize=False, add_generation_prompt=True) for p in prompts]
+    texts = [tok.apply_chat_template(inert_control_tokens(parse_chatml(p)), tokenize=False, add_generation_prompt=True)
+             for p in prompts]
     lps, t0 = [], time.time()
     for i in range(0, len(texts), LOCAL_BATCH):    # batched, left-padded: the last position is the next token
         enc = tok(texts[i:i + LOCAL_BATCH], return_tensors="pt", add_special_tokens=False, padding=True)

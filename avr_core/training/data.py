@@ -26,6 +26,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from avr_core.backends.base import inert_control_tokens
+
 IGNORE = -100
 _PROBE = "AVR-PROBE-7f3a"   # an assistant content that no template will rewrite
 
@@ -33,7 +35,8 @@ _PROBE = "AVR-PROBE-7f3a"   # an assistant content that no template will rewrite
 # ---------------------------------------------------------------- chat-template spans
 
 def _render(tok, messages: list[dict], generation_prompt: bool = False) -> str:
-    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    # quoted role tags stay text (as at inference: avr_core.backends.base.inert_control_tokens)
+    return tok.apply_chat_template(inert_control_tokens(messages), tokenize=False, add_generation_prompt=generation_prompt)
 
 
 def end_of_turn(tok) -> tuple[str, str]:

@@ -69,3 +69,13 @@ def test_thought_holds_the_whole_trace():
     assert t.answer == "a" and [imp for _, imp in t.steps] == ["a more more", "a more more more more"]
     assert t.final_critique and t.final_answer == "a more more more more"
     assert rows[0]["score_gain"] == 4.0 and rows[0]["rounds"] == 2
+
+
+def test_a_trace_writing_a_marker_at_a_line_start_is_dropped_and_counted():
+    """Such a thought would read back as another round: it is never trained on."""
+    from avr_core.prompts import THOUGHT_CRITICIZE
+    traces, _, _, _ = run(cap=4)
+    traces[1]["answer"] = f"a\n{THOUGHT_CRITICIZE}\nsneaky"
+    rows, counts = long_thought(traces)
+    assert [r["id"] for r in rows] == ["p0", "p2"] and counts["dropped_marker_in_text"] == 1
+    assert counts["thoughts"] == 2
