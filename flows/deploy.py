@@ -10,13 +10,14 @@ work (`start_run`): a bad override fails at once, naming the key.
 """
 from __future__ import annotations
 
+from omegaconf import OmegaConf
 from prefect import flow
 from prefect.schedules import Cron
 
 from avr_core.config import load_config
 from flows.evaluate import evaluate, test_time_scaling
 from flows.pipeline import pipeline
-from flows.runs import finish_run, start_run
+from flows.runs import check_schedule, finish_run, start_run
 from flows.stage1 import stage1, synthesis
 from flows.stage2 import stage2
 
@@ -60,6 +61,7 @@ def deployments(preset: str = "tiny", overrides: list[str] = ()) -> list:
     """The pipeline (with the nightly schedule of `schedule.*`) and one deployment per stage flow,
     each defaulting to this preset and these overrides (validated here, before registering)."""
     cfg = load_config(preset, list(overrides))
+    check_schedule(OmegaConf.to_container(cfg, resolve=True))
     params = {"preset": preset, "overrides": list(overrides)}
     nightly = Cron(cfg.schedule.cron, timezone=cfg.schedule.timezone, active=cfg.schedule.active)
     return [pipeline.to_deployment(name=f"avr-{cfg.preset}", parameters=params, schedule=nightly,

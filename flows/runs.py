@@ -33,7 +33,22 @@ def preflight(cfg: dict) -> int:
         if problem := model_ref_problem(ref):
             raise ConfigError(f"key '{key}': {problem} (got {ref!r})")
     _check_store_root(cfg["store"]["root"])
+    check_schedule(cfg)
     return n
+
+
+def check_schedule(cfg: dict) -> None:
+    """`schedule.cron` and `schedule.timezone` as Prefect's scheduler will parse them."""
+    from prefect.client.schemas.schedules import CronSchedule
+    from pydantic import ValidationError
+
+    s = cfg["schedule"]
+    try:
+        CronSchedule(cron=s["cron"], timezone=s["timezone"])
+    except ValidationError as e:
+        err = e.errors()[0]
+        key = "schedule.timezone" if "timezone" in err["msg"] else "schedule.cron"
+        raise ConfigError(f"key '{key}': {err['msg'].removeprefix('Value error, ')}") from None
 
 
 def _check_store_root(root: str) -> None:
