@@ -233,10 +233,12 @@ class ArtifactWriter:
         """Checksum every file and write the manifest, last and atomically."""
         fs = self.store.fs
         shard_counts, rows = self.shard_counts()
+        if self.store.lockable:   # an unlocked (remote) store may have a live concurrent writer's
+            self._drop_leftovers()  # temporary file: there, leftovers are only left out (below)
         files = {}
         for p in sorted(fs.find(self.dir)):
             rel = p[len(self.dir.rstrip("/")) + 1:]
-            if rel == MANIFEST or ".tmp-" in rel or rel.startswith("shards/"):
+            if rel == MANIFEST or rel.startswith("shards/") or any(_leftover(n) for n in rel.split("/")):
                 continue
             if rel.startswith("data/") and rel.endswith(".jsonl") and not self._is_committed_file(rel):
                 continue  # a data file whose shard marker never landed
@@ -251,6 +253,15 @@ class ArtifactWriter:
         }
         self.store.write_atomic(f"{self.dir}/{MANIFEST}", json.dumps(manifest, indent=2, default=str).encode())
         return self.ref
+
+    def _drop_leftovers(self) -> None:
+        """Remove what a writer killed mid-write left in this artifact: `*.tmp-*` files
+        (write_atomic) and `.model.tmp-*` / `.model.old-*` directories (training's export_hf).
+        They are no part of the artifact, and a killed export's is a whole model copy."""
+        fs = self.store.fs
+        for p in sorted(fs.find(self.dir, withdirs=True)):
+            if _leftover(p.rsplit("/", 1)[-1]) and fs.exists(p):
+                fs.rm(p, recursive=True)
 
     def _is_committed_file(self, rel: str) -> bool:
         stem = rel.rsplit("-", 1)[-1].split(".")[0]
@@ -348,6 +359,11 @@ def _holder(path: str) -> str:
             return f.read().strip() or "holder unknown"
     except OSError:
         return "holder unknown"
+
+
+def _leftover(name: str) -> bool:
+    """A name that write_atomic or export_hf gives a file or directory only until its rename."""
+    return ".tmp-" in name or (name.startswith(".") and ".old-" in name)
 
 
 def _jsonl(records: list[dict]) -> bytes:

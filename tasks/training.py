@@ -113,6 +113,16 @@ def train_po(cfg: dict, base: dict, pairs: ArtifactRef, ref_logps: ArtifactRef, 
                   lambda: _pairs_rows(store, pairs), refs)
 
 
+def _sweep_work(store: Store) -> None:
+    """Remove the checkpoints of training runs whose model artifact is finished: a kill while
+    the last run removed them would otherwise leave them (a model's size, and more) forever."""
+    work = Path(store.local_path(store.ref(".work", "")))
+    for d in (work.iterdir() if work.is_dir() else []):
+        stage, _, key = d.name.partition("-")
+        if key and d.is_dir() and store.exists(store.ref(stage, key)):
+            shutil.rmtree(d, ignore_errors=True)
+
+
 def _train(cfg, stage, base, ref, inputs, rows_fn, ref_logps):
     from avr_core.models import resolve_model_path
     from avr_core.training.launch import launch_command, write_spec
@@ -123,6 +133,7 @@ def _train(cfg, stage, base, ref, inputs, rows_fn, ref_logps):
         logger().info("%s: cache hit (%s)", stage, ref.path)
         return ref
     check_inputs(store, ref, [*inputs, *model_artifacts(cfg, base)])
+    _sweep_work(store)
     rows = rows_fn()
     if not rows:
         raise ValueError(f"{stage}: no training rows in {inputs[0]} (see its manifest counts)")
