@@ -5,6 +5,8 @@ import pytest
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Prefect task retries without their production delay (read when tasks.common is first imported)
+os.environ.setdefault("AVR_RETRY_DELAY_S", "0")
 
 
 @pytest.fixture(scope="session")

@@ -162,10 +162,13 @@ def test_a_planted_key_reaches_no_log_artifact_store_file_or_saved_config(tmp_pa
     saved = store_root / "runs" / run_id / "config.yaml"
     assert saved in files and "AVR_PLANTED_JUDGE_VAR" in saved.read_text()   # the NAME is saved, not the value
     texts.update({str(p): p.read_text(errors="ignore") for p in files})
-    with get_client(sync_client=True) as client:
-        arts = [a for a in client.read_artifacts() if (a.key or "").startswith("avr-security-probe")]
-        logs = client.read_logs()
-        fr = client.read_flow_run(state.state_details.flow_run_id)
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, LogFilter, LogFilterFlowRunId
+
+    flow_run_id = state.state_details.flow_run_id
+    with get_client(sync_client=True) as client:   # this run's only: the harness server is shared by the suite
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+        fr = client.read_flow_run(flow_run_id)
     assert {"avr-security-probe", "avr-security-probe-report"} <= {a.key for a in arts}
     texts["prefect artifacts"] = "\n".join(f"{a.data} {a.description}" for a in arts)
     assert "SECURITY-PROBE" in texts["prefect artifacts"]
