@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 
@@ -28,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     _env_defaults()
     from avr_core.redact import install
     install()   # no key value in any log line from here on
+    # alpaca-eval raises the root logger to INFO on import; keep httpx's per-request lines out of a run's log
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     p = argparse.ArgumentParser(prog="avr", description="AvR: Alignment via Refinement pipeline")
     sub = p.add_subparsers(dest="cmd", required=True)
     for name, help_ in [("run", "run the whole pipeline"), ("config", "print the resolved config"),
