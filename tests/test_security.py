@@ -28,22 +28,17 @@ import pytest
 
 from avr_core.config import ConfigError, load_config, to_yaml
 from avr_core.redact import MASK, redact, register_env
+from tests.servers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 CODE = [p for d in ("avr_core", "tasks", "flows") for p in sorted((ROOT / d).rglob("*.py"))]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def avr_server(tmp_path_factory):
     """The real `avr server`. Requested early (after Prefect's harness is up) so that it boots
     while the model-loading tests run; the bind-address test at the end waits for it."""
-    port, home = _free_port(), tmp_path_factory.mktemp("prefect-home")
+    port, home = free_port(), tmp_path_factory.mktemp("prefect-home")
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     env.pop("PREFECT_API_URL", None)
     env.pop("AVR_SERVER_HOST", None)

@@ -3,7 +3,6 @@ register with their parameters (preset + overrides) and the nightly schedule fro
 override is refused before anything is registered, naming the key."""
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -12,17 +11,12 @@ import httpx
 import pytest
 
 from avr_core.config import ConfigError
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.servers import free_port
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    port, home = _free_port(), tmp_path_factory.mktemp("prefect-home")
+    port, home = free_port(), tmp_path_factory.mktemp("prefect-home")
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     env.pop("PREFECT_API_URL", None)
     proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "server", "--port", str(port)], env=env,
