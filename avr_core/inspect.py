@@ -9,9 +9,7 @@ A key may be written `stage/key` or as a unique prefix of the key alone.
 """
 from __future__ import annotations
 
-import hashlib
-
-from avr_core.store import MANIFEST, ArtifactRef, Store
+from avr_core.store import MANIFEST, ArtifactRef, Store, file_digest
 
 
 def resolve(store: Store, key: str) -> ArtifactRef:
@@ -73,13 +71,13 @@ def verify(store: Store, ref: ArtifactRef | None = None) -> list[str]:
     refs = [ref] if ref else store.list()
     for r in refs:
         for rel, meta in store.manifest(r)["files"].items():
-            path = store._p(r.stage, r.key, rel)
+            path = store.path(r, rel)
             if not store.fs.exists(path):
                 problems.append(f"{r}: {rel}: missing")
                 continue
             if store.fs.size(path) != meta["bytes"]:
                 problems.append(f"{r}: {rel}: size {store.fs.size(path)} != {meta['bytes']} in the manifest")
-            elif _sha256(store, path) != meta["sha256"]:
+            elif file_digest(path, store.fs) != meta["sha256"]:
                 problems.append(f"{r}: {rel}: sha256 differs from the manifest (modified)")
     if ref is None:
         problems += [f"{p}: no {MANIFEST} (unfinished or damaged: it does not exist)" for p in _unfinished(store)]
@@ -96,14 +94,6 @@ def _unfinished(store: Store) -> list[str]:
             if not store.fs.exists(f"{d}/{MANIFEST}"):
                 out.append(f"{stage}/{d.rsplit('/', 1)[-1]}")
     return out
-
-
-def _sha256(store: Store, path: str) -> str:
-    h = hashlib.sha256()
-    with store.fs.open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def sample_markdown(records: list[dict], n: int = 3, width: int = 300) -> str:

@@ -94,12 +94,21 @@ class Store:
     def _p(self, *parts: str) -> str:
         return "/".join([self._base.rstrip("/"), *parts])
 
+    def path(self, *parts: str | ArtifactRef) -> str:
+        """A path in the store's filesystem (`store.fs`): an artifact ref stands for its directory.
+
+        >>> s = Store("/tmp/st")
+        >>> s.path(s.ref("respond", "ab12"), "data", "records-00000.jsonl"), s.path("leaderboard", "leaderboard.csv")
+        ('/tmp/st/respond/ab12/data/records-00000.jsonl', '/tmp/st/leaderboard/leaderboard.csv')
+        """
+        return self._p(*[q for p in parts for q in ((p.stage, p.key) if isinstance(p, ArtifactRef) else (p,))])
+
     def ref(self, stage: str, key: str) -> ArtifactRef:
         return ArtifactRef(self.root, stage, key)
 
     def local_path(self, ref: ArtifactRef) -> str:
         """Filesystem path of an artifact (for `from_pretrained` and friends on a local store)."""
-        return self._p(ref.stage, ref.key)
+        return self.path(ref)
 
     # -- reading --------------------------------------------------------------------------
     def exists(self, ref: ArtifactRef) -> bool:
@@ -242,7 +251,7 @@ class ArtifactWriter:
                 continue
             if rel.startswith("data/") and rel.endswith(".jsonl") and not self._is_committed_file(rel):
                 continue  # a data file whose shard marker never landed
-            files[rel] = {"sha256": _sha256(fs, p), "bytes": fs.size(p)}
+            files[rel] = {"sha256": file_digest(p, fs), "bytes": fs.size(p)}
         manifest = {
             "stage": self.ref.stage, "key": self.ref.key, "format": FORMAT_VERSION,
             "inputs": [str(r) for r in self.inputs], "config": self.config, "code_version": self.code,
@@ -377,9 +386,15 @@ def _read_jsonl(fs, path: str) -> Iterator[dict]:
                 yield json.loads(line)
 
 
-def _sha256(fs, path: str) -> str:
+def file_digest(path: str, fs=None) -> str:
+    """sha256 (hex) of a file's bytes; of a directory: of its files' bytes, in path order. `fs`: an
+    fsspec filesystem (default: the local one). The ONE file-hashing helper (manifests, `avr
+    artifacts verify`, the prompt/eval-set keys)."""
+    fs = fs or fsspec.filesystem("file")
+    files = [path] if fs.isfile(path) else sorted(fs.find(path), key=lambda q: q.split("/"))
     h = hashlib.sha256()
-    with fs.open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+    for p in files:
+        with fs.open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
     return h.hexdigest()

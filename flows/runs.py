@@ -75,7 +75,7 @@ def start_run(preset: str, overrides: list[str] | tuple[str, ...]) -> tuple[dict
     store = Store(cfg["store"]["root"])
     STAGE_LOG.clear()                              # this run's wall-time table starts here
     run_id = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
-    store.write_atomic(f"{store._p('runs', run_id)}/config.yaml", to_yaml(cfg_obj).encode())
+    store.write_atomic(f"{store.path('runs', run_id)}/config.yaml", to_yaml(cfg_obj).encode())
     print(f"run {run_id}: preset={preset} overrides={list(overrides)} prompts={n} store={cfg['store']['root']}")
     return {"id": run_id, "started": time.time(), "preset": preset, "overrides": list(overrides)}, cfg
 
@@ -86,7 +86,7 @@ def finish_run(run: dict, cfg: dict, outputs: dict[str, ArtifactRef], leaderboar
     summary = {**run, "wall_s": wall, "stages": list(STAGE_LOG),
                "outputs": {k: {"ref": str(v), "path": v.path, "counts": store.manifest(v)["counts"],
                                "rows": store.manifest(v)["rows"]} for k, v in outputs.items()}}
-    store.write_atomic(f"{store._p('runs', run['id'])}/summary.json", json.dumps(summary, indent=2).encode())
+    store.write_atomic(f"{store.path('runs', run['id'])}/summary.json", json.dumps(summary, indent=2).encode())
     from avr_core.inspect import recompute_reason
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(run["started"]))   # compare with earlier runs only
     for r in STAGE_LOG:   # why each computed stage could not come from cache
@@ -95,13 +95,13 @@ def finish_run(run: dict, cfg: dict, outputs: dict[str, ArtifactRef], leaderboar
             ref = store.ref(stage, key)
             r["why"] = recompute_reason(store, ref, started) if store.exists(ref) else "failed"
     table = wall_time_table(STAGE_LOG, wall)
-    store.write_atomic(f"{store._p('runs', run['id'])}/timings.md", table.encode())
+    store.write_atomic(f"{store.path('runs', run['id'])}/timings.md", table.encode())
     publish(store.ref("runs", run["id"]), "avr-run-timings", table=STAGE_LOG, markdown=table)
     for name, out in summary["outputs"].items():
         print(f"{name}: {out['path']}\n  rows={out['rows']}\n  counts={out['counts']}")
     print(f"\nper-stage wall time (run {run['id']}):\n{table}")
     if leaderboard:
-        print(f"\nleaderboard ({store._p('leaderboard', 'leaderboard.md')}; `avr eval` shows it again):\n{leaderboard}")
+        print(f"\nleaderboard ({store.path('leaderboard', 'leaderboard.md')}; `avr eval` shows it again):\n{leaderboard}")
     return summary
 
 

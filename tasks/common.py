@@ -214,7 +214,7 @@ def publish_stage(store: Store, ref: ArtifactRef, manifest: dict) -> None:
     first = next((f for f in sorted(manifest["files"]) if names and f.startswith(f"data/{names[0]}-")), None)
     recs: list[dict] = []
     if first:   # three records from the first data file: never the whole (possibly huge) artifact
-        with store.fs.open(store._p(ref.stage, ref.key, first), "r", encoding="utf-8") as f:
+        with store.fs.open(store.path(ref, first), "r", encoding="utf-8") as f:
             recs = [json.loads(line) for _, line in zip(range(3), f)]
     sample = sample_markdown(recs)
     publish(ref, ref.stage.replace("_", "-"), table=table,

@@ -22,10 +22,10 @@ from avr_core.evaluation.evalset import load_evalset
 from avr_core.evaluation.judge import annotate, write_judge_config
 from avr_core.evaluation.metrics import lc_win_rate, position_agreement, win_rate
 from avr_core.inference import answer_prompts
-from avr_core.store import ArtifactRef, code_version
+from avr_core.store import ArtifactRef, code_version, file_digest
 from tasks.common import (check_inputs, logger, model_artifacts, policy_identity, publish, run_sharded,
                           stage_task, store_of)
-from tasks.synthesis import _Lazy, _file_digest, _ref, resolve_data_path
+from tasks.synthesis import _Lazy, _ref, resolve_data_path
 
 _EVALSET = code_version(avr_core.evaluation.evalset)
 _GEN = code_version(avr_core.inference, avr_core.evaluation.evalset)
@@ -36,7 +36,7 @@ SMOKE_TITLE = ("SMOKE RUN (tiny preset): 135M models judged by a 135M local judg
 
 def _evalset_section(cfg: dict) -> dict:
     path = resolve_data_path(cfg["eval"]["prompts"])
-    return {"file_sha256": _file_digest(path), "slice": list(cfg["eval"]["slice"])}
+    return {"file_sha256": file_digest(path)[:16], "slice": list(cfg["eval"]["slice"])}
 
 
 def eval_prompts_ref(cfg):
@@ -136,7 +136,7 @@ def judge(cfg: dict, answers: ArtifactRef, prompts: ArtifactRef) -> ArtifactRef:
     jcfg = cfg["eval"]["judge"]
     w = store.writer(ref.stage, ref.key, _judge_section(cfg), [answers, prompts], _JUDGE)
     config_path = write_judge_config(w.dir + "/judge", jcfg)          # in the store, never site-packages
-    cache = store._p(".work", "judge_cache", f"{ref.key}.json")       # survives a retry of this task
+    cache = store.path(".work", "judge_cache", f"{ref.key}.json")       # survives a retry of this task
     store.fs.makedirs(cache.rsplit("/", 1)[0], exist_ok=True)
     refs = {r["instruction"]: r for r in store.read_records(prompts)}
     model = [{k: r[k] for k in ("instruction", "output", "generator", "dataset")} for r in store.read_records(answers)]
@@ -165,15 +165,11 @@ def judge(cfg: dict, answers: ArtifactRef, prompts: ArtifactRef) -> ArtifactRef:
 
 
 # -- leaderboard ------------------------------------------------------------------------------
-def leaderboard_path(cfg) -> str:
-    return store_of(cfg)._p("leaderboard", "leaderboard.csv")
-
-
 def read_leaderboard(store_root: str) -> list[dict]:
     from avr_core.store import Store
 
     s = Store(store_root)
-    path = s._p("leaderboard", "leaderboard.csv")
+    path = s.path("leaderboard", "leaderboard.csv")
     return lb.from_csv(s.fs.cat_file(path).decode()) if s.fs.exists(path) else []
 
 

@@ -5,7 +5,6 @@ input artifact, run the `avr_core` round shard by shard, commit, write the manif
 """
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import avr_core.backends.hf
@@ -17,7 +16,7 @@ from avr_core import synthesis as core
 from avr_core.backends import make_generator, make_scorer
 from avr_core.inputs import load_prompts
 from avr_core.selection import SelectRules, select as select_records
-from avr_core.store import ArtifactRef, cache_key, code_version
+from avr_core.store import ArtifactRef, cache_key, code_version, file_digest
 from tasks.common import model_artifacts, policy_identity, run_sharded, stage_task, store_of
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,14 +31,6 @@ def resolve_data_path(p: str) -> str:
     return str(alt) if alt.exists() else p
 
 
-def _file_digest(path: str) -> str:
-    h = hashlib.sha256()
-    files = [Path(path)] if Path(path).is_file() else sorted(q for q in Path(path).rglob("*") if q.is_file())
-    for f in files:
-        h.update(f.read_bytes())
-    return h.hexdigest()[:16]
-
-
 def _ref(cfg: dict, stage: str, section: dict, inputs: list[ArtifactRef], code: str) -> ArtifactRef:
     return store_of(cfg).ref(stage, cache_key(stage, section, [str(r) for r in inputs], code))
 
@@ -47,7 +38,7 @@ def _ref(cfg: dict, stage: str, section: dict, inputs: list[ArtifactRef], code: 
 # -- prompts ----------------------------------------------------------------------------------
 def _prompts_section(cfg: dict, split: str) -> dict:
     path = resolve_data_path(cfg["data"]["prompts"])
-    return {"file_sha256": _file_digest(path), "split": split, "slice": list(cfg["data"][split])}
+    return {"file_sha256": file_digest(path)[:16], "split": split, "slice": list(cfg["data"][split])}
 
 
 def prompts_ref(cfg: dict, split: str) -> ArtifactRef:

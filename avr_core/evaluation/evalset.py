@@ -25,10 +25,6 @@ DEFAULT_EVALSET = str(Path(__file__).resolve().parent.parent / "data" / "alpaca_
 KNOWN_SHA256 = {"alpaca_eval_805.json": "4337273753e16055c9c9a2c3c917a43de8b7a50d538f2c0a6200d21ff711eed5"}
 
 
-def file_sha256(path: str) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 def load_evalset(path: str) -> list[dict]:
     """Rows -> {"id", "instruction", "messages", "reference", "reference_generator", "dataset"}.
     Raises InputError naming the file, line (JSONL) or record (JSON array), and field."""

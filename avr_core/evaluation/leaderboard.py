@@ -66,7 +66,7 @@ def append(store, new: list[dict], title: str | None = None) -> str:
     """Add `new` to `<store>/leaderboard/leaderboard.{csv,md}` and return the markdown. A
     read-modify-write, so it holds the store's "leaderboard" lock (`Store.lock`): two runs that
     finish at once both keep their rows, and readers see whole files (atomic writes)."""
-    csv_path, md_path = store._p("leaderboard", "leaderboard.csv"), store._p("leaderboard", "leaderboard.md")
+    csv_path, md_path = store.path("leaderboard", "leaderboard.csv"), store.path("leaderboard", "leaderboard.md")
     with store.lock("leaderboard"):
         rows = merge(from_csv(store.fs.cat_file(csv_path).decode()) if store.fs.exists(csv_path) else [], new)
         md = to_markdown(rows, title)

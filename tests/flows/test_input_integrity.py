@@ -24,7 +24,7 @@ def artifact(store: Store, stage: str, records: dict[str, list[dict]], files: di
 
 def damage(store: Store, ref, rel: str) -> None:
     """Same size, other bytes: only the sha256 can tell."""
-    path = store._p(ref.stage, ref.key, rel)
+    path = store.path(ref, rel)
     data = bytearray(store.fs.cat_file(path))
     data[-2] ^= 1
     store.write_atomic(path, bytes(data))
