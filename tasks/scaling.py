@@ -60,7 +60,7 @@ def tts_curve(cfg: dict, answers: ArtifactRef, label: str = "stage-1 model") -> 
     store, ref = store_of(cfg), tts_curve_ref(cfg, answers, label)
     if store.exists(ref):
         rows = store.manifest(ref)["result"]
-        png = store.fs.cat_file(store._p(ref.stage, ref.key, "scaling.png"))
+        png = store.fs.cat_file(store.path(ref, "scaling.png"))
     else:
         check_inputs(store, ref, [answers])
         rows = scaling_table(store.read_records(answers))

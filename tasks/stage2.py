@@ -56,9 +56,9 @@ def search(cfg: dict, policy: dict, prompts: ArtifactRef) -> ArtifactRef:
     out = run_sharded(store, ref, _search_section(cfg, policy), [prompts], _S2, lambda: store.read_records(prompts),
                       cfg["shard_size"], work, stats=gen.stats, finish=finish,
                       models=model_artifacts(cfg, policy))
-    png = store._p(out.stage, out.key, "score_gain.png")
+    png = store.path(out, "score_gain.png")
     if store.fs.exists(png):
-        rows = json.loads(store.fs.cat_file(store._p(out.stage, out.key, "score_gain.json")))
+        rows = json.loads(store.fs.cat_file(store.path(out, "score_gain.json")))
         publish_plot(out, "search-score-gain", store.fs.cat_file(png), rows, "score gain per round")
     return out
 
