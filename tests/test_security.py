@@ -28,7 +28,7 @@ import pytest
 
 from avr_core.config import ConfigError, load_config, to_yaml
 from avr_core.redact import MASK, redact, register_env
-from tests.servers import free_port
+from avr_core.training.dist import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 CODE = [p for d in ("avr_core", "tasks", "flows") for p in sorted((ROOT / d).rglob("*.py"))]

@@ -19,7 +19,6 @@ import contextlib
 import logging
 import os
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -27,6 +26,8 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 import httpx
+
+from avr_core.training.dist import free_port
 
 from .base import BackendUnavailable
 
@@ -50,12 +51,6 @@ def vllm_env_python() -> Path | None:
         if py.exists():
             return py
     return None
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def _tail(path: Path, lines: int = 40) -> str:

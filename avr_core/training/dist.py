@@ -22,9 +22,11 @@ from contextlib import contextmanager
 _SET_HERE: dict[str, str] = {}   # the variables setup() put into this process's environment
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port on `host` that nothing listens on right now (the one such helper: training's
+    master port, the vLLM server, the tests' servers)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 

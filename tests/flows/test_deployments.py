@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from avr_core.config import ConfigError
-from tests.servers import free_port
+from avr_core.training.dist import free_port
 
 
 @pytest.fixture(scope="module")
