@@ -31,13 +31,14 @@ Worked example (TRL-style: one input row -> one output record)::
     # prompts.jsonl, line 2
     {"prompt": "Write a haiku about rain."}
 
-    >>> load_prompts("prompts.jsonl")
+    >>> load_prompts("prompts.jsonl")      # doctest: +SKIP
     [{'id': '7', 'messages': [{'role': 'user', 'content': '2+2?'}], 'answer': '4'},
      {'id': 'p-a8f42ff009fb', 'messages': [{'role': 'user', 'content': 'Write a haiku about rain.'}],
       'answer': None}]
 
-(The second row has no id, so it gets ``"p-"`` + the first 12 hex digits of the SHA-1 of its
-conversation as canonical JSON -- answer included, so a repeated row is a duplicate id.)
+(tests/test_inputs.py runs this example.) The second row has no id, so it gets ``"p-"`` + the first
+12 hex digits of the SHA-1 of its conversation as canonical JSON -- answer included, so a repeated row
+is a duplicate id.
 And a malformed row::
 
     {"messages": [{"role": "bot", "content": "hi"}]}          # line 7

@@ -320,3 +320,11 @@ def test_missing_unreadable_and_unsupported(tmp_path):
     assert "Parquet" in str(load_error(str(tmp_path / "junk.parquet")))
     (tmp_path / "plain").mkdir()
     assert "save_to_disk" in str(load_error(str(tmp_path / "plain")))
+
+
+def test_module_docstring_worked_example(tmp_path):
+    """The worked example at the top of avr_core/inputs.py, verbatim (its doctest needs this file)."""
+    rows = [{"id": 7, "messages": [U("2+2?"), A("4")], "source": "ignored"}, {"prompt": "Write a haiku about rain."}]
+    assert load_prompts(write_jsonl(tmp_path / "prompts.jsonl", rows)) == [
+        {"id": "7", "messages": [U("2+2?")], "answer": "4"},
+        {"id": "p-a8f42ff009fb", "messages": [U("Write a haiku about rain.")], "answer": None}]
