@@ -44,7 +44,8 @@ class BackendConfig:
 class SamplingConfig:
     temperature: float = 0.7
     top_p: float = 0.8
-    max_new_tokens: int = 512
+    max_new_tokens: Optional[int] = 512  # null: up to the model's context (respond/critique/refine
+                                         #   only; the authors set no cap: `resolve_max_new_tokens`)
     seed: int = 0
 
 
@@ -58,13 +59,16 @@ class RespondConfig:
 class CritiqueConfig:
     k: int = 2                       # critiques per answer
     max_tries: int = 5               # samples per critique slot until a [[k]] parses (release: 5)
-    force_rating: bool = False       # instead of dropping, complete "Rating: [[" (DESIGN step 2)
+    force_rating: bool = False       # instead of dropping, complete "Rating: [[" (docs/DESIGN.md step 2)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
 
 @dataclass
 class RefineConfig:
     m: int = 2                       # refinements per critique
+    conversation_judge: str = "sampling"  # judge turn of [x, y0, JUDGE, c, REFINE]: sampling (ours: the
+                                     #   text c was sampled from) | refine (authors: individual_refine's
+                                     #   "Your evaluation" copy)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
 
@@ -81,15 +85,24 @@ class SelectConfig:
     length_extra_chars: int = 400    # RSFT: drop y* if >= this many chars longer than y0 ...
     length_ratio: float = 1.2        # ... AND >= this many times as long
     redundancy_threshold: int = 60   # any word / symbol run this often -> degenerate
-    drop_unchanged: bool = True      # refinements that copy y0
     response_pairs: bool = True
     critique_pairs: bool = True
     refinement_pairs: bool = True
+    # Where the authors' scripts differ (docs/FIDELITY.md; conf/paper.yaml sets the authors' side):
+    drop_unchanged: bool = True      # refinements that copy y0 are not candidates (authors: kept)
+    ties: str = "first"              # first | authors (y* = last best; refinement pair: last worst)
+    record_gate: bool = False        # authors: redundant y0/y* or no improvement -> no pairs at all
+    refinement_needs_critique: bool = False  # authors: refinement pair only if c+ passes the critique gate
+    refinement_skip_at_answer: bool = False  # authors: no refinement pair when r(rejected) == r(y0)
+    group_critiques_by_text: bool = False    # authors: identical critique texts are one critique
+    rsft_redundancy: bool = True     # drop degenerate y0/y* from RSFT (authors: no check)
+    rsft_judge: str = "dpo"          # dpo | sft: judge text of RSFT examples (authors: sft)
+    rsft_mix_chosen: bool = False    # authors: RSFT data + every unused dataset `chosen` conversation
 
 
 @dataclass
 class TrainConfig:
-    """One recipe for RSFT and preference optimisation (DESIGN.md "Training"), on DeepSpeed."""
+    """One recipe for RSFT and preference optimisation (docs/DESIGN.md step 6), on DeepSpeed."""
 
     loss: str = "sft"                # sft | dpo | ipo | simpo | rm_margin
     beta: float = 0.1                # dpo / ipo / simpo / rm_margin temperature
@@ -113,7 +126,7 @@ class TrainConfig:
 
 @dataclass
 class SearchStageConfig:
-    """Stage 2 greedy search (DESIGN.md step 7) and the seed's thought drop rules (step 8)."""
+    """Stage 2 greedy search (docs/DESIGN.md step 7) and the seed's thought drop rules (step 8)."""
 
     k: int = 2
     m: int = 2
@@ -134,7 +147,7 @@ class ThoughtSampleConfig:
 
 @dataclass
 class ScalingConfig:
-    """Test-time scaling (DESIGN.md step 11): the Stage-1 model refines held-out prompts for
+    """Test-time scaling (docs/DESIGN.md step 11): the Stage-1 model refines held-out prompts for
     R = 0..rounds rounds at inference; one run gives every R (the answer after each round)."""
 
     rounds: int = 5                  # the curve's largest R (the paper: 0..5)
@@ -143,7 +156,7 @@ class ScalingConfig:
 
 @dataclass
 class JudgeConfig:
-    """An alpaca-eval pairwise judge (DESIGN.md step 10): the AlpacaEval 2 default annotator's
+    """An alpaca-eval pairwise judge (docs/DESIGN.md step 10): the AlpacaEval 2 default annotator's
     prompt and m/M log-prob rule, answered by an OpenAI-compatible endpoint or a local model."""
 
     kind: str = "openai"             # openai (GPT-4 Turbo, or `vllm serve` on 127.0.0.1) | local (HF model here)
@@ -157,7 +170,7 @@ class JudgeConfig:
 
 @dataclass
 class EvalConfig:
-    """AlpacaEval-style evaluation of every model the pipeline makes (DESIGN.md step 10)."""
+    """AlpacaEval-style evaluation of every model the pipeline makes (docs/DESIGN.md step 10)."""
 
     prompts: str = "avr_core/data/alpaca_eval/alpaca_eval_805.json"  # alpaca-eval format, `output` = reference
     slice: list = field(default_factory=lambda: [0, 805])
@@ -173,7 +186,10 @@ class EvalConfig:
 @dataclass
 class DataConfig:
     prompts: str = "avr_core/data/tiny_prompts.jsonl"  # JSONL | JSON | Parquet | saved HF dataset dir
-    # Disjoint slices [start, stop) of the prompt file for each use (DESIGN step 6: fresh prompts).
+                                                       # | hf://<dataset>:<split> (loaded with `datasets`)
+    # Slices [start, stop) of the prompt file for each use (docs/DESIGN.md step 6: fresh prompts). stage1_*
+    # may end in null (to the end of the file); stage1_po == stage1_sft re-uses the RSFT prompts
+    # for the PO synthesis (the authors' scripts/stage1_generation.sh: one run, the whole split).
     stage1_sft: list = field(default_factory=lambda: [0, 12])
     stage1_po: list = field(default_factory=lambda: [12, 24])
     stage2: list = field(default_factory=lambda: [24, 30])
@@ -323,7 +339,15 @@ def validate(cfg: DictConfig) -> None:
         s = f"{stage}.sampling"
         need(0.0 <= cfg[stage].sampling.temperature <= 2.0, f"{s}.temperature", "must be in [0, 2]")
         need(0.0 < cfg[stage].sampling.top_p <= 1.0, f"{s}.top_p", "must be in (0, 1]")
-        need(cfg[stage].sampling.max_new_tokens > 0, f"{s}.max_new_tokens", "must be > 0")
+        cap = cfg[stage].sampling.max_new_tokens
+        if stage in ("respond", "critique", "refine"):   # stage 1: null = up to the model's context
+            need(cap is None or cap > 0, f"{s}.max_new_tokens", "must be > 0 or null (up to the context)")
+        else:
+            need(cap is not None and cap > 0, f"{s}.max_new_tokens", "must be > 0")
+    need(cfg.refine.conversation_judge in ("sampling", "refine"), "refine.conversation_judge",
+         "must be sampling (ours) or refine (the authors' individual_refine text)")
+    need(cfg.select.ties in ("first", "authors"), "select.ties", "must be first or authors")
+    need(cfg.select.rsft_judge in ("dpo", "sft"), "select.rsft_judge", "must be dpo or sft")
     need(cfg.critique.k >= 1, "critique.k", "must be >= 1")
     need(cfg.critique.max_tries >= 1, "critique.max_tries", "must be >= 1")
     need(cfg.refine.m >= 1, "refine.m", "must be >= 1")
@@ -335,8 +359,10 @@ def validate(cfg: DictConfig) -> None:
     need(bool(cfg.scorer.model.path), "scorer.model.path", "a model path is required")
     for name in ("stage1_sft", "stage1_po", "stage2", "stage2_po", "heldout"):
         sl = cfg.data[name]
-        need(len(sl) == 2 and all(isinstance(v, int) for v in sl) and 0 <= sl[0] <= sl[1],
-             f"data.{name}", "must be [start, stop] with 0 <= start <= stop")
+        open_end = name.startswith("stage1") and len(sl) == 2 and sl[1] is None   # to the end of the file
+        need(len(sl) == 2 and isinstance(sl[0], int) and 0 <= sl[0]
+             and (open_end or (isinstance(sl[1], int) and sl[0] <= sl[1])), f"data.{name}",
+             "must be [start, stop] with 0 <= start <= stop" + (" (stop may be null)" if name.startswith("stage1") else ""))
     need(bool(cfg.data.prompts), "data.prompts", "a prompt file is required")
     need(cfg.search.k >= 1 and cfg.search.m >= 1, "search.k", "search.k and search.m must be >= 1")
     need(1 <= cfg.search.max_rounds <= 10, "search.max_rounds", "must be in 1..10")
@@ -395,6 +421,24 @@ def check_no_secrets(cfg: DictConfig) -> None:
                               "environment variable and name that variable (e.g. eval.judge.api_key_env) "
                               "-- the resolved config is saved with every run")
     walk(flat, "")
+
+
+def resolve_max_new_tokens(cap: int | None, generator: dict) -> int | None:
+    """A stage's `max_new_tokens` as the generator should get it. null means "up to the model's
+    context" (the authors set no `max_tokens`): vLLM (`max_tokens=None`) and an OpenAI-compatible
+    server (`"max_tokens": null`) already stop at the context, so None passes through; the hf
+    backend needs a number, the context length `generator.max_model_len`.
+
+    >>> resolve_max_new_tokens(None, {"kind": "hf", "max_model_len": 4096})
+    4096
+    >>> resolve_max_new_tokens(None, {"kind": "vllm", "max_model_len": 8192}) is None
+    True
+    >>> resolve_max_new_tokens(64, {"kind": "hf", "max_model_len": 4096})
+    64
+    """
+    if cap is not None:
+        return cap
+    return int(generator["max_model_len"]) if generator.get("kind", "hf") == "hf" else None
 
 
 def to_yaml(cfg: DictConfig) -> str:

@@ -2,7 +2,7 @@
 
 `load_prompts` reads a prompt file, checks every row, and returns normalised records. Bad input
 stops here, before any work, with an `InputError` naming the file, the line (or row) and the
-field (DESIGN.md, "Errors").
+field (docs/DESIGN.md, "Error contract").
 
 Accepted sources (picked by suffix, or a directory):
 
@@ -11,12 +11,21 @@ Accepted sources (picked by suffix, or a directory):
 - ``.parquet``  a table with a ``prompt`` or ``messages`` column; errors name the row (1-based).
 - a directory   written by ``datasets.Dataset.save_to_disk`` (or a ``DatasetDict``: split
                 ``train``, or the only split there is); errors name the row (1-based).
+- ``hf://<dataset>:<split>``  a Hugging Face hub dataset, loaded with ``datasets.load_dataset``
+                (the hub, or its local cache offline), e.g.
+                ``hf://princeton-nlp/llama3-ultrafeedback-armorm:train`` (the paper's prompts);
+                errors name the row. Offline without a cached copy it fails in one line naming
+                the dataset; a JSONL exported from it (``ds.to_json("p.jsonl")``) works the same.
 
 A row is one of::
 
     {"prompt": "Name three primes."}
     {"messages": [{"role": "system", "content": "..."}, {"role": "user", "content": "..."}, ...]}
 
+or a preference-data row carrying a ``"chosen"`` conversation (the hub format of the paper's
+prompt set, e.g. ``{"prompt": "...", "chosen": [user, assistant], "rejected": [...]}``): the
+conversation is then ``chosen`` -- it must end in the ``assistant`` turn that is the row's
+answer -- and a ``prompt`` next to it is ignored (``chosen`` with ``messages`` is an error);
 optionally with ``"id"`` (a string or an integer). Roles are OpenAI's ``system`` / ``user`` /
 ``assistant``: an optional first ``system`` turn, then turns alternating ``user``,
 ``assistant``, ... A final ``assistant`` turn is the row's reference answer y0; what is left
@@ -59,6 +68,7 @@ DEFAULT_MAX_CHARS = 200_000
 ROLES = ("user", "assistant", "system")
 _EXPECTED_ROLES = " or ".join(repr(r) for r in ROLES)
 _EITHER = "prompt/messages"
+HUB_PREFIX = "hf://"
 
 
 class InputError(ValueError):
@@ -96,9 +106,11 @@ def load_prompts(path: str | os.PathLike, limit: int | None = None, *,
         raise ValueError(f"limit must be a non-negative integer or None, got {limit!r}")
     name = os.fspath(path)
     p = Path(name)
-    if not p.exists():
+    if name.startswith(HUB_PREFIX):
+        rows, unit = _hub_rows(name), "row"
+    elif not p.exists():
         raise InputError(name, None, None, "no such file or directory")
-    if p.is_dir():
+    elif p.is_dir():
         rows, unit = _dataset_rows(name), "row"
     else:
         suffix = p.suffix.lower()
@@ -226,12 +238,34 @@ def _dataset_rows(name: str) -> Iterator[tuple[int, Any]]:
                        lambda start, count: ds.select(range(start, min(start + count, len(ds)))).to_list())
 
 
+def _hub_rows(name: str) -> Iterator[tuple[int, Any]]:
+    """``hf://<dataset>:<split>`` through ``datasets.load_dataset`` (the hub, or its cache)."""
+    dataset, _, split = name[len(HUB_PREFIX):].partition(":")
+    split = split or "train"
+    if not dataset or dataset.count("/") > 1 or any(c.isspace() for c in dataset):
+        raise InputError(name, None, None, "expected hf://<owner>/<dataset>:<split>, e.g. "
+                         "hf://princeton-nlp/llama3-ultrafeedback-armorm:train")
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(dataset, split=split)
+    except Exception as e:  # offline (ConnectionError, OfflineModeIsEnabled, ...), unknown dataset or split
+        why = (str(e).strip().splitlines() or [""])[0][:200]
+        raise InputError(name, None, None, f"cannot load dataset {dataset!r} split {split!r} with `datasets` "
+                         f"({type(e).__name__}: {why}); download it while online (datasets.load_dataset"
+                         f"({dataset!r}) fills the local cache) or export it to a local JSONL "
+                         f"(ds.to_json('prompts.jsonl')) and set data.prompts to that file") from None
+    ds = ds.with_format(None)
+    return _table_rows(name, ds.column_names, ds.num_rows,
+                       lambda start, count: ds.select(range(start, min(start + count, len(ds)))).to_list())
+
+
 def _table_rows(name: str, columns: list[str], n: int,
                 batch: Callable[[int, int], list[dict]]) -> Iterator[tuple[int, Any]]:
     """Rows of a table as dicts, numbered from 1, converted ``batch(start, count)`` at a time."""
-    if "prompt" not in columns and "messages" not in columns:
+    if "prompt" not in columns and "messages" not in columns and "chosen" not in columns:
         shown = ", ".join(map(repr, columns)) or "none"
-        raise InputError(name, None, None, f"no 'prompt' or 'messages' column; columns are: {shown}",
+        raise InputError(name, None, None, f"no 'prompt', 'messages' or 'chosen' column; columns are: {shown}",
                          "row")
 
     def rows() -> Iterator[tuple[int, Any]]:
@@ -258,7 +292,13 @@ def _normalise(row: Any, name: str, where: int, unit: str, max_chars: int) -> di
     if not isinstance(row, dict):
         raise fail(None, f"expected a row object like {{\"prompt\": ...}} or {{\"messages\": ...}}, "
                          f"got {_kind(row)}")
-    prompt, messages = row.get("prompt"), row.get("messages")
+    prompt, messages, chosen = row.get("prompt"), row.get("messages"), row.get("chosen")
+    if chosen is not None:
+        if messages is not None:
+            raise fail("messages/chosen", "both present; give one of 'messages' or 'chosen'")
+        prompt, messages, key = None, chosen, "chosen"
+    else:
+        key = "messages"
     if prompt is not None and messages is not None:
         raise fail(_EITHER, "both present; give exactly one of 'prompt' or 'messages'")
     if prompt is None and messages is None:
@@ -271,8 +311,11 @@ def _normalise(row: Any, name: str, where: int, unit: str, max_chars: int) -> di
         turns = [{"role": "user", "content": prompt}]
         fields = ["prompt"]
     else:
-        turns, fields = _check_messages(messages, fail), \
-            [f"messages[{i}].content" for i in range(len(messages))]
+        turns, fields = _check_messages(messages, fail, key), \
+            [f"{key}[{i}].content" for i in range(len(messages))]
+        if key == "chosen" and turns[-1]["role"] != "assistant":
+            raise fail(f"chosen[{len(turns) - 1}].role", "a chosen conversation must end in an 'assistant' "
+                                                        f"turn (its answer), got {turns[-1]['role']!r}")
 
     total = 0
     for turn, field in zip(turns, fields):
@@ -298,14 +341,14 @@ def _normalise(row: Any, name: str, where: int, unit: str, max_chars: int) -> di
     return {"id": rid, "messages": turns, "answer": answer}
 
 
-def _check_messages(messages: Any, fail) -> list[dict]:
+def _check_messages(messages: Any, fail, key: str = "messages") -> list[dict]:
     if not isinstance(messages, list):
-        raise fail("messages", f"expected a list of {{\"role\", \"content\"}} objects, got {_kind(messages)}")
+        raise fail(key, f"expected a list of {{\"role\", \"content\"}} objects, got {_kind(messages)}")
     if not messages:
-        raise fail("messages", "empty list: need at least one user turn")
+        raise fail(key, "empty list: need at least one user turn")
     out = []
     for i, m in enumerate(messages):
-        f = f"messages[{i}]"
+        f = f"{key}[{i}]"
         if not isinstance(m, dict):
             raise fail(f, f"expected an object with 'role' and 'content', got {_kind(m)}")
         role = m.get("role")
@@ -320,19 +363,19 @@ def _check_messages(messages: Any, fail) -> list[dict]:
 
     start = 1 if out[0]["role"] == "system" else 0
     if start == 0 and out[0]["role"] != "user":
-        raise fail("messages[0].role", f"a conversation must start with 'system' or 'user', "
+        raise fail(f"{key}[0].role", f"a conversation must start with 'system' or 'user', "
                                        f"got {out[0]['role']!r}")
     if start == 1 and len(out) == 1:
-        raise fail("messages", "no user turn: only a system turn")
+        raise fail(key, "no user turn: only a system turn")
     for i in range(start, len(out)):
         want = "user" if (i - start) % 2 == 0 else "assistant"
         got = out[i]["role"]
         if got == want:
             continue
         if got == "system":
-            raise fail(f"messages[{i}].role", "'system' is only allowed as the first turn")
+            raise fail(f"{key}[{i}].role", "'system' is only allowed as the first turn")
         after = "the system turn" if i == start else f"a {out[i - 1]['role']!r} turn"
-        raise fail(f"messages[{i}].role", f"expected {want!r} after {after} (turns alternate "
+        raise fail(f"{key}[{i}].role", f"expected {want!r} after {after} (turns alternate "
                                           f"user/assistant), got {got!r}")
     return out
 

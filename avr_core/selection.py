@@ -1,4 +1,4 @@
-"""Rejection sampling (DESIGN.md step 5): scored records -> RSFT examples and preference pairs.
+"""Rejection sampling (docs/DESIGN.md step 5): scored records -> RSFT examples and preference pairs.
 
 Rules follow the authors' src/data/prepare_sft_data.py and prepare_dpo_data.py, each
 filter a config switch and every drop counted. Pairs are TRL's conversational format plus
@@ -15,22 +15,46 @@ lineage fields (never named `tools` / `chat_template_kwargs`, which TRL reads)::
 """
 from __future__ import annotations
 
+import json
 from collections import Counter
 from dataclasses import dataclass
 
 from avr_core.parsing import is_redundant, is_unchanged
-from avr_core.prompts import JUDGE_TRAIN, REFINE_TRAIN
+from avr_core.prompts import JUDGE_TRAIN, REFINE_TRAIN, RSFT_JUDGES
 
 
 @dataclass(frozen=True)
 class SelectRules:
+    """Stage-1 selection. The first block is ours and the authors' alike; the second names every
+    place where the authors' scripts differ from ours (docs/FIDELITY.md): the defaults are ours,
+    `PAPER_RULES` (conf/paper.yaml) is the authors' rule for rule."""
+
     length_extra_chars: int = 400
     length_ratio: float = 1.2
     redundancy_threshold: int = 60
-    drop_unchanged: bool = True
     response_pairs: bool = True
     critique_pairs: bool = True
     refinement_pairs: bool = True
+    # -- where the authors differ (paper value in brackets) --------------------------------------
+    drop_unchanged: bool = True          # [False] refinements that copy y0 are not candidates
+    ties: str = "first"                  # ["authors"] equal scores: first in sampling order; authors:
+                                         #   y* = LAST best (`>=`, stage1_data_scoring.py), refinement
+                                         #   pair = first best vs LAST worst (stable sort, prepare_dpo_data.py)
+    record_gate: bool = False            # [True] a redundant y0, a redundant y*, or no improvement
+                                         #   skips the critique and refinement pairs of the record too
+    refinement_needs_critique: bool = False  # [True] refinement pair only where the critique pair's
+                                         #   conditions hold (incl. "no better judgement", redundant c+)
+    refinement_skip_at_answer: bool = False  # [True] no refinement pair when r(rejected) == r(y0)
+    group_critiques_by_text: bool = False    # [True] identical critique texts are one critique
+    rsft_redundancy: bool = True         # [False] degenerate y0 / y* are not RSFT examples
+    rsft_judge: str = "dpo"              # ["sft"] judge text of RSFT examples (avr_core.prompts.RSFT_JUDGES)
+    rsft_mix_chosen: bool = False        # [True] RSFT data also gets every dataset `chosen`
+                                         #   conversation not used (`rsft_mix`)
+
+
+PAPER_RULES = SelectRules(drop_unchanged=False, ties="authors", record_gate=True, refinement_needs_critique=True,
+                          refinement_skip_at_answer=True, group_critiques_by_text=True, rsft_redundancy=False,
+                          rsft_judge="sft", rsft_mix_chosen=True)
 
 
 def _turn(role: str, text: str) -> dict:
@@ -59,8 +83,34 @@ def select(records: list[dict], rules: SelectRules = SelectRules()) -> tuple[lis
     return rsft, pairs, counts
 
 
+def rsft_mix(prompt_records: list[dict], rsft: list[dict]) -> tuple[list[dict], Counter]:
+    """The authors' RSFT data mix (src/data/prepare_sft_data.py, lines 72-74): after the refinement
+    examples, every dataset `chosen` conversation -- a prompt record's messages plus its dataset
+    answer -- that is not the [x, y0] of a refinement example, each distinct conversation once
+    (their `deduplicate_data`). `prompt_records`: the prompt slice (`avr_core.inputs` records);
+    records without a dataset answer have no chosen conversation and are counted."""
+    used = {json.dumps(ex["messages"][:-4], ensure_ascii=False) for ex in rsft}
+    out, seen, counts = [], set(), Counter()
+    for r in prompt_records:
+        if not r.get("answer"):
+            counts["mix_no_chosen"] += 1
+            continue
+        conv = [*r["messages"], _turn("assistant", r["answer"])]
+        line = json.dumps(conv, ensure_ascii=False)
+        if line in used:
+            counts["mix_used"] += 1
+        elif line in seen:
+            counts["mix_duplicate"] += 1
+        else:
+            seen.add(line)
+            out.append({"id": f"{r['id']}/chosen", "prompt_id": r["id"], "source": "dataset_chosen",
+                        "messages": conv})
+    counts["mix_examples"] = len(out)
+    return out, counts
+
+
 def _candidates(rec: dict, rules: SelectRules, counts: Counter) -> dict[str, list[dict]]:
-    """Scored refinements per critique id, minus unchanged copies of y0."""
+    """Scored refinements per critique id (in sampling order), minus unchanged copies of y0."""
     out = {}
     for c in rec.get("critiques", []):
         kept = []
@@ -75,6 +125,41 @@ def _candidates(rec: dict, rules: SelectRules, counts: Counter) -> dict[str, lis
     return out
 
 
+def _groups(rec: dict, cands: dict[str, list[dict]], rules: SelectRules) -> dict[str, tuple[str, list[dict]]]:
+    """Critique id -> (text, scored refinements). With `group_critiques_by_text`, critiques with the
+    same text are one (the first one's id; refinements in sampling order), as the authors' j_dict
+    (stage1_data_scoring.py, lines 47-53). Critiques without a scored refinement are left out."""
+    out: dict[str, tuple[str, list[dict]]] = {}
+    by_text: dict[str, str] = {}
+    for c in rec.get("critiques", []):
+        fs = cands.get(c["id"], [])
+        if not fs:
+            continue
+        if rules.group_critiques_by_text and c["text"] in by_text:
+            out[by_text[c["text"]]][1].extend(fs)
+            continue
+        by_text.setdefault(c["text"], c["id"])
+        out[c["id"]] = (c["text"], list(fs))
+    return out
+
+
+def _best(items, key, last: bool):
+    """The max by key; ties: the first (or, `last`, the last) in order."""
+    best = None
+    for it in items:
+        if best is None or key(it) > key(best) or (last and key(it) == key(best)):
+            best = it
+    return best
+
+
+def _worst(items, key, last: bool):
+    best = None
+    for it in items:
+        if best is None or key(it) < key(best) or (last and key(it) == key(best)):
+            best = it
+    return best
+
+
 def _select_one(rec: dict, rules: SelectRules, counts: Counter) -> tuple[list[dict], list[dict]]:
     x, y0, s0 = rec["messages"], rec["answer"], rec["answer_score"]
     redundant = lambda t: is_redundant(t, rules.redundancy_threshold)  # noqa: E731
@@ -85,79 +170,101 @@ def _select_one(rec: dict, rules: SelectRules, counts: Counter) -> tuple[list[di
     if not flat:
         counts["no_refinements"] += 1
         return examples, pairs
-    cid, best = max(flat, key=lambda t: t[1]["score"])  # ties: the first in sampling order
+    cid, best = _best(flat, lambda t: t[1]["score"], last=rules.ties == "authors")
+    gate = False
     if best["score"] <= s0:
         counts["no_improvement"] += 1
-    elif redundant(best["text"]) or redundant(y0):
-        counts["rsft_dropped_redundant"] += 1
     else:
+        red = redundant(best["text"]) or redundant(y0)
         extra, ratio = len(best["text"]) - len(y0), len(best["text"]) / max(1, len(y0))
-        if extra >= rules.length_extra_chars and ratio >= rules.length_ratio:
+        if red and rules.rsft_redundancy:
+            counts["rsft_dropped_redundant"] += 1
+        elif extra >= rules.length_extra_chars and ratio >= rules.length_ratio:
             counts["rsft_dropped_length"] += 1
         else:
             examples.append({
                 "id": f"{rec['id']}/rsft", "prompt_id": rec["id"], "critique_id": cid, "refinement_id": best["id"],
                 "score_answer": s0, "score_refinement": best["score"],
-                "messages": [*x, _turn("assistant", y0), _turn("user", JUDGE_TRAIN),
+                "messages": [*x, _turn("assistant", y0), _turn("user", RSFT_JUDGES[rules.rsft_judge]),
                              _turn("assistant", crit[cid]["text"]), _turn("user", REFINE_TRAIN),
                              _turn("assistant", best["text"])]})
-        if rules.response_pairs:
-            pairs.append(_pair("response", rec, x, best["text"], y0, best["score"], s0, cid, best["id"], "answer"))
+        if red:
+            if not rules.rsft_redundancy:
+                counts["response_pair_redundant"] += 1
+        else:
+            gate = True
+            if rules.response_pairs:
+                pairs.append(_pair("response", rec, x, best["text"], y0, best["score"], s0, cid, best["id"], "answer"))
+    if rules.record_gate and not gate:   # prepare_dpo_data.py lines 102-113: `continue` for the record
+        counts["record_gate_skipped"] += 1
+        return examples, pairs
     judged = [*x, _turn("assistant", y0), _turn("user", JUDGE_TRAIN)]
-    plus = _critique_pair(rec, crit, cands, judged, rules, counts, redundant, pairs)
+    groups = _groups(rec, cands, rules)
+    plus, plus_ok = _critique_pair(rec, groups, judged, rules, counts, redundant, pairs)
     if rules.refinement_pairs and plus is not None:
-        _refinement_pair(rec, crit[plus], cands[plus], judged, counts, redundant, pairs)
+        if rules.refinement_needs_critique and not plus_ok:
+            counts["refinement_pair_no_critique_gate"] += 1
+        else:
+            _refinement_pair(rec, plus, *groups[plus], judged, rules, counts, redundant, pairs)
     return examples, pairs
 
 
-def _critique_pair(rec, crit, cands, judged, rules, counts, redundant, pairs) -> str | None:
-    """c+ vs c-, a critique's value being mean(r(refinements)) - r(y0). Returns c+'s id."""
+def _critique_pair(rec, groups, judged, rules, counts, redundant, pairs) -> tuple[str | None, bool]:
+    """c+ vs c-, a critique's value being mean(r(refinements)) - r(y0). Returns c+'s id and whether
+    the critique pair's conditions on c+ hold (the authors' gate for the refinement pair:
+    prepare_dpo_data.py lines 143-153; a redundant c- drops only the critique pair, line 155)."""
     s0 = rec["answer_score"]
-    value = {cid: sum(f["score"] for f in fs) / len(fs) - s0 for cid, fs in cands.items() if fs}
-    if not value:
-        return None
-    plus = max(value, key=value.get)
-    minus = min(value, key=value.get)
-    if not rules.critique_pairs:
-        return plus
-    if len(value) < 2:
+    mean = {cid: sum(f["score"] for f in fs) / len(fs) for cid, (_, fs) in groups.items()}
+    if not mean:
+        return None, False
+    plus = _best(mean, mean.get, last=False)      # the authors' strict `>` / `<`: first max / min
+    minus = _worst(mean, mean.get, last=False)
+    text = {cid: t for cid, (t, _) in groups.items()}
+    ok = False
+    if len(mean) < 2:
         counts["critique_pair_single_critique"] += 1
-    elif value[plus] <= value[minus]:
+    elif mean[plus] <= mean[minus]:
         counts["critique_pair_equal_value"] += 1
-    elif crit[plus]["text"] == crit[minus]["text"]:
+    elif text[plus] == text[minus]:
         counts["critique_pair_identical"] += 1
-    elif max(f["score"] for f in cands[plus]) < s0:
+    elif max(f["score"] for f in groups[plus][1]) < s0:
         counts["critique_pair_no_improvement"] += 1
-    elif redundant(crit[plus]["text"]) or redundant(crit[minus]["text"]):
+    elif redundant(text[plus]):
         counts["critique_pair_redundant"] += 1
     else:
-        pairs.append(_pair("critique", rec, judged, crit[plus]["text"], crit[minus]["text"],
-                           value[plus], value[minus], plus, plus, minus))
-    return plus
+        ok = True
+        if redundant(text[minus]):
+            counts["critique_pair_redundant"] += 1
+        elif rules.critique_pairs:
+            pairs.append(_pair("critique", rec, judged, text[plus], text[minus],
+                               mean[plus] - s0, mean[minus] - s0, plus, plus, minus))
+    return plus, ok
 
 
-def _refinement_pair(rec, c, fs, judged, counts, redundant, pairs) -> None:
+def _refinement_pair(rec, cid, text, fs, judged, rules, counts, redundant, pairs) -> None:
     """Best vs worst refinement under c+, from [x, y0, JUDGE, c+, REFINE]."""
     if len(fs) < 2:
         counts["refinement_pair_too_few"] += 1
         return
-    hi = max(fs, key=lambda f: f["score"])
-    lo = min(fs, key=lambda f: f["score"])
+    hi = _best(fs, lambda f: f["score"], last=False)
+    lo = _worst(fs, lambda f: f["score"], last=rules.ties == "authors")
     if hi["score"] <= lo["score"]:
         counts["refinement_pair_equal"] += 1
     elif hi["score"] < rec["answer_score"]:
         counts["refinement_pair_below_answer"] += 1
+    elif rules.refinement_skip_at_answer and lo["score"] == rec["answer_score"]:
+        counts["refinement_pair_rejected_at_answer"] += 1
     elif redundant(hi["text"]) or redundant(lo["text"]):
         counts["refinement_pair_redundant"] += 1
     else:
-        prompt = [*judged, _turn("assistant", c["text"]), _turn("user", REFINE_TRAIN)]
+        prompt = [*judged, _turn("assistant", text), _turn("user", REFINE_TRAIN)]
         pairs.append(_pair("refinement", rec, prompt, hi["text"], lo["text"], hi["score"], lo["score"],
-                           c["id"], hi["id"], lo["id"]))
+                           cid, hi["id"], lo["id"]))
 
 
 @dataclass(frozen=True)
 class ThoughtPairRules:
-    """Stage-2 pairs (DESIGN.md step 9): best vs worst sampled thought of a prompt, judged by the
+    """Stage-2 pairs (docs/DESIGN.md step 9): best vs worst sampled thought of a prompt, judged by the
     RM score of the FINAL answer only, with length control on that final answer."""
 
     min_margin: float = 0.0          # score_chosen - score_rejected must exceed this

@@ -1,4 +1,4 @@
-"""Stage-1 sampling, one round per call (DESIGN.md steps 1-4): respond -> critique -> refine -> rm_score.
+"""Stage-1 sampling, one round per call (docs/DESIGN.md steps 1-4): respond -> critique -> refine -> rm_score.
 
 Every function takes a list of records and an injected backend, sends the WHOLE round to the
 backend in one call (n samples per conversation), and returns new records plus counts of
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from avr_core.backends.base import Generator, SamplingParams, Scorer
 from avr_core.parsing import extract_rating, parse_forced_rating
-from avr_core.prompts import FORCED_RATING_PREFIX, judge_conversation, refine_conversation
+from avr_core.prompts import FORCED_RATING_PREFIX, JUDGE_SAMPLING, judge_conversation, refine_conversation
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,8 @@ class Sampling:
 
     temperature: float = 0.7
     top_p: float = 0.8
-    max_new_tokens: int = 256
+    max_new_tokens: int | None = 256   # None: up to the model's context (vllm / openai natively;
+                                       #   hf: resolve first, `avr_core.config.resolve_max_new_tokens`)
     seed: int = 0
 
     def params(self, n: int, salt: int = 0) -> SamplingParams:
@@ -127,11 +128,14 @@ def _force_ratings(failing, slots, convs, gen: Generator, counts: Counter) -> No
 
 
 def refine(records: list[dict], gen: Generator, m: int, sampling: Sampling,
-           salt: int = 0) -> tuple[list[dict], Counter]:
-    """M refinements per critique from [x, y0, JUDGE, c, REFINE], all in one call."""
+           salt: int = 0, judge: str = JUDGE_SAMPLING) -> tuple[list[dict], Counter]:
+    """M refinements per critique from [x, y0, JUDGE, c, REFINE], all in one call. `judge`: the judge
+    turn's text in that conversation (config `refine.conversation_judge`: ours, the sampling judge
+    the critique came from; the authors', `JUDGE_REFINE_CONVERSATION`)."""
     counts: Counter = Counter()
     pairs = [(ri, ci) for ri, r in enumerate(records) for ci in range(len(r["critiques"]))]
-    convs = [refine_conversation(records[ri]["messages"], records[ri]["answer"], records[ri]["critiques"][ci]["text"])
+    convs = [refine_conversation(records[ri]["messages"], records[ri]["answer"], records[ri]["critiques"][ci]["text"],
+                                 judge)
              for ri, ci in pairs]
     outs = gen.generate(convs, sampling.params(m, salt)) if convs else []
     result = copy.deepcopy(records)
