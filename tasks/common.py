@@ -1,12 +1,13 @@
 """What every stage task shares: the store-backed cache, sharded execution, run records.
 
-The artifact store is the cache (DESIGN.md "Cache key"). Prefect's own task cache is
+The artifact store is the cache (docs/DESIGN.md "Cache key"). Prefect's own task cache is
 layered on top through `StoreCache`, which offers Prefect the artifact key ONLY while that
 artifact's manifest exists, so a deleted artifact can never come back from a stale Prefect
 cache record: the task then runs and finds (or rebuilds) it in the store.
 """
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -21,6 +22,7 @@ from prefect.logging import get_run_logger
 from prefect.utilities.callables import get_call_parameters
 from tqdm.auto import tqdm
 
+from avr_core.codeversion import CodeVersion, code_version, reached_definitions
 from avr_core.store import ArtifactRef, Store, cache_key
 
 log = logging.getLogger("avr")
@@ -54,17 +56,140 @@ def logger():
 class StoreCache(CachePolicy):
     """Prefect cache policy whose key is the stage's artifact key, if the artifact exists."""
 
-    ref_fn: Optional[Callable[..., ArtifactRef]] = None
-
     def compute_key(self, task_ctx, inputs: dict[str, Any], flow_parameters: dict[str, Any],
                     **kwargs: Any) -> Optional[str]:
-        ref = self.ref_fn(**inputs)
-        return f"{ref.stage}-{ref.key}" if store_of(inputs["cfg"]).exists(ref) else None
+        r = task_ctx.task.resolve(inputs)
+        return f"{r.ref.stage}-{r.ref.key}" if r.store.exists(r.ref) else None
 
 
 # Every stage call of this process, in order: what the run's wall-time table is made of.
 # Flows run their stages one after another in the flow's own process, so a list suffices.
 STAGE_LOG: list[dict] = []
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One stage call, described ONCE: its cache key hashes exactly this (with the stage's code
+    version) and its manifest records exactly this, so key and manifest cannot drift apart.
+
+    stage: the store directory; config: the hashed config section; inputs: the artifacts it
+    reads (their keys go into the key); models: trained-model artifacts it loads (verified with
+    the inputs before any work; a model is already in `config` through `policy_identity`).
+
+    >>> Spec("critique", {"critique": {"k": 2}}, inputs=(ArtifactRef("/st", "respond", "ab12"),)).stage
+    'critique'
+    """
+
+    stage: str
+    config: Any
+    inputs: tuple = ()
+    models: tuple = ()
+
+
+def stage_code(entry: str, cfg: dict, root: str | None = None) -> CodeVersion:
+    """The code version of the stage whose task body is `entry` ("module:function"): every
+    definition of this repository it can reach, plus the backend classes its config selects
+    when it reaches a backend factory (the factories name their classes only as strings)."""
+    from avr_core.backends import REGISTRIES
+
+    reached = reached_definitions([entry], root)
+    extra = []
+    for factory, section, registry in REGISTRIES:
+        kind = (cfg.get(section) or {}).get("kind")
+        if factory in reached and kind in registry:
+            extra.append(registry[kind])
+    return code_version([entry, *extra], root)
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """A stage call resolved against the store: its spec, code version and artifact ref."""
+
+    spec: Spec
+    code: CodeVersion
+    store: Store
+    ref: ArtifactRef
+
+
+class Output:
+    """What a stage body writes into: the artifact's writer, plus what goes into its manifest.
+
+    A body commits shards (`shards`, or `commit` for a one-shot stage), writes whole-artifact
+    files (`write_file`) and may add manifest fields (`extra`, `counts`); the skeleton
+    (`run_stage`) writes the manifest after it returns."""
+
+    def __init__(self, store: Store, ref: ArtifactRef, writer):
+        self.store, self.ref, self.writer = store, ref, writer
+        self.extra: dict = {}
+        self.counts: dict = {}
+        self.after: list[Callable[[], None]] = []   # run once the manifest exists (clean-ups)
+
+    @property
+    def dir(self) -> str:
+        return self.writer.dir
+
+    def write_file(self, relpath: str, data: bytes) -> None:
+        self.writer.write_file(relpath, data)
+
+    def commit(self, outputs: dict[str, list[dict]], counts: dict | None = None, index: int = 0) -> None:
+        self.writer.commit_shard(index, outputs, dict(counts or {}))
+
+    def committed_records(self, name: str = "records") -> list[dict]:
+        return self.writer.committed_records(name)
+
+    def shards(self, records: Callable[[], list[dict]], shard_size: int,
+               work: Callable[[list[dict], int], tuple[dict[str, list[dict]], Counter]],
+               stats: Callable[[], dict] | None = None) -> None:
+        """Run `work(shard_records, shard_index)` over shards, committing each; skip committed ones.
+
+        The artifact appears (manifest written) only after the last shard: a killed run restarts
+        here and redoes at most the shard it was in, never a committed one."""
+        rows = records()  # read only on a miss
+        shards = [rows[i:i + shard_size] for i in range(0, len(rows), shard_size)] or [[]]
+        done = self.writer.committed()
+        if done:
+            logger().info("%s: resuming, %d of %d shards already committed", self.ref.stage, len(done), len(shards))
+        pending = [i for i in range(len(shards)) if i not in done]
+        t0 = time.time()
+        for i in tqdm(pending, desc=self.ref.stage, unit="shard"):
+            before = stats() if stats else {}  # the first call builds the backend: only on a real miss
+            outputs, counts = work(shards[i], i)
+            counts = Counter(counts)
+            counts["input_records"] += len(shards[i])
+            # backend counters (tokens generated, failed requests, ...) travel with the shard,
+            # so a resumed stage's manifest still adds up over all shards
+            after = stats() if stats else {}
+            counts.update({f"backend_{k}": after[k] - before.get(k, 0) for k in after})
+            self.writer.commit_shard(i, outputs, dict(counts))
+        self.extra.update(compute_s=round(time.time() - t0, 3), shards=len(shards))
+
+
+def run_stage(task: "StageTask", params: dict, body: Callable[..., None]) -> ArtifactRef:
+    """THE stage skeleton: cache check -> input verification -> writer -> body -> manifest ->
+    publish. Every stage runs through here (the lock is taken around it, in StageTask)."""
+    r = task.resolve(params)
+    store, ref, spec = r.store, r.ref, r.spec
+    if store.exists(ref):
+        logger().info("%s: cache hit (%s)", ref.stage, ref.path)
+    else:
+        check_inputs(store, ref, [*spec.inputs, *spec.models])   # before any work and before anything is written
+        out = Output(store, ref, store.writer(ref.stage, ref.key, spec.config, list(spec.inputs), r.code.version))
+        body(out, **params)
+        out.writer.finalize(extra={**out.extra, "code_files": r.code.files}, counts=out.counts or None)
+        for fn in out.after:
+            fn()
+        m = store.manifest(ref)
+        logger().info("%s: wrote %s rows=%s counts=%s", ref.stage, ref.path, m["rows"], m["counts"])
+        try:
+            publish_stage(store, ref, m)
+        except Exception as e:  # showing a stage must never fail it: the store is the record
+            logger().warning("%s: could not publish Prefect artifacts: %s", ref, e)
+    if task.publish_fn is not None:     # a stage's own view (a plot), cached or computed
+        try:
+            task.publish_fn(store, ref)
+        except Exception as e:
+            logger().warning("%s: could not publish Prefect artifacts: %s", ref, e)
+    return ref
 
 
 class StageTask(Task):
@@ -75,23 +200,83 @@ class StageTask(Task):
     the ONE place that makes concurrent runs of any stage (sharded or not, training included)
     compute an artifact once. Flows call stages one at a time, so a process never holds two."""
 
+    spec_fn: Callable[..., Spec] | None = None
+    body: Callable[..., None]
+    publish_fn: Callable[[Store, ArtifactRef], None] | None = None
+
+    def resolve(self, params: dict) -> Resolved:
+        if self.spec_fn is None:      # a stage not yet on the skeleton (being converted)
+            return Resolved(None, None, store_of(params["cfg"]), self.ref_fn(**params))  # type: ignore[arg-type]
+        spec = self.spec_fn(**params)
+        cfg = params["cfg"]
+        code = stage_code(f"{self.body.__module__}:{self.body.__name__}", cfg)
+        store = store_of(cfg)
+        key = cache_key(spec.stage, spec.config, [str(i) for i in spec.inputs], code.version)
+        return Resolved(spec, code, store, store.ref(spec.stage, key))
+
+    def ref(self, *args, **kwargs) -> ArtifactRef:
+        """The artifact this call computes or reuses (nothing is run)."""
+        return self.resolve(get_call_parameters(self.fn, args, kwargs)).ref
+
     def __call__(self, *args, **kwargs):
         if os.environ.get("AVR_FAIL_TASK") == self.name:   # fault injection for resume and chaos tests
             raise RuntimeError(f"injected failure in stage {self.name!r} (AVR_FAIL_TASK)")
         params = get_call_parameters(self.fn, args, kwargs)
-        ref = self.ref_fn(**params)
+        ref = self.resolve(params).ref
         store = store_of(params["cfg"])
         t0 = time.perf_counter()
         cached = False
         try:
             # one process computes an artifact, any other one running the same stage with the same
-            # config waits here, then finds the manifest (Prefect's cache or the body's `exists`)
+            # config waits here, then finds the manifest (Prefect's cache or the skeleton's `exists`)
             with store.lock(ref, timeout=lock_timeout(params["cfg"]), logger=logger()):
                 cached = store.exists(ref)
                 return super().__call__(*args, **kwargs)
         finally:
             STAGE_LOG.append({"task": self.name, "artifact": str(ref), "cached": cached,
                               "wall_s": round(time.perf_counter() - t0, 2)})
+
+
+def stage(spec_fn: Callable[..., Spec], *, retries: int = 2, timeout_s: float = 6 * 3600,
+          publish: Callable[[Store, ArtifactRef], None] | None = None):
+    """Make `body(out, cfg, ...)` a stage task called as `task(cfg, ...)`: cached on the key of
+    `spec_fn(cfg, ...)`, locked, retried, time-limited; the body only fills `out` (an Output).
+
+        @stage(critique_spec)
+        def critique(out: Output, cfg: dict, policy: dict, answers: ArtifactRef) -> None:
+            out.shards(lambda: read(answers), cfg["shard_size"], lambda shard, i: ...)
+    """
+    def deco(body):
+        params = list(inspect.signature(body).parameters.values())[1:]
+        signature = inspect.Signature(params, return_annotation=ArtifactRef)
+
+        def run(*args, **kwargs) -> ArtifactRef:
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            return run_stage(t, dict(bound.arguments), body)
+        run.__signature__ = signature  # type: ignore[attr-defined]  # what Prefect reads for parameters
+        run.__name__, run.__qualname__, run.__doc__ = body.__name__, body.__qualname__, body.__doc__
+        run.__module__ = body.__module__
+        t = StageTask(run, name=body.__name__, cache_policy=StoreCache(), persist_result=True, retries=retries,
+                      retry_delay_seconds=RETRY_DELAY_S, timeout_seconds=timeout_s, task_run_name=body.__name__)
+        t.spec_fn, t.body, t.publish_fn = spec_fn, body, publish
+        return t
+    return deco
+
+
+class Lazy:
+    """A backend built on first use, so a cache hit never loads a model."""
+
+    def __init__(self, build):
+        self.build, self.obj = build, None
+
+    def get(self):
+        if self.obj is None:
+            self.obj = self.build()
+        return self.obj
+
+    def stats(self) -> dict:
+        return self.get().stats.as_dict()
 
 
 def publish(ref: ArtifactRef, key: str, table: list[dict] | None = None, markdown: str | None = None) -> None:
@@ -117,7 +302,7 @@ def publish(ref: ArtifactRef, key: str, table: list[dict] | None = None, markdow
 def stage_task(ref_fn: Callable[..., ArtifactRef], *, retries: int = 2, timeout_s: float = 6 * 3600):
     """A stage task: cached on its artifact key, retried, time-limited, named by its key."""
     def deco(fn):
-        t = StageTask(fn, name=fn.__name__, cache_policy=StoreCache(ref_fn=ref_fn), persist_result=True,
+        t = StageTask(fn, name=fn.__name__, cache_policy=StoreCache(), persist_result=True,
                       retries=retries, retry_delay_seconds=RETRY_DELAY_S, timeout_seconds=timeout_s,
                       task_run_name=fn.__name__)
         t.ref_fn = ref_fn

@@ -1,26 +1,22 @@
-"""Stage-1 synthesis tasks (DESIGN.md steps 1-5): thin wrappers that move artifact references.
+"""Stage-1 synthesis tasks (docs/DESIGN.md steps 1-5): thin wrappers that move artifact references.
 
-Each task: compute its artifact key -> return at once if the store has it -> else read the
-input artifact, run the `avr_core` round shard by shard, commit, write the manifest.
+Each stage: a spec (its hashed config section and inputs) and a body that reads the input
+artifact and runs the `avr_core` round shard by shard; the skeleton in `tasks/common.py` does
+the rest (cache check, lock, input verification, manifest, publishing).
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-import avr_core.backends.hf
-import avr_core.inputs
-import avr_core.parsing
-import avr_core.selection
-import avr_core.synthesis
 from avr_core import synthesis as core
-from avr_core.backends import make_generator, make_scorer
+from avr_core.backends import make_generator
 from avr_core.inputs import load_prompts
+from avr_core.scorers import make_scorer
 from avr_core.selection import SelectRules, select as select_records
-from avr_core.store import ArtifactRef, cache_key, code_version, file_digest
-from tasks.common import model_artifacts, policy_identity, run_sharded, stage_task, store_of
+from avr_core.store import ArtifactRef, file_digest
+from tasks.common import Lazy, Output, Spec, model_artifacts, policy_identity, stage, store_of
 
 ROOT = Path(__file__).resolve().parent.parent
-_SYNTH = code_version(avr_core.synthesis, avr_core.backends.hf)
 
 
 def resolve_data_path(p: str) -> str:
@@ -31,18 +27,10 @@ def resolve_data_path(p: str) -> str:
     return str(alt) if alt.exists() else p
 
 
-def _ref(cfg: dict, stage: str, section: dict, inputs: list[ArtifactRef], code: str) -> ArtifactRef:
-    return store_of(cfg).ref(stage, cache_key(stage, section, [str(r) for r in inputs], code))
-
-
 # -- prompts ----------------------------------------------------------------------------------
-def _prompts_section(cfg: dict, split: str) -> dict:
+def prompts_spec(cfg: dict, split: str) -> Spec:
     path = resolve_data_path(cfg["data"]["prompts"])
-    return {"file_sha256": file_digest(path)[:16], "split": split, "slice": list(cfg["data"][split])}
-
-
-def prompts_ref(cfg: dict, split: str) -> ArtifactRef:
-    return _ref(cfg, "prompts", _prompts_section(cfg, split), [], code_version(avr_core.inputs))
+    return Spec("prompts", {"file_sha256": file_digest(path)[:16], "split": split, "slice": list(cfg["data"][split])})
 
 
 def validate_prompts(cfg: dict) -> int:
@@ -50,49 +38,32 @@ def validate_prompts(cfg: dict) -> int:
     return len(load_prompts(resolve_data_path(cfg["data"]["prompts"])))
 
 
-@stage_task(prompts_ref, retries=0, timeout_s=600)
-def prompts(cfg: dict, split: str) -> ArtifactRef:
+@stage(prompts_spec, retries=0, timeout_s=600)
+def prompts(out: Output, cfg: dict, split: str) -> None:
     """The [start, stop) slice `data.<split>` of the validated prompt file."""
-    ref = prompts_ref(cfg, split)
     rows = load_prompts(resolve_data_path(cfg["data"]["prompts"]))
     start, stop = cfg["data"][split]
     chosen = rows[start:stop]
     work = lambda shard, i: ({"records": shard}, {"file_rows": len(rows)} if i == 0 else {})  # noqa: E731
-    return run_sharded(store_of(cfg), ref, _prompts_section(cfg, split), [], code_version(avr_core.inputs),
-                       lambda: chosen, max(1, len(chosen)), work)
+    out.shards(lambda: chosen, max(1, len(chosen)), work)
 
 
 # -- respond / critique / refine --------------------------------------------------------------
-def _gen_section(cfg: dict, policy: dict, stage: str) -> dict:
-    return {stage: cfg[stage], "policy": policy_identity(policy), "generator": cfg["generator"], "shard_size": cfg["shard_size"]}
+def _gen_spec(cfg: dict, policy: dict, stage_name: str, inp: ArtifactRef) -> Spec:
+    section = {stage_name: cfg[stage_name], "policy": policy_identity(policy), "generator": cfg["generator"],
+               "shard_size": cfg["shard_size"]}
+    return Spec(stage_name, section, (inp,), tuple(model_artifacts(cfg, policy)))
 
 
-def _sampling(cfg: dict, stage: str) -> core.Sampling:
-    return core.Sampling(**cfg[stage]["sampling"])
+def _sampling(cfg: dict, stage_name: str) -> core.Sampling:
+    return core.Sampling(**cfg[stage_name]["sampling"])
 
 
-def _generation_stage(cfg, stage, policy, inp, fn):
-    section = _gen_section(cfg, policy, stage)
-    ref, store = _ref(cfg, stage, section, [inp], _SYNTH), store_of(cfg)
-    gen = _Lazy(lambda: make_generator(policy, cfg["generator"]))  # loaded only on a cache miss
-    return run_sharded(store, ref, section, [inp], _SYNTH, lambda: store.read_records(inp), cfg["shard_size"],
-                       lambda shard, i: _records(fn(shard, gen.get(), i)), stats=gen.stats,
-                       models=model_artifacts(cfg, policy))
-
-
-class _Lazy:
-    """A backend built on first use, so a cache hit never loads a model."""
-
-    def __init__(self, build):
-        self.build, self.obj = build, None
-
-    def get(self):
-        if self.obj is None:
-            self.obj = self.build()
-        return self.obj
-
-    def stats(self) -> dict:
-        return self.get().stats.as_dict()
+def _generate(out: Output, cfg: dict, policy: dict, inp: ArtifactRef, fn) -> None:
+    """Shard by shard: `fn(shard, generator, shard_index)` -> (records, counts)."""
+    gen = Lazy(lambda: make_generator(policy, cfg["generator"]))  # loaded only on a cache miss
+    out.shards(lambda: out.store.read_records(inp), cfg["shard_size"],
+               lambda shard, i: _records(fn(shard, gen.get(), i)), stats=gen.stats)
 
 
 def _records(result):
@@ -100,76 +71,76 @@ def _records(result):
     return {"records": records}, counts
 
 
-def respond_ref(cfg, policy, prompts):
-    return _ref(cfg, "respond", _gen_section(cfg, policy, "respond"), [prompts], _SYNTH)
+def respond_spec(cfg, policy, prompts):
+    return _gen_spec(cfg, policy, "respond", prompts)
 
 
-@stage_task(respond_ref)
-def respond(cfg: dict, policy: dict, prompts: ArtifactRef) -> ArtifactRef:
+@stage(respond_spec)
+def respond(out: Output, cfg: dict, policy: dict, prompts: ArtifactRef) -> None:
     """y0 for every prompt (step 1)."""
     s = _sampling(cfg, "respond")
-    return _generation_stage(cfg, "respond", policy, prompts, lambda shard, gen, i: core.respond(
+    _generate(out, cfg, policy, prompts, lambda shard, gen, i: core.respond(
         shard, gen, s, cfg["respond"]["use_dataset_answer"], salt=i))
 
 
-def critique_ref(cfg, policy, answers):
-    return _ref(cfg, "critique", _gen_section(cfg, policy, "critique"), [answers], _SYNTH)
+def critique_spec(cfg, policy, answers):
+    return _gen_spec(cfg, policy, "critique", answers)
 
 
-@stage_task(critique_ref)
-def critique(cfg: dict, policy: dict, answers: ArtifactRef) -> ArtifactRef:
+@stage(critique_spec)
+def critique(out: Output, cfg: dict, policy: dict, answers: ArtifactRef) -> None:
     """K critiques per answer, retried until a rating parses, then dropped or forced (step 2)."""
     c, s = cfg["critique"], _sampling(cfg, "critique")
-    return _generation_stage(cfg, "critique", policy, answers, lambda shard, gen, i: core.critique(
+    _generate(out, cfg, policy, answers, lambda shard, gen, i: core.critique(
         shard, gen, c["k"], s, c["max_tries"], c["force_rating"], salt=i))
 
 
-def refine_ref(cfg, policy, critiques):
-    return _ref(cfg, "refine", _gen_section(cfg, policy, "refine"), [critiques], _SYNTH)
+def refine_spec(cfg, policy, critiques):
+    return _gen_spec(cfg, policy, "refine", critiques)
 
 
-@stage_task(refine_ref)
-def refine(cfg: dict, policy: dict, critiques: ArtifactRef) -> ArtifactRef:
+@stage(refine_spec)
+def refine(out: Output, cfg: dict, policy: dict, critiques: ArtifactRef) -> None:
     """M refinements per critique (step 3)."""
     s = _sampling(cfg, "refine")
-    return _generation_stage(cfg, "refine", policy, critiques, lambda shard, gen, i: core.refine(
+    _generate(out, cfg, policy, critiques, lambda shard, gen, i: core.refine(
         shard, gen, cfg["refine"]["m"], s, salt=i))
 
 
 # -- rm_score / select ------------------------------------------------------------------------
-def _score_section(cfg):
-    return {"scorer": cfg["scorer"], "shard_size": cfg["shard_size"]}
+def rm_score_spec(cfg, refinements):
+    return Spec("rm_score", {"scorer": cfg["scorer"], "shard_size": cfg["shard_size"]}, (refinements,))
 
 
-def rm_score_ref(cfg, refinements):
-    return _ref(cfg, "rm_score", _score_section(cfg), [refinements], _SYNTH)
-
-
-@stage_task(rm_score_ref)
-def rm_score(cfg: dict, refinements: ArtifactRef) -> ArtifactRef:
+@stage(rm_score_spec)
+def rm_score(out: Output, cfg: dict, refinements: ArtifactRef) -> None:
     """r(x, y0) and r(x, y') for every refinement (step 4)."""
-    ref, store = rm_score_ref(cfg, refinements), store_of(cfg)
-    scorer = _Lazy(lambda: make_scorer(cfg["scorer"]))
-    return run_sharded(store, ref, _score_section(cfg), [refinements], _SYNTH, lambda: store.read_records(refinements),
-                       cfg["shard_size"], lambda shard, i: _records(core.rm_score(shard, scorer.get())),
-                       stats=scorer.stats)
+    scorer = Lazy(lambda: make_scorer(cfg["scorer"]))
+    out.shards(lambda: out.store.read_records(refinements), cfg["shard_size"],
+               lambda shard, i: _records(core.rm_score(shard, scorer.get())), stats=scorer.stats)
 
 
-_SELECT = code_version(avr_core.selection, avr_core.parsing)
+def select_spec(cfg, scored):
+    return Spec("select", {"select": cfg["select"]}, (scored,))
 
 
-def select_ref(cfg, scored):
-    return _ref(cfg, "select", {"select": cfg["select"]}, [scored], _SELECT)
-
-
-@stage_task(select_ref, retries=0, timeout_s=3600)
-def select(cfg: dict, scored: ArtifactRef) -> ArtifactRef:
+@stage(select_spec, retries=0, timeout_s=3600)
+def select(out: Output, cfg: dict, scored: ArtifactRef) -> None:
     """RSFT examples and the three pair kinds, every filter counted (step 5)."""
-    ref, store = select_ref(cfg, scored), store_of(cfg)
     rules = SelectRules(**cfg["select"])
 
     def work(shard, i):
         rsft, pairs, counts = select_records(shard, rules)
         return {"rsft": rsft, "pairs": pairs}, counts
-    return run_sharded(store, ref, {"select": cfg["select"]}, [scored], _SELECT, lambda: store.read_records(scored),
-                       cfg["shard_size"], work)
+    out.shards(lambda: out.store.read_records(scored), cfg["shard_size"], work)
+
+
+# -- TRANSITIONAL: for tasks not yet on the skeleton (removed when they are) --------------------
+from avr_core.store import cache_key as _cache_key  # noqa: E402
+
+_SYNTH = "transitional"
+_Lazy = Lazy
+
+
+def _ref(cfg, stage_name, section, inputs, code):
+    return store_of(cfg).ref(stage_name, _cache_key(stage_name, section, [str(r) for r in inputs], code))

@@ -110,7 +110,7 @@ def test_server_down_mid_stage_fails_loudly_then_resumes_to_the_same_records(tmp
         took = time.monotonic() - t0
         assert server.base_url in str(e.value)                  # names the server to fix
         assert 0.5 <= took < 15
-        key_dir = tmp_path / "run" / "respond" / t.respond_ref(cfg, cfg["policy"], t.prompts(cfg, "stage1_sft")).key
+        key_dir = tmp_path / "run" / "respond" / t.respond.ref(cfg, cfg["policy"], t.prompts(cfg, "stage1_sft")).key
         assert not (key_dir / "manifest.json").exists()          # no artifact ...
         assert sorted(p.name for p in (key_dir / "shards").iterdir()) == ["00000.json"]   # ... but shard 0 kept
         marker = json.loads((key_dir / "shards" / "00000.json").read_text())
