@@ -1,4 +1,4 @@
-"""Answer a prompt with a trained AvR model (DESIGN.md steps 10-11).
+"""Answer a prompt with a trained AvR model (docs/DESIGN.md steps 10-11).
 
 - A Stage-1 model refines explicitly: answer, then R rounds of [critique, refine] in its own
   conversation, with the prompts it was trained on (JUDGE_TRAIN / REFINE_TRAIN).

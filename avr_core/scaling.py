@@ -1,4 +1,4 @@
-"""Test-time scaling (DESIGN.md step 11): how the score and the answer length move with the
+"""Test-time scaling (docs/DESIGN.md step 11): how the score and the answer length move with the
 number R of critique/refine rounds a Stage-1 model runs at inference.
 
 One inference run at R = max gives every R' <= max (`inference.answer_prompts` keeps the answer
@@ -67,7 +67,7 @@ def plot_scaling(rows: list[dict], title: str = "test-time scaling") -> bytes:
 
 def search_gain_table(traces: list[dict]) -> list[dict]:
     """Per greedy-search round: prompts still searching, how many improved, and the mean gain of
-    the round's best refinement over the answer it refined (DESIGN.md step 7).
+    the round's best refinement over the answer it refined (docs/DESIGN.md step 7).
 
     >>> search_gain_table([{"answer_score": 1.0, "rounds": [{"best": {"score": 2.0}, "improved": True},
     ...                                                     {"best": {"score": 1.5}, "improved": False}]}])

@@ -1,4 +1,4 @@
-"""Greedy refinement search (DESIGN.md step 7) and its traces -> long thoughts (step 8).
+"""Greedy refinement search (docs/DESIGN.md step 7) and its traces -> long thoughts (step 8).
 
 Each round, for ALL still-active prompts at once: K critiques of the current answer (one
 generator call, plus retry rounds), M refinements per critique (one call), RM scores (one

@@ -1,4 +1,4 @@
-"""Long refinement thoughts (DESIGN.md step 8): a search trace as ONE assistant turn, and back.
+"""Long refinement thoughts (docs/DESIGN.md step 8): a search trace as ONE assistant turn, and back.
 
 The layout is the authors' (src/data/prepare_cot_sft_data_greedy.py); the markers live in
 `avr_core.prompts`, once::

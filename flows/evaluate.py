@@ -1,4 +1,4 @@
-"""Evaluation (DESIGN.md steps 10-11).
+"""Evaluation (docs/DESIGN.md steps 10-11).
 
 - `test_time_scaling`: the Stage-1 model refines held-out prompts for R = 0..tts.rounds rounds
   at inference; the score and the length per R.

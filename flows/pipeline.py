@@ -1,4 +1,4 @@
-"""The whole method, top to bottom (DESIGN.md): stage 1, stage 2, test-time scaling, evaluation.
+"""The whole method, top to bottom (docs/DESIGN.md): stage 1, stage 2, test-time scaling, evaluation.
 
     avr run --preset tiny
 """

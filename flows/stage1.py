@@ -1,4 +1,4 @@
-"""Stage 1 -- single-step refinement (DESIGN.md steps 1-6).
+"""Stage 1 -- single-step refinement (docs/DESIGN.md steps 1-6).
 
     avr run --preset tiny            # the pipeline runs `stage1` below
 """

@@ -1,4 +1,4 @@
-"""Stage 2 -- long refinement thoughts (DESIGN.md steps 7-9).
+"""Stage 2 -- long refinement thoughts (docs/DESIGN.md steps 7-9).
 
     avr run --preset tiny            # the pipeline runs `stage2` below after stage 1
 """

@@ -1,4 +1,4 @@
-"""Evaluation tasks (DESIGN.md step 10): the eval set, every model's answers in alpaca-eval's
+"""Evaluation tasks (docs/DESIGN.md step 10): the eval set, every model's answers in alpaca-eval's
 format, alpaca-eval judging with metrics, and the leaderboard every run appends to.
 
 Cache keys: answers on (model artifact, eval set, sampling/R); judgements on (answers, eval

@@ -1,4 +1,4 @@
-"""Test-time-scaling tasks (DESIGN.md step 11): a Stage-1 model refines held-out prompts for
+"""Test-time-scaling tasks (docs/DESIGN.md step 11): a Stage-1 model refines held-out prompts for
 R = 0..tts.rounds rounds, every intermediate answer is scored, and the curve (table + PNG)
 goes into the store and onto the Prefect run as artifacts."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Stage-2 tasks (DESIGN.md steps 7-9): greedy search, long thoughts, S sampled thoughts per
+"""Stage-2 tasks (docs/DESIGN.md steps 7-9): greedy search, long thoughts, S sampled thoughts per
 fresh prompt scored on their final answers, and length-controlled thought pairs.
 Training reuses `tasks.training` (train_sft with section cot_sft, train_po with cot_po)."""
 from __future__ import annotations

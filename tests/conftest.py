@@ -12,7 +12,7 @@ os.environ.setdefault("AVR_RETRY_DELAY_S", "0")
 @pytest.fixture(scope="session")
 def prefect_harness(tmp_path_factory):
     """Prefect's test harness (a throwaway database) plus throwaway result storage: the
-    harness alone still writes cache records under ~/.prefect/storage (ENVIRONMENT.md)."""
+    harness alone still writes cache records under ~/.prefect/storage (docs/ENVIRONMENT.md "Prefect")."""
     from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
     from prefect.testing.utilities import prefect_test_harness
 

@@ -131,7 +131,7 @@ class JudgeScorer:
     The conversation [x, y] is followed by the judge prompt and a forced ``Rating: [[``;
     the score is sum_k k * p(k) over the rating tokens "1".."9" (renormalised; "10" would
     need a second token and is left out). A weak proxy for a trained reward model -- on the
-    135M embedded model it is nearly flat (~5 for every answer, see ENVIRONMENT.md) -- for
+    135M embedded model it is nearly flat (~5 for every answer, see docs/ENVIRONMENT.md "Embedded model") -- for
     machines that have none.
 
     >>> JudgeScorer(path).score([[{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]])  # doctest: +SKIP

@@ -1,4 +1,4 @@
-"""The evaluation set, in alpaca-eval's own format, checked before any work (DESIGN.md step 10).
+"""The evaluation set, in alpaca-eval's own format, checked before any work (docs/DESIGN.md step 10).
 
 A file is a JSON array (or JSONL) of rows::
 

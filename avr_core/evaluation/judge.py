@@ -1,4 +1,4 @@
-"""AlpacaEval judging through alpaca-eval's own annotator machinery (DESIGN.md step 10).
+"""AlpacaEval judging through alpaca-eval's own annotator machinery (docs/DESIGN.md step 10).
 
 We do not reimplement the judge: `PairwiseAnnotator` renders the package's prompt template,
 randomises the output order, parses the answer and caches annotations. We only

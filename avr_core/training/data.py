@@ -1,6 +1,6 @@
 """Tokenisation for the training recipe: chat template, loss mask, truncation counts, padding.
 
-Two row formats come from the select stage (DESIGN.md step 5):
+Two row formats come from the select stage (docs/DESIGN.md step 5):
 
     RSFT row:  {"id": "p1", "messages": [{"role": "user", "content": "2+2?"},
                                          {"role": "assistant", "content": "5"}, ...]}

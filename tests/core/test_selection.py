@@ -1,4 +1,4 @@
-"""Selection rules on hand-made scored records (DESIGN.md step 5)."""
+"""Selection rules on hand-made scored records (docs/DESIGN.md step 5)."""
 import json
 
 from avr_core.prompts import JUDGE_TRAIN, REFINE_TRAIN

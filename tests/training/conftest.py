@@ -34,7 +34,7 @@ def tiny_llama(tmp_path_factory, smollm2_path, tok):
 
 
 def conversation(i: int) -> list[dict]:
-    """A 6-turn RSFT conversation [x, y0, JUDGE, c, REFINE, y*] (DESIGN step 5)."""
+    """A 6-turn RSFT conversation [x, y0, JUDGE, c, REFINE, y*] (docs/DESIGN.md step 5)."""
     return [{"role": "user", "content": f"What is {i} plus {i}?"},
             {"role": "assistant", "content": f"It is {2 * i + 1}."},
             {"role": "user", "content": "Judge the answer above."},
