@@ -215,7 +215,8 @@ def load_pairs(path: str | None, n: int) -> list[dict]:
     """n pair rows: from a JSONL / JSON artifact (cycled if shorter) or the built-in ones."""
     if path:
         text = Path(path).read_text(encoding="utf-8")
-        rows = json.loads(text) if text.lstrip().startswith("[") else [json.loads(l) for l in text.splitlines() if l.strip()]
+        rows = (json.loads(text) if text.lstrip().startswith("[")
+                else [json.loads(l) for l in text.splitlines() if l.strip()])
         rows = [{"id": str(r.get("id", f"row-{i}")), "prompt": r["prompt"], "chosen": r["chosen"],
                  "rejected": r["rejected"]} for i, r in enumerate(rows)]
     else:
@@ -626,7 +627,8 @@ def _environment(threads) -> str:
     import trl
 
     return (f"# {dt.datetime.now().isoformat(timespec='minutes')}  {os.cpu_count()} CPU cores, "
-            f"{'GPU' if torch.cuda.is_available() else 'no GPU'}, torch threads {threads}  |  torch {torch.__version__}  "
+            f"{'GPU' if torch.cuda.is_available() else 'no GPU'}, torch threads {threads}  |  "
+            f"torch {torch.__version__}  "
             f"transformers {transformers.__version__}  trl {trl.__version__}  deepspeed {deepspeed.__version__}  "
             f"python {platform.python_version()}")
 
@@ -699,7 +701,8 @@ def report_profile(prof: dict) -> None:
     print(f"positions scored: {pos['padded']} padded, {pos['real_tokens']} real tokens "
           f"({pos['real_tokens'] / pos['padded']:.0%}), {pos['completion_tokens']} completion tokens "
           f"({pos['completion_tokens'] / pos['padded']:.0%}); logits of the longest batch "
-          f"{prof['logits_mib_longest_batch']:.0f} MiB per [2B, T, V] fp32 copy; parameters {prof['params_mib']:.0f} MiB")
+          f"{prof['logits_mib_longest_batch']:.0f} MiB per [2B, T, V] fp32 copy; "
+          f"parameters {prof['params_mib']:.0f} MiB")
     print(f"other processes used ~{prof['other_cores']:.2f} cores meanwhile")
 
 

@@ -106,7 +106,8 @@ def main() -> int:
     args = p.parse_args()
     o = overhead(args.n)
     print(f"overhead per stage task ({args.n} cache-hit calls each): direct {o['direct_ms']:.2f} ms, "
-          f"as a Prefect task {o['prefect_ms']:.1f} ms -> Prefect adds {o['overhead_ms']:.1f} ms per task (target <= 50)")
+          f"as a Prefect task {o['prefect_ms']:.1f} ms -> "
+          f"Prefect adds {o['overhead_ms']:.1f} ms per task (target <= 50)")
     r = resume()
     print(f"resume: {r['committed_before']} shards committed before the failure, {r['recomputed_committed']} of them "
           f"recomputed on resume (target 0); {r['computed_on_resume']} shards computed on resume; "

@@ -241,6 +241,7 @@ def _chat(client, url: str, messages: list[dict], args, max_new: int, seed: int)
 
 def _vllm_theirs(url, records, args, max_new) -> Row:
     import httpx
+
     from avr_core.prompts import judge_conversation, refine_conversation
 
     client = httpx.Client(timeout=httpx.Timeout(600, connect=10),
@@ -453,7 +454,8 @@ def table(rows: list[Row]) -> str:
     body = [(r.engine, r.pattern, str(r.requests), str(r.tokens), f"{r.seconds:.1f}", f"{r.tps:.1f}",
              f"{r.ratio:.2f}" if r.ratio is not None else "") for r in rows]
     widths = [max(len(x[i]) for x in [head, *body]) for i in range(len(head))]
-    fmt = lambda cells: "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+    def fmt(cells):
+        return "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
     return "\n".join([fmt(head), *map(fmt, body)])
 
 

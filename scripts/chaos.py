@@ -89,7 +89,8 @@ def overrides(model: str, store: str, prompts: int, shard_size: int, steps: int,
     return [f"store.root={store}", f"policy.path={model}", f"scorer.model.path={model}",
             f"data.stage1_sft=[0,{prompts}]", f"shard_size={shard_size}",
             *(f"{s}.sampling.max_new_tokens={tokens}" for s in ("respond", "critique", "refine")),
-            "scorer.max_length=512", f"rsft.max_steps={steps}", "rsft.epochs=1000", f"rsft.checkpoint_every={ckpt_every}",
+            "scorer.max_length=512", f"rsft.max_steps={steps}", "rsft.epochs=1000",
+            f"rsft.checkpoint_every={ckpt_every}",
             "rsft.lr=1e-3", "rsft.micro_batch_size=2", "rsft.max_length=256"]
 
 
@@ -196,7 +197,8 @@ def snapshot(root: Path) -> dict:
         d, w = artifact_dir(root, "rsft"), train_dir(root)
         snap["exporting"] = bool(d and d.is_dir() and any(d.iterdir()))
         # a step directory newer than LATEST: the kill landed while that checkpoint was written
-        newer = [p.name for p in (w / "ckpt").glob("step-*") if int(p.name[5:]) > latest] if w and (w / "ckpt").is_dir() else []
+        ckpts = (w / "ckpt").glob("step-*") if w and (w / "ckpt").is_dir() else []
+        newer = [p.name for p in ckpts if int(p.name[5:]) > latest]
         snap["ckpt_writing"] = bool(newer)
     return snap
 

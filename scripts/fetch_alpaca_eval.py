@@ -22,7 +22,8 @@ FILE_SHA256 = "4337273753e16055c9c9a2c3c917a43de8b7a50d538f2c0a6200d21ff711eed5"
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "avr_core/data/alpaca_eval/alpaca_eval_805.json"))
+    p.add_argument("--out", default=str(Path(__file__).resolve().parent.parent
+                                        / "avr_core/data/alpaca_eval/alpaca_eval_805.json"))
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",

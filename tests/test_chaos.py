@@ -51,7 +51,8 @@ def _damage_duplicate(root: Path) -> None:
     f = a / "data" / "records-00001.jsonl"
     lines = f.read_text().splitlines(keepends=True)
     f.write_text("".join(lines + lines[:1]))
-    _refinalize(a, "data/records-00001.jsonl", {"records": json.loads((a / "manifest.json").read_text())["rows"]["records"] + 1})
+    rows = json.loads((a / "manifest.json").read_text())["rows"]["records"]
+    _refinalize(a, "data/records-00001.jsonl", {"records": rows + 1})
 
 
 def _damage_flip(root: Path) -> None:

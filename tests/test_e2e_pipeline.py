@@ -31,8 +31,9 @@ SMALL = ["data.stage1_sft=[0,3]", "data.stage1_po=[3,6]", "data.heldout=[40,42]"
 
 
 def test_pipeline_on_smollm2(tmp_path):
-    from flows.pipeline import pipeline
     from transformers import AutoModelForCausalLM
+
+    from flows.pipeline import pipeline
 
     summary = pipeline(preset="tiny", overrides=[f"store.root={tmp_path}", *SMALL])
     store = Store(str(tmp_path))

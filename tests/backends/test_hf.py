@@ -36,7 +36,6 @@ def test_same_seed_same_samples(gen):
 
 
 def test_batching_does_not_change_greedy_outputs(gen, smollm2):
-    from avr_core.backends.hf import HFGenerator
     p = SamplingParams(n=1, temperature=0.0, max_new_tokens=8)
     one_by_one = [gen.generate([q], p)[0] for q in Q]
     assert gen.generate(Q, p) == one_by_one                      # left padding is correct
@@ -52,7 +51,8 @@ def test_judge_scorer_gives_an_expected_rating(smollm2):
     from avr_core.backends.hf import JudgeScorer
     s = JudgeScorer(smollm2, max_length=512)
     assert isinstance(s, Scorer)
-    scores = s.score([Q[0] + [{"role": "assistant", "content": "4"}], Q[0] + [{"role": "assistant", "content": "banana"}]])
+    scores = s.score([Q[0] + [{"role": "assistant", "content": "4"}],
+                      Q[0] + [{"role": "assistant", "content": "banana"}]])
     assert all(1.0 <= x <= 9.0 for x in scores) and scores[0] != scores[1]
 
 
@@ -68,7 +68,8 @@ def test_bradley_terry_reward_scorer(tmp_path, smollm2):
     LlamaForSequenceClassification(cfg).save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
     rm = HFRewardScorer(str(tmp_path), dtype="float32", batch_size=2)
-    convs = [Q[0] + [{"role": "assistant", "content": "4"}], Q[1] + [{"role": "assistant", "content": "Blue, a calm colour."}],
+    convs = [Q[0] + [{"role": "assistant", "content": "4"}],
+             Q[1] + [{"role": "assistant", "content": "Blue, a calm colour."}],
              Q[2] + [{"role": "assistant", "content": "hi"}]]
     batched = rm.score(convs)
     single = [rm.score([c])[0] for c in convs]

@@ -5,12 +5,12 @@ Skipped when that environment is absent. Slow-ish: each engine start takes ~25 s
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 import textwrap
-import importlib.util
 from pathlib import Path
 
 import pytest

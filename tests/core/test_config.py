@@ -1,5 +1,4 @@
 """Every shipped config loads; bad keys, types, values and overrides are named."""
-from pathlib import Path
 
 import pytest
 

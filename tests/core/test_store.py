@@ -57,7 +57,7 @@ def test_manifest_is_written_atomically_and_last(tmp_path):
     store = Store(str(tmp_path))
     w = store.writer("s", "k", {"a": 1}, [store.ref("p", "x")], "v9")
     w.commit_shard(0, {"records": []}, {})
-    ref = w.finalize(extra={"note": "n"})
+    w.finalize(extra={"note": "n"})
     m = json.loads((tmp_path / "s" / "k" / "manifest.json").read_text())
     assert m["inputs"] == ["p/x"] and m["code_version"] == "v9" and m["config"] == {"a": 1}
     assert not list(tmp_path.rglob("*.tmp-*"))

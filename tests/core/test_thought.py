@@ -1,6 +1,5 @@
 """Long-thought formatting and parsing: exact markers, round trip, fallbacks, injection."""
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 from avr_core.prompts import THOUGHT_CRITICIZE, THOUGHT_END, THOUGHT_IMPROVE
 from avr_core.thought import Thought, extract_final_answer, format_thought, parse_thought

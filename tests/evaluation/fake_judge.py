@@ -39,9 +39,10 @@ class FakeJudgeServer:
                 body = {"id": "fake", "object": "chat.completion", "created": int(time.time()), "model": req["model"],
                         "choices": [{"index": 0, "finish_reason": "stop",
                                      "message": {"role": "assistant", "content": tok},
-                                     "logprobs": {"content": [{"token": tok, "logprob": max(lm, lM), "bytes": list(tok.encode()),
-                                                               "top_logprobs": [{"token": "m", "logprob": lm, "bytes": [109]},
-                                                                                {"token": "M", "logprob": lM, "bytes": [77]}]}]}}],
+                                     "logprobs": {"content": [{
+                                         "token": tok, "logprob": max(lm, lM), "bytes": list(tok.encode()),
+                                         "top_logprobs": [{"token": "m", "logprob": lm, "bytes": [109]},
+                                                          {"token": "M", "logprob": lM, "bytes": [77]}]}]}}],
                         "usage": {"prompt_tokens": 10, "completion_tokens": 1, "total_tokens": 11}}
                 data = json.dumps(body).encode()
                 self.send_response(200)

@@ -26,7 +26,8 @@ def test_a_damaged_shipped_file_is_refused(tmp_path):
     ([{"instruction": "a", "output": "x"}, {"instruction": "b"}], r"row 2: field 'output': missing"),
     ([{"instruction": "a", "output": 3}], r"row 1: field 'output': must be text"),
     ([{"instruction": "  ", "output": "x"}], r"row 1: field 'instruction': empty"),
-    ([{"instruction": "a", "output": "x"}, {"instruction": "a", "output": "y"}], r"row 2: field 'instruction': duplicate"),
+    ([{"instruction": "a", "output": "x"}, {"instruction": "a", "output": "y"}],
+     r"row 2: field 'instruction': duplicate"),
     ([], "no rows"),
 ])
 def test_bad_json_rows(tmp_path, content, match):

@@ -4,7 +4,6 @@ come from fake generators (control flow only). Checks: alpaca-eval's own loader 
 model_outputs.json unchanged; no prompt is dropped whatever the model writes; the package's
 parser turns the judge's log-probs into the known win rate; the API key reaches the server
 and nothing in the store; the leaderboard grows by one row per model and run."""
-import json
 import os
 
 import pytest
@@ -14,10 +13,10 @@ os.environ["AVR_RETRY_DELAY_S"] = "0"
 
 import tasks.evaluate as ev  # noqa: E402
 from avr_core.config import load_config  # noqa: E402
+from avr_core.prompts import THOUGHT_ANSWER, THOUGHT_CRITICIZE, THOUGHT_IMPROVE, THOUGHT_START  # noqa: E402
 from avr_core.store import Store  # noqa: E402
 from flows.evaluate import evaluate  # noqa: E402
 from tests.evaluation.fake_judge import FakeJudgeServer  # noqa: E402
-from avr_core.prompts import THOUGHT_ANSWER, THOUGHT_CRITICIZE, THOUGHT_IMPROVE, THOUGHT_START  # noqa: E402
 from tests.fakes import FakeGenerator  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
@@ -56,7 +55,8 @@ def test_evaluate_judges_through_alpaca_eval_and_appends_the_leaderboard(tmp_pat
         models = {"seed": cfg["policy"], "stage2": {**cfg["policy"], "path": cfg["policy"]["path"] + "#thought"}}
         board = evaluate(cfg, models, run_id="run-1")
     store = Store(str(tmp_path))
-    assert judge.requests and all(r["auth"] == f"Bearer {SECRET}" and r["model"] == "fake-judge" for r in judge.requests)
+    assert judge.requests
+    assert all(r["auth"] == f"Bearer {SECRET}" and r["model"] == "fake-judge" for r in judge.requests)
 
     # alpaca-eval's own loader reads model_outputs.json unchanged
     from alpaca_eval.utils import get_generator_name, load_or_convert_to_dataframe

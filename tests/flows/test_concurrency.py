@@ -229,7 +229,8 @@ def test_a_wait_past_the_timeout_fails_cleanly_naming_the_artifact(tmp_path):
 
     store = Store(str(tmp_path))
     ref = store.ref("critique", "k1")
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from avr_core.store import Store; s = Store(sys.argv[1])\n"
+    holder = subprocess.Popen([sys.executable, "-c",
+                               "import sys, time; from avr_core.store import Store; s = Store(sys.argv[1])\n"
                                "with s.lock(s.ref('critique', 'k1')):\n print('held', flush=True); time.sleep(60)",
                                str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:

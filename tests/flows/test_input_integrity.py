@@ -14,10 +14,10 @@ from avr_core.store import Store
 from tasks.common import InputIntegrityError
 
 
-def artifact(store: Store, stage: str, records: dict[str, list[dict]], files: dict[str, bytes] = {}):
+def artifact(store: Store, stage: str, records: dict[str, list[dict]], files: dict[str, bytes] | None = None):
     w = store.writer(stage, f"{stage}-key", {}, [], "test")
     w.commit_shard(0, records, {})
-    for rel, data in files.items():
+    for rel, data in (files or {}).items():
         w.write_file(rel, data)
     return w.finalize()
 

@@ -39,7 +39,8 @@ def backends(monkeypatch):
 
 def stage_keys(root):
     store = Store(str(root))
-    return {s: sorted(r.key for r in store.list(s)) for s in ("prompts", "respond", "critique", "refine", "rm_score", "select")}
+    stages = ("prompts", "respond", "critique", "refine", "rm_score", "select")
+    return {s: sorted(r.key for r in store.list(s)) for s in stages}
 
 
 def test_synthesis_flow_writes_artifacts_then_hits_cache(tmp_path, backends):

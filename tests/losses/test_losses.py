@@ -42,7 +42,8 @@ def test_rm_margin_by_hand():
     loss, _ = rm_margin(t(-1.0), t(-2.0), t(-1.0), t(-1.0), t(0.4), beta=0.1, gamma=0.5)
     assert float(loss) == approx(0.744397, abs=1e-6)
     # gamma = 0 is plain DPO
-    assert float(rm_margin(t(-1.0), t(-2.0), t(-1.0), t(-1.0), t(0.4), beta=0.1, gamma=0.0)[0]) == approx(0.644397, abs=1e-6)
+    margin = rm_margin(t(-1.0), t(-2.0), t(-1.0), t(-1.0), t(0.4), beta=0.1, gamma=0.0)
+    assert float(margin[0]) == approx(0.644397, abs=1e-6)
 
 
 def test_sft_by_hand():

@@ -1,8 +1,15 @@
 """Chat-template tokenisation: the loss mask covers exactly the assistant turns (+ end token)."""
 import pytest
 
-from avr_core.training.data import (IGNORE, assistant_segments, collate_pairs, collate_sft, end_of_turn,
-                                    tokenize_pairs, tokenize_sft)
+from avr_core.training.data import (
+    IGNORE,
+    assistant_segments,
+    collate_pairs,
+    collate_sft,
+    end_of_turn,
+    tokenize_pairs,
+    tokenize_sft,
+)
 
 from .conftest import conversation, pair_rows, sft_rows
 
@@ -56,7 +63,8 @@ def test_llama3_style_template(tok):
     msgs = conversation(4)
     msgs[1]["content"] = "  padded answer  "          # the template trims it: we train on what it renders
     (ex,), _ = tokenize_sft([{"id": "a", "messages": msgs}], t3, max_length=1024)
-    assert trained_text(t3, ex) == "".join(m["content"].strip() + "<|eot_id|>" for m in msgs if m["role"] == "assistant")
+    want = "".join(m["content"].strip() + "<|eot_id|>" for m in msgs if m["role"] == "assistant")
+    assert trained_text(t3, ex) == want
     segs = assistant_segments(t3, msgs)
     assert "".join(s for s, _ in segs) == t3.apply_chat_template(msgs, tokenize=False)
 
@@ -82,7 +90,8 @@ def test_pairs(tok):
     assert tok.decode(e["chosen_input_ids"][:e["prompt_len"]]) == prompt
     assert e["chosen_input_ids"][:e["prompt_len"]] == e["rejected_input_ids"][:e["prompt_len"]]
     assert trained_text(tok, e, "chosen_input_ids", "chosen_labels") == rows[0]["chosen"][0]["content"] + "<|im_end|>"
-    assert trained_text(tok, e, "rejected_input_ids", "rejected_labels") == rows[0]["rejected"][0]["content"] + "<|im_end|>"
+    want = rows[0]["rejected"][0]["content"] + "<|im_end|>"
+    assert trained_text(tok, e, "rejected_input_ids", "rejected_labels") == want
     assert e["reward_margin"] == pytest.approx(0.5)
 
 
@@ -106,7 +115,8 @@ def test_bad_rows_name_the_row_and_field(tok):
 
 
 def test_collators_pad_right_and_mask(tok):
-    b = collate_sft([{"input_ids": [5, 6, 7], "labels": [IGNORE, 6, 7]}, {"input_ids": [5, 8], "labels": [IGNORE, 8]}], 2)
+    b = collate_sft([{"input_ids": [5, 6, 7], "labels": [IGNORE, 6, 7]},
+                     {"input_ids": [5, 8], "labels": [IGNORE, 8]}], 2)
     assert b["input_ids"].tolist() == [[5, 6, 7], [5, 8, 2]]
     assert b["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
     assert b["labels"].tolist() == [[IGNORE, 6, 7], [IGNORE, 8, IGNORE]]

@@ -1,7 +1,6 @@
 """Two CPU processes under the `deepspeed` launcher (`launch_command`) train like one process
 that accumulates the same micro-batches: data sharding and the all-reduce are right."""
 import json
-import os
 import subprocess
 
 import pytest

@@ -89,7 +89,8 @@ def test_exact_resume_6_vs_3_plus_3(tiny_llama, tmp_path, pairs_and_refs, zero_s
     rows, refs = pairs_and_refs
     c = cfg(loss="dpo", zero_stage=zero_stage, micro_batch_size=1, checkpoint_every=2)
     one = train(tiny_llama, rows, c, tmp_path / "a", tmp_path / "ca", ref_logps=refs, progress=False)
-    first = train(tiny_llama, rows, {**c, "max_steps": 3}, tmp_path / "b", tmp_path / "cb", ref_logps=refs, progress=False)
+    first = train(tiny_llama, rows, {**c, "max_steps": 3}, tmp_path / "b", tmp_path / "cb",
+                  ref_logps=refs, progress=False)
     again = train(tiny_llama, rows, c, tmp_path / "b", tmp_path / "cb", ref_logps=refs, progress=False)
     assert (one["resumed_from"], first["steps"], again["resumed_from"], again["steps"]) == (None, 3, 3, 6)
     a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
