@@ -145,6 +145,10 @@ def recompute_reason(store: Store, ref: ArtifactRef, before: str | None = None) 
     reasons = set()
     for o in earlier:
         diff = [f for f in _WHY if o.get(f) != m.get(f)]
-        if len(diff) == 1:
+        if diff == ["code_version"] and o.get("code_files") and m.get("code_files"):
+            new, old = m["code_files"], o["code_files"]   # which files' used code differs
+            changed = sorted(f for f in set(new) | set(old) if new.get(f) != old.get(f))
+            reasons.add("new code in " + ", ".join(changed[:3]) + (f" (+{len(changed) - 3} more)" if len(changed) > 3 else ""))
+        elif len(diff) == 1:
             reasons.add(_WHY[diff[0]])
     return ", ".join(sorted(reasons)) or "new combination of config, inputs and code"
