@@ -9,7 +9,7 @@ os.environ["AVR_RETRY_DELAY_S"] = "0"
 
 import tasks.synthesis as t  # noqa: E402
 from avr_core.config import load_config  # noqa: E402
-from avr_core.store import Store  # noqa: E402
+from avr_core.store import Store, cache_key  # noqa: E402
 from flows.stage1 import synthesis  # noqa: E402
 from tests.fakes import FakeGenerator, FakeScorer  # noqa: E402
 
@@ -54,6 +54,11 @@ def test_synthesis_flow_writes_artifacts_then_hits_cache(tmp_path, backends):
     assert crit["counts"]["backend_calls"] == 3                     # one round call per shard
     calls_first = sum(len(g.calls) for g in backends["gen"])
     assert calls_first > 0
+
+    for a in store.list():   # the key hashes exactly what the manifest records (one Spec builds both)
+        am = store.manifest(a)
+        assert cache_key(am["stage"], am["config"], am["inputs"], am["code_version"]) == a.key, a
+        assert am["code_files"] and all(f.endswith(".py") for f in am["code_files"])
 
     ref2 = synthesis(cfg, cfg["policy"], "stage1_sft")                # same config: all cached
     assert ref2 == ref
