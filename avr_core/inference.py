@@ -15,6 +15,8 @@ Every prompt of a batch goes to the generator in one call per round.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 from avr_core.backends.base import Generator, SamplingParams
 from avr_core.prompts import JUDGE_TRAIN, REFINE_TRAIN, THOUGHT_IMPROVE, judge_conversation, refine_conversation
 from avr_core.thought import extract_final_answer
@@ -54,3 +56,33 @@ def answer_prompts(prompts: list[list[dict]], gen: Generator, mode: str = "refin
 
 def _one(outs: list[str]) -> str:
     return outs[0] if outs else ""
+
+
+def eval_answers(records: list[dict], gen: Generator, name: str, mode: str, rounds: int, params: SamplingParams,
+                 tokens: Callable[[str], int | None] = lambda text: None) -> tuple[list[dict], dict]:
+    """Every eval prompt answered (`answer_prompts`, one generator call per step; never dropped),
+    as alpaca-eval model-output records plus what the answer came from. `tokens(text)` counts an
+    answer's tokens (None: no tokenizer). Returns (records, counts).
+
+    Input record (an eval-set record)::
+
+        {"id": "e1", "instruction": "2+2?", "messages": [{"role": "user", "content": "2+2?"}],
+         "dataset": "helpful_base", "reference": "4", "reference_generator": "gpt4_turbo"}
+
+    Output record::
+
+        {"id": "e1", "instruction": "2+2?", "output": "4", "generator": "seed", "dataset": "helpful_base",
+         "raw": "4", "path": "direct", "rounds": 0, "len_chars": 1, "len_tokens": 1}
+
+    Counts: ``answer_from_<path>`` per prompt and ``empty_answers``.
+    """
+    outs = answer_prompts([r["messages"] for r in records], gen, mode, rounds, params)
+    recs, counts = [], {}
+    for r, o in zip(records, outs):
+        key = f"answer_from_{o['path']}"
+        counts[key] = counts.get(key, 0) + 1
+        counts["empty_answers"] = counts.get("empty_answers", 0) + (not o["answer"].strip())
+        recs.append({"id": r["id"], "instruction": r["instruction"], "output": o["answer"], "generator": name,
+                     "dataset": r["dataset"], "raw": o["raw"], "path": o["path"], "rounds": o["rounds"],
+                     "len_chars": len(o["answer"]), "len_tokens": tokens(o["answer"])})
+    return recs, counts

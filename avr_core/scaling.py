@@ -16,7 +16,35 @@ from __future__ import annotations
 import io
 import math
 
+from avr_core.backends.base import Generator, SamplingParams, Scorer
+from avr_core.inference import answer_prompts
+
 COLUMNS = ["R", "n", "mean", "std", "se", "mean_chars", "mean_words", "gain_vs_R0", "better_than_R0", "changed"]
+
+
+def scored_rounds(records: list[dict], gen: Generator, scorer: Scorer, rounds: int,
+                  params: SamplingParams) -> tuple[list[dict], dict]:
+    """Answer every prompt, refine it `rounds` times (`inference.answer_prompts`: one generator
+    call per step for the whole batch), then score the answer after EVERY round of every
+    prompt in ONE scorer call, as the assistant turn of [x, answer]. Returns (records, counts).
+
+    Input record (a prompt record)::
+
+        {"id": "p1", "messages": [{"role": "user", "content": "2+2?"}]}
+
+    Output record (`answers[r]`, `scores[r]`: after r rounds; `trace`: one entry per round)::
+
+        {"id": "p1", "messages": [{"role": "user", "content": "2+2?"}], "answers": ["5", "4"],
+         "scores": [2.0, 8.0], "trace": [{"critique": "Wrong. Rating: [[2]]", "refinement": "4"}]}
+
+    Counts: ``{"answers_scored": <number of answers scored>}``.
+    """
+    outs = answer_prompts([r["messages"] for r in records], gen, "refine", rounds, params)
+    convs = [[*r["messages"], {"role": "assistant", "content": a}] for r, o in zip(records, outs) for a in o["answers"]]
+    scores = iter(scorer.score(convs))
+    recs = [{"id": r["id"], "messages": r["messages"], "answers": o["answers"],
+             "scores": [next(scores) for _ in o["answers"]], "trace": o["trace"]} for r, o in zip(records, outs)]
+    return recs, {"answers_scored": len(convs)}
 
 
 def scaling_table(records: list[dict]) -> list[dict]:

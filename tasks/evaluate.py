@@ -19,9 +19,9 @@ from avr_core.backends import make_generator
 from avr_core.backends.base import SamplingParams
 from avr_core.evaluation import leaderboard as lb
 from avr_core.evaluation.evalset import load_evalset
-from avr_core.evaluation.judge import annotate, write_judge_config
-from avr_core.evaluation.metrics import lc_win_rate, position_agreement, win_rate
-from avr_core.inference import answer_prompts
+from avr_core.evaluation.judge import (annotate, judge_answers, model_outputs, reference_outputs,
+                                       write_judge_config)
+from avr_core.inference import eval_answers as eval_answers_core
 from avr_core.store import ArtifactRef, code_version, file_digest
 from tasks.common import (check_inputs, logger, model_artifacts, policy_identity, publish, run_sharded,
                           stage_task, store_of)
@@ -87,15 +87,7 @@ def eval_answers(cfg: dict, policy: dict, name: str, mode: str, rounds: int, pro
         return len(tok["t"].encode(text, add_special_tokens=False)) if tok["t"] is not None else None
 
     def work(shard, i):
-        outs = answer_prompts([r["messages"] for r in shard], gen.get(), mode, rounds, params)
-        recs, counts = [], {}
-        for r, o in zip(shard, outs):
-            key = f"answer_from_{o['path']}"
-            counts[key] = counts.get(key, 0) + 1
-            counts["empty_answers"] = counts.get("empty_answers", 0) + (not o["answer"].strip())
-            recs.append({"id": r["id"], "instruction": r["instruction"], "output": o["answer"], "generator": name,
-                         "dataset": r["dataset"], "raw": o["raw"], "path": o["path"], "rounds": o["rounds"],
-                         "len_chars": len(o["answer"]), "len_tokens": tokens(o["answer"])})
+        recs, counts = eval_answers_core(shard, gen.get(), name, mode, rounds, params, tokens)
         return {"records": recs}, counts
 
     def finish(w):   # alpaca-eval's own format, exactly the keys its loader reads
@@ -138,24 +130,18 @@ def judge(cfg: dict, answers: ArtifactRef, prompts: ArtifactRef) -> ArtifactRef:
     config_path = write_judge_config(w.dir + "/judge", jcfg)          # in the store, never site-packages
     cache = store.path(".work", "judge_cache", f"{ref.key}.json")       # survives a retry of this task
     store.fs.makedirs(cache.rsplit("/", 1)[0], exist_ok=True)
-    refs = {r["instruction"]: r for r in store.read_records(prompts)}
-    model = [{k: r[k] for k in ("instruction", "output", "generator", "dataset")} for r in store.read_records(answers)]
-    reference = [{"instruction": r["instruction"], "output": r["reference"], "generator": r["reference_generator"],
-                  "dataset": r["dataset"]} for r in refs.values()]
+    model = model_outputs(store.read_records(answers))
+    reference = reference_outputs(store.read_records(prompts))
+    fixed = cache.replace(".json", ".fixed-order.json")   # own cache: the main pass randomises the order
+
+    def annotate_fn(outputs_2, outputs_1, randomize):
+        return annotate(outputs_2, outputs_1, config_path, cache if randomize else fixed, jcfg,
+                        randomize_order=randomize)
     t0 = time.time()
-    ann = annotate(model, reference, config_path, cache, jcfg)
-    bias, sub = None, model[:cfg["eval"]["position_bias_n"]]
-    if sub:   # the same pairs in both FIXED orders (own cache: the main pass randomises the order)
-        ids = {m["instruction"] for m in sub}
-        ref_sub = [r for r in reference if r["instruction"] in ids]
-        fixed = cache.replace(".json", ".fixed-order.json")
-        bias = position_agreement(annotate(sub, ref_sub, config_path, fixed, jcfg, randomize_order=False),
-                                  annotate(ref_sub, sub, config_path, fixed, jcfg, randomize_order=False))
-    result = {**win_rate(ann), **lc_win_rate(ann, full_evalset=len(model) == 805, df_gamed=cfg["eval"]["df_gamed"] or None),
-              "avg_len_chars": sum(len(m["output"]) for m in model) / max(1, len(model)),
-              "model": model[0]["generator"] if model else None, "reference": reference[0]["generator"],
-              "annotator": jcfg["annotator"] if jcfg["kind"] == "openai" else f"local:{jcfg['local_model']}",
-              "position_bias": bias, "judge_s": round(time.time() - t0, 1)}
+    ann, result = judge_answers(model, reference, annotate_fn, jcfg, cfg["eval"]["position_bias_n"],
+                                cfg["eval"]["df_gamed"])
+    result = {**result, "judge_s": round(time.time() - t0, 1)}
+    bias = result["position_bias"]
     w.commit_shard(0, {"annotations": ann}, {"annotations": len(ann), "unparsed_judgements": result["unparsed"]})
     w.write_file("metrics.json", json.dumps(result, indent=2).encode())
     logger().info("judge %s vs %s: WR %s ± %s, LC %s (%s), avg len %.0f, position agreement %s",

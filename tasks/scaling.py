@@ -7,16 +7,17 @@ import json
 
 import avr_core.inference
 import avr_core.scaling
-from avr_core.backends import make_generator, make_scorer
+import avr_core.scorers
+from avr_core.backends import make_generator
 from avr_core.backends.base import SamplingParams
-from avr_core.inference import answer_prompts
-from avr_core.scaling import plot_scaling, scaling_table, to_csv, to_markdown
+from avr_core.scaling import plot_scaling, scaling_table, scored_rounds, to_csv, to_markdown
+from avr_core.scorers import make_scorer
 from avr_core.store import ArtifactRef, code_version
 from tasks.common import (check_inputs, logger, model_artifacts, policy_identity, publish_plot, run_sharded,
                           stage_task, store_of)
 from tasks.synthesis import _SYNTH, _Lazy, _ref
 
-_CODE = code_version(avr_core.inference, avr_core.scaling) + _SYNTH
+_CODE = code_version(avr_core.inference, avr_core.scaling, avr_core.scorers) + _SYNTH
 
 
 def _section(cfg: dict, policy: dict) -> dict:
@@ -40,12 +41,8 @@ def tts_answers(cfg: dict, policy: dict, prompts: ArtifactRef) -> ArtifactRef:
                             max_new_tokens=s["max_new_tokens"], seed=s["seed"])
 
     def work(shard, i):
-        outs = answer_prompts([r["messages"] for r in shard], gen.get(), "refine", cfg["tts"]["rounds"], params)
-        convs = [[*r["messages"], {"role": "assistant", "content": a}] for r, o in zip(shard, outs) for a in o["answers"]]
-        scores = iter(scorer.get().score(convs))
-        recs = [{"id": r["id"], "messages": r["messages"], "answers": o["answers"],
-                 "scores": [next(scores) for _ in o["answers"]], "trace": o["trace"]} for r, o in zip(shard, outs)]
-        return {"records": recs}, {"answers_scored": len(convs)}
+        recs, counts = scored_rounds(shard, gen.get(), scorer.get(), cfg["tts"]["rounds"], params)
+        return {"records": recs}, counts
     return run_sharded(store, ref, _section(cfg, policy), [prompts], _CODE, lambda: store.read_records(prompts),
                        cfg["shard_size"], work, stats=gen.stats, models=model_artifacts(cfg, policy))
 

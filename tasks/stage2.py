@@ -8,18 +8,22 @@ import json
 import avr_core.scaling
 import avr_core.search
 import avr_core.selection
+import avr_core.scorers
 import avr_core.thought
+import avr_core.thought_sampling
 from avr_core import synthesis as core
-from avr_core.backends import make_generator, make_scorer
+from avr_core.backends import make_generator
 from avr_core.scaling import plot_search_gain, search_gain_table
 from avr_core.search import SearchConfig, ThoughtRules, greedy_search, long_thought
 from avr_core.selection import ThoughtPairRules, thought_pairs as pair_thoughts
+from avr_core.scorers import make_scorer
 from avr_core.store import ArtifactRef, code_version
-from avr_core.thought import extract_final_answer
+from avr_core.thought_sampling import sample_thoughts as sample_thoughts_core
 from tasks.common import model_artifacts, policy_identity, publish_plot, run_sharded, stage_task, store_of
 from tasks.synthesis import _SYNTH, _Lazy, _records, _ref
 
-_S2 = code_version(avr_core.search, avr_core.thought, avr_core.selection, avr_core.scaling) + _SYNTH
+_S2 = code_version(avr_core.search, avr_core.thought, avr_core.selection, avr_core.scaling,
+                   avr_core.thought_sampling, avr_core.scorers) + _SYNTH
 
 
 def _search_section(cfg, policy):
@@ -98,23 +102,20 @@ def sample_thoughts(cfg: dict, policy: dict, prompts: ArtifactRef) -> ArtifactRe
     sampling = core.Sampling(**cfg["thought"]["sampling"])
 
     def work(shard, i):
-        outs = gen.get().generate([r["messages"] for r in shard], sampling.params(cfg["thought"]["s"], i))
-        recs, finals, counts = [], [], {}
-        for r, texts in zip(shard, outs):
-            ts = []
-            for text in texts:
-                final, path = extract_final_answer(text)
-                counts[f"final_from_{path}"] = counts.get(f"final_from_{path}", 0) + 1
-                ts.append({"text": text, "final": final, "path": path})
-                finals.append([*r["messages"], {"role": "assistant", "content": final}])
-            recs.append({"id": r["id"], "messages": r["messages"], "thoughts": ts})
-        scores = iter(scorer.get().score(finals) if finals else [])
-        for rec in recs:
-            for t in rec["thoughts"]:
-                t["score"] = next(scores)
+        recs, counts = sample_thoughts_core(shard, gen.get(), _ScoreOnUse(scorer), sampling, cfg["thought"]["s"], i)
         return {"records": recs}, counts
     return run_sharded(store, ref, _sample_section(cfg, policy), [prompts], _S2, lambda: store.read_records(prompts),
                        cfg["shard_size"], work, stats=gen.stats, models=model_artifacts(cfg, policy))
+
+
+class _ScoreOnUse:
+    """The lazy scorer as a Scorer: its model loads only when something is scored."""
+
+    def __init__(self, lazy: _Lazy):
+        self.lazy = lazy
+
+    def score(self, conversations):
+        return self.lazy.get().score(conversations)
 
 
 def thought_pairs_ref(cfg, samples):

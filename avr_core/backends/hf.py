@@ -1,14 +1,16 @@
 """transformers backends: the CPU default generator, a Bradley-Terry reward model, and the
-LLM-judge scorer for machines with no reward model."""
+LLM-judge scorer for machines with no reward model.
+
+No method imports here: the judge scorer's prompt is the method's (`avr_core.scorers.judge_frame`)
+and is passed in as `frame`."""
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from typing import Callable, Sequence
 
 from tqdm.auto import tqdm
 
 from avr_core.backends.base import BackendStats, Conversation, SamplingParams, inert_control_tokens
-from avr_core.prompts import FORCED_RATING_PREFIX, JUDGE_SAMPLING, judge_conversation
 
 log = logging.getLogger(__name__)
 
@@ -126,20 +128,22 @@ class HFRewardScorer:
 
 
 class JudgeScorer:
-    """Expected MT-Bench rating from a causal LM, read off ONE forward pass, no sampling.
+    """Expected rating from a causal LM, read off ONE forward pass, no sampling.
 
-    The conversation [x, y] is followed by the judge prompt and a forced ``Rating: [[``;
-    the score is sum_k k * p(k) over the rating tokens "1".."9" (renormalised; "10" would
-    need a second token and is left out). A weak proxy for a trained reward model -- on the
-    135M embedded model it is nearly flat (~5 for every answer, see docs/ENVIRONMENT.md "Embedded model") -- for
-    machines that have none.
+    `frame` (the caller's judge prompt; the method passes `avr_core.scorers.judge_frame`) turns
+    [x, y] into the conversation the model continues: it ends with an assistant turn that stops
+    right before the rating digit (e.g. ``Rating: [[``). The score is sum_k k * p(k) over the
+    rating tokens "1".."9" (renormalised; "10" would need a second token and is left out). A
+    weak proxy for a trained reward model -- on the 135M embedded model it is nearly flat (~5
+    for every answer, see docs/ENVIRONMENT.md "Embedded model") -- for machines that have none.
 
-    >>> JudgeScorer(path).score([[{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]])  # doctest: +SKIP
+    >>> JudgeScorer(path, frame=judge_frame).score([[{"role": "user", "content": "2+2?"},
+    ...                                              {"role": "assistant", "content": "4"}]])  # doctest: +SKIP
     [5.07]
     """
 
     def __init__(self, path: str, dtype: str = "float32", batch_size: int = 8, max_length: int = 4096,
-                 trust_remote_code: bool = False):
+                 trust_remote_code: bool = False, frame: Callable[[Conversation], Conversation] | None = None):
         import torch
         from transformers import AutoModelForCausalLM
 
@@ -148,16 +152,22 @@ class JudgeScorer:
                                                           trust_remote_code=trust_remote_code).eval()
         self.batch_size, self.max_length, self._torch = batch_size, max_length, torch
         self.rating_ids = [self.tok.convert_tokens_to_ids(str(k)) for k in range(1, 10)]
+        self.frame = frame
         self.stats = BackendStats()
 
     def score(self, conversations: Sequence[Conversation]) -> list[float]:
+        """One expected rating per conversation [x, ..., y], framed by `frame`."""
+        if self.frame is None:
+            raise ValueError("JudgeScorer has no judge prompt: build it with avr_core.scorers.make_scorer "
+                             "(or pass frame=avr_core.scorers.judge_frame)")
+        return self.expected_rating([self.frame(c) for c in conversations])
+
+    def expected_rating(self, conversations: Sequence[Conversation]) -> list[float]:
+        """sum_k k * p(next token = "k"), k = 1..9, after each conversation as given (its last
+        assistant turn is continued)."""
         torch = self._torch
         self.stats.calls += 1
-        texts = []
-        for c in conversations:
-            judged = judge_conversation(c[:-1], c[-1]["content"], JUDGE_SAMPLING)
-            judged.append({"role": "assistant", "content": FORCED_RATING_PREFIX.lstrip()})
-            texts.append(render(self.tok, judged))
+        texts = [render(self.tok, c) for c in conversations]
         out = [0.0] * len(texts)
         weights = torch.arange(1, 10, dtype=torch.float32)
         for batch in tqdm(_by_length(texts, self.batch_size), desc="judge_score", unit="batch", leave=False):

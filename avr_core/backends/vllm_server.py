@@ -27,9 +27,8 @@ from typing import Iterator, Sequence
 
 import httpx
 
-from avr_core.training.dist import free_port
-
 from .base import BackendUnavailable
+from .net import free_port
 
 log = logging.getLogger(__name__)
 

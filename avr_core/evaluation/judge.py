@@ -23,13 +23,17 @@ import math
 import os
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import yaml
 
 from avr_core.backends.base import inert_control_tokens
+from avr_core.evaluation.metrics import lc_win_rate, position_agreement, win_rate
 from avr_core.redact import register_env
 
 BASE_ANNOTATOR = "weighted_alpaca_eval_gpt4_turbo"   # the AlpacaEval 2 default
+FULL_EVALSET = 805                                   # AlpacaEval's instruction count: the official LC needs all
+OUTPUT_KEYS = ("instruction", "output", "generator", "dataset")   # what alpaca-eval's loader reads
 
 
 def _package_config(name: str) -> tuple[dict, Path]:
@@ -87,6 +91,87 @@ def annotate(model_outputs: list[dict], reference_outputs: list[dict], config_pa
                     "generator_1": reference_outputs[0]["generator"], "generator_2": m["generator"],
                     "annotator": Path(config_path).parent.name, "preference": pref})
     return out
+
+
+# -- judging a model's answers: the method around `annotate` -----------------------------------
+Annotate = Callable[[list[dict], list[dict], bool], list[dict]]
+
+
+def model_outputs(answers: list[dict]) -> list[dict]:
+    """Answer records (`eval_answers`) -> alpaca-eval model outputs, exactly its four keys.
+
+    >>> model_outputs([{"instruction": "2+2?", "output": "4", "generator": "seed", "dataset": "d", "raw": "4"}])
+    [{'instruction': '2+2?', 'output': '4', 'generator': 'seed', 'dataset': 'd'}]
+    """
+    return [{k: r[k] for k in OUTPUT_KEYS} for r in answers]
+
+
+def reference_outputs(prompts: list[dict]) -> list[dict]:
+    """Eval-set records -> the reference outputs, one per instruction (a repeated instruction:
+    the last record's reference, at its first position).
+
+    >>> reference_outputs([{"instruction": "2+2?", "reference": "4", "reference_generator": "gpt4", "dataset": "d"}])
+    [{'instruction': '2+2?', 'output': '4', 'generator': 'gpt4', 'dataset': 'd'}]
+    """
+    refs = {r["instruction"]: r for r in prompts}
+    return [{"instruction": r["instruction"], "output": r["reference"], "generator": r["reference_generator"],
+             "dataset": r["dataset"]} for r in refs.values()]
+
+
+def position_bias(model: list[dict], reference: list[dict], n: int,
+                  annotate_fixed: Callable[[list[dict], list[dict]], list[dict]]) -> dict | None:
+    """The first `n` model outputs judged against their references in both FIXED orders:
+    `annotate_fixed(model_sub, ref_sub)` (reference shown first), then
+    `annotate_fixed(ref_sub, model_sub)` (model shown first); `metrics.position_agreement` of
+    the two. None when `n` is 0 or there are no outputs.
+
+    >>> fwd = lambda o2, o1: [{"instruction": o["instruction"], "preference": 2.0 if o["generator"] == "m" else 1.0}
+    ...                       for o in o2]          # a judge with no position bias: the model always wins
+    >>> position_bias([{"instruction": "a", "generator": "m"}, {"instruction": "b", "generator": "m"}],
+    ...               [{"instruction": "a", "generator": "ref"}, {"instruction": "b", "generator": "ref"}], 1, fwd)
+    {'n': 1, 'agreement': 1.0, 'model_wins_forward': 1, 'model_wins_swapped': 1}
+    """
+    sub = model[:n]
+    if not sub:
+        return None
+    ids = {m["instruction"] for m in sub}
+    ref_sub = [r for r in reference if r["instruction"] in ids]
+    return position_agreement(annotate_fixed(sub, ref_sub), annotate_fixed(ref_sub, sub))
+
+
+def judge_label(judge: dict) -> str:
+    """The annotator as the leaderboard names it: the API model, or ``local:<model>``."""
+    return judge["annotator"] if judge["kind"] == "openai" else f"local:{judge['local_model']}"
+
+
+def judge_answers(model: list[dict], reference: list[dict], annotate_fn: Annotate, judge: dict,
+                  position_bias_n: int, df_gamed: str | None) -> tuple[list[dict], dict]:
+    """Judge `model` against `reference` (alpaca-eval outputs, see `model_outputs` /
+    `reference_outputs`): ONE randomised-order pass `annotate_fn(model, reference, True)`, a
+    position-bias check on the first `position_bias_n` instructions in fixed orders
+    (`annotate_fn(..., False)`), then win rate ± se, LC win rate, mean length. Returns
+    (annotations, result). `annotate_fn(outputs_2, outputs_1, randomize_order)` is `annotate`
+    with the judge config and a cache bound (a fake in tests).
+
+    Input (one model output, one reference)::
+
+        {"instruction": "2+2?", "output": "4", "generator": "seed", "dataset": "d"}
+        {"instruction": "2+2?", "output": "Four.", "generator": "gpt4_turbo", "dataset": "d"}
+
+    Result::
+
+        {"win_rate": 100.0, "standard_error": ..., "n_wins": 1, "n_wins_base": 0, "n_draws": 0,
+         "n_total": 1, "discrete_win_rate": 100.0, "unparsed": 0, "lc_win_rate": None,
+         "lc_kind": "unavailable", "lc_note": "...", "avg_len_chars": 1.0, "model": "seed",
+         "reference": "gpt4_turbo", "annotator": "gpt-4-turbo", "position_bias": {"n": 1, ...}}
+    """
+    ann = annotate_fn(model, reference, True)
+    bias = position_bias(model, reference, position_bias_n, lambda o2, o1: annotate_fn(o2, o1, False))
+    result = {**win_rate(ann), **lc_win_rate(ann, full_evalset=len(model) == FULL_EVALSET, df_gamed=df_gamed or None),
+              "avg_len_chars": sum(len(m["output"]) for m in model) / max(1, len(model)),
+              "model": model[0]["generator"] if model else None, "reference": reference[0]["generator"],
+              "annotator": judge_label(judge), "position_bias": bias}
+    return ann, result
 
 
 def _nan(x) -> bool:

@@ -49,8 +49,11 @@ def test_continues_a_final_assistant_message(gen):
 
 def test_judge_scorer_gives_an_expected_rating(smollm2):
     from avr_core.backends.hf import JudgeScorer
-    s = JudgeScorer(smollm2, max_length=512)
+    from avr_core.scorers import judge_frame
+    s = JudgeScorer(smollm2, max_length=512, frame=judge_frame)     # the judge prompt is the method's
     assert isinstance(s, Scorer)
+    with pytest.raises(ValueError, match="no judge prompt"):
+        JudgeScorer.score(type("Unframed", (), {"frame": None})(), Q[:1])
     scores = s.score([Q[0] + [{"role": "assistant", "content": "4"}],
                       Q[0] + [{"role": "assistant", "content": "banana"}]])
     assert all(1.0 <= x <= 9.0 for x in scores) and scores[0] != scores[1]
