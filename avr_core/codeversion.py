@@ -24,8 +24,8 @@ config selects, so editing the openai backend recomputes the runs that used it, 
     >>> v = code_version(["avr_core.codeversion:code_version"])
     >>> v.version == code_version(["avr_core.codeversion:code_version"]).version and len(v.version)
     12
-    >>> sorted(v.files)
-    ['avr_core/codeversion.py']
+    >>> sorted(v.files)                    # the function's own file, and the package it lives in
+    ['avr_core/__init__.py', 'avr_core/codeversion.py']
 """
 from __future__ import annotations
 
@@ -179,15 +179,19 @@ def _resolve_abs(dotted: str, index, add, add_whole, depth: int = 0) -> None:
         add(mod_name, "__getattr__")
 
 
-def why(entries: Iterable[str], module: str, root: Path | str | None = None) -> list[str]:
-    """How `entries` reach `module`: the chain of definitions, entry first (debugging a key).
+def why(entries: Iterable[str], target: str, root: Path | str | None = None) -> list[str]:
+    """How `entries` reach `target` ("module" or "module:name"): the chain of definitions,
+    entry first; [] if they do not (debugging a key that changed, or did not).
 
-    >>> why(["avr_core.codeversion:code_version"], "avr_core.codeversion")[-1]
-    'avr_core.codeversion:code_version'
+    >>> why(["avr_core.codeversion:code_version"], "avr_core.codeversion:_index")
+    ['avr_core.codeversion:code_version', 'avr_core.codeversion:_code_version', 'avr_core.codeversion:_index']
     """
     parents: dict = {}
     used = reachable(entries, _index(str(Path(root or ROOT).resolve())), parents)
-    hit = next((u for u in sorted(used, key=lambda u: (u[0], u[1] or "")) if u[0] == module), None)
+    module, _, name = target.partition(":")
+    hits = sorted((u for u in used if u[0] == module and (not name or u[1] == name)),
+                  key=lambda u: (u[1] is None, u[1] or ""))        # a definition before the module body
+    hit = hits[0] if hits else None
     chain = []
     while hit is not None:
         chain.append(f"{hit[0]}:{hit[1] or '<module body>'}")
