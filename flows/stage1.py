@@ -20,7 +20,7 @@ def synthesis(cfg: dict, policy: dict, split: str) -> ArtifactRef:
     critiques = t.critique(cfg, policy, answers)
     refinements = t.refine(cfg, policy, critiques)
     scored = t.rm_score(cfg, refinements)
-    return t.select(cfg, scored)
+    return t.select(cfg, scored, prompts if split == "stage1_sft" else None)   # RSFT mix (select.rsft_mix_chosen)
 
 
 @flow(name="avr-stage1", log_prints=True)

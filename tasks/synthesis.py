@@ -10,11 +10,13 @@ from pathlib import Path
 
 from avr_core import synthesis as core
 from avr_core.backends import make_generator
-from avr_core.inputs import load_prompts
+from avr_core.config import resolve_max_new_tokens
+from avr_core.inputs import HUB_PREFIX, load_prompts
+from avr_core.prompts import CONVERSATION_JUDGES
 from avr_core.scorers import make_scorer
-from avr_core.selection import SelectRules, select as select_records
+from avr_core.selection import SelectRules, rsft_mix, select as select_records
 from avr_core.store import ArtifactRef, file_digest
-from tasks.common import Lazy, Output, Spec, model_artifacts, policy_identity, stage, store_of
+from tasks.common import Lazy, Output, Spec, model_artifacts, policy_identity, stage
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -30,7 +32,8 @@ def resolve_data_path(p: str) -> str:
 # -- prompts ----------------------------------------------------------------------------------
 def prompts_spec(cfg: dict, split: str) -> Spec:
     path = resolve_data_path(cfg["data"]["prompts"])
-    return Spec("prompts", {"file_sha256": file_digest(path)[:16], "split": split, "slice": list(cfg["data"][split])})
+    digest = path if path.startswith(HUB_PREFIX) else file_digest(path)[:16]   # hf://: the dataset's name
+    return Spec("prompts", {"file_sha256": digest, "split": split, "slice": list(cfg["data"][split])})
 
 
 def validate_prompts(cfg: dict) -> int:
@@ -56,7 +59,8 @@ def _gen_spec(cfg: dict, policy: dict, stage_name: str, inp: ArtifactRef) -> Spe
 
 
 def _sampling(cfg: dict, stage_name: str) -> core.Sampling:
-    return core.Sampling(**cfg[stage_name]["sampling"])
+    s = dict(cfg[stage_name]["sampling"])   # max_new_tokens null: up to the context (paper preset)
+    return core.Sampling(**{**s, "max_new_tokens": resolve_max_new_tokens(s["max_new_tokens"], cfg["generator"])})
 
 
 def _generate(out: Output, cfg: dict, policy: dict, inp: ArtifactRef, fn) -> None:
@@ -103,8 +107,9 @@ def refine_spec(cfg, policy, critiques):
 def refine(out: Output, cfg: dict, policy: dict, critiques: ArtifactRef) -> None:
     """M refinements per critique (step 3)."""
     s = _sampling(cfg, "refine")
+    judge = CONVERSATION_JUDGES[cfg["refine"]["conversation_judge"]]
     _generate(out, cfg, policy, critiques, lambda shard, gen, i: core.refine(
-        shard, gen, cfg["refine"]["m"], s, salt=i))
+        shard, gen, cfg["refine"]["m"], s, salt=i, judge=judge))
 
 
 # -- rm_score / select ------------------------------------------------------------------------
@@ -120,27 +125,33 @@ def rm_score(out: Output, cfg: dict, refinements: ArtifactRef) -> None:
                lambda shard, i: _records(core.rm_score(shard, scorer.get())), stats=scorer.stats)
 
 
-def select_spec(cfg, scored):
-    return Spec("select", {"select": cfg["select"]}, (scored,))
+def select_spec(cfg, scored, prompts=None):
+    mix = prompts is not None and cfg["select"]["rsft_mix_chosen"]
+    return Spec("select", {"select": cfg["select"]}, (scored, prompts) if mix else (scored,))
 
 
 @stage(select_spec, retries=0, timeout_s=3600)
-def select(out: Output, cfg: dict, scored: ArtifactRef) -> None:
-    """RSFT examples and the three pair kinds, every filter counted (step 5)."""
+def select(out: Output, cfg: dict, scored: ArtifactRef, prompts: ArtifactRef | None = None) -> None:
+    """RSFT examples and the three pair kinds, every filter counted (step 5). With
+    `select.rsft_mix_chosen` and the synthesis's `prompts`, the RSFT data also gets every unused
+    dataset `chosen` conversation of that slice (the authors' prepare_sft_data.py), prompts that
+    were dropped before scoring included."""
     rules = SelectRules(**cfg["select"])
+    mix = prompts is not None and rules.rsft_mix_chosen
+    source = Lazy(lambda: {p["id"]: p for p in out.store.read_records(prompts)})
+
+    def rows():
+        recs = out.store.read_records(scored)
+        if not mix:
+            return recs
+        have = {r["id"] for r in recs}
+        return recs + [{"id": i, "mix_only": True} for i in source.get() if i not in have]
 
     def work(shard, i):
-        rsft, pairs, counts = select_records(shard, rules)
+        rsft, pairs, counts = select_records([r for r in shard if not r.get("mix_only")], rules)
+        if mix:
+            extra, more = rsft_mix([source.get()[r["id"]] for r in shard], rsft)
+            rsft, counts = rsft + extra, counts + more
         return {"rsft": rsft, "pairs": pairs}, counts
-    out.shards(lambda: out.store.read_records(scored), cfg["shard_size"], work)
+    out.shards(rows, cfg["shard_size"], work)
 
-
-# -- TRANSITIONAL: for tasks not yet on the skeleton (removed when they are) --------------------
-from avr_core.store import cache_key as _cache_key  # noqa: E402
-
-_SYNTH = "transitional"
-_Lazy = Lazy
-
-
-def _ref(cfg, stage_name, section, inputs, code):
-    return store_of(cfg).ref(stage_name, _cache_key(stage_name, section, [str(r) for r in inputs], code))
