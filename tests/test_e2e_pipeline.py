@@ -76,5 +76,5 @@ def test_pipeline_on_smollm2(tmp_path):
 
     again = pipeline(preset="tiny", overrides=[f"store.root={tmp_path}", *SMALL])
     assert again["outputs"]["stage1_model"]["ref"] == summary["outputs"]["stage1_model"]["ref"]
-    assert again["wall_s"] < 60 and all(r["cached"] for r in again["stages"])
+    assert all(r["cached"] for r in again["stages"])          # a full cache hit: nothing recomputed
     assert len(read_leaderboard(str(tmp_path))) == 8          # a nightly rerun appends its rows

@@ -8,7 +8,6 @@ scripted to fail the next k chat requests in a given way, fail a seeded share of
 from __future__ import annotations
 
 import socket
-import time
 
 import pytest
 
@@ -68,14 +67,19 @@ def test_transient_failures_are_retried(server, mode):
         assert len({r["body"]["seed"] for r in server.requests}) == 3
 
 
-def test_retry_after_is_respected(server):
+def retry_delays(caplog) -> list[float]:
+    """The delay of every retry the generator scheduled ("request i: why; retry n in d s")."""
+    return [r.args[3] for r in caplog.records if r.name == "avr_core.backends.openai_api" and "retry" in r.msg]
+
+
+def test_retry_after_is_respected(server, caplog):
+    caplog.set_level("INFO", logger="avr_core.backends.openai_api")
     server.retry_after = "1"
     server.fail("429", times=1)
     gen = make_gen(server.base_url)
-    t0 = time.monotonic()
     assert gen.generate([conv("a")], P)[0]
-    assert time.monotonic() - t0 >= 0.9
-    assert gen.stats.retries == 1
+    assert retry_delays(caplog) == [1.0]         # the server's Retry-After, not the 1 ms backoff
+    assert gen.stats.retries == 1 and len(server.requests) == 2
 
 
 def test_failed_for_good_yields_empty_and_is_counted(server):
@@ -134,13 +138,10 @@ def test_server_down_longer_than_budget_raises_not_empty(server):
     gen = make_gen(server.base_url, max_retries=1, down_budget_s=0.3, concurrency=4)
     assert gen.generate([conv("a")], P) == [["a #10.0", "a #10.1"]]   # checked and working
     server.down()                                                    # connection refused from now on
-    t0 = time.monotonic()
     with pytest.raises(BackendUnavailable) as e:
         gen.generate([conv(f"q{i}") for i in range(6)], P)
-    took = time.monotonic() - t0
     msg = str(e.value)
-    assert server.base_url in msg and "down_budget_s=0.3" in msg and "resumes" in msg
-    assert 0.3 <= took < 3.0                      # waited the budget, not max_retries, not forever
+    assert server.base_url in msg and "down_budget_s=0.3" in msg and "resumes" in msg   # gave up at the budget
     assert gen.stats.failed_requests == 0         # abandoned, not silently turned into empty samples
     assert gen.stats.retries > 2                  # kept trying past max_retries while it was down
     with pytest.raises(BackendUnavailable, match="no OpenAI-compatible server"):   # re-checked first
@@ -172,6 +173,6 @@ def test_server_down_shorter_than_budget_is_waited_out(server):
 def test_one_bad_request_on_a_live_server_is_dropped_not_waited_for(server):
     server.fail("500", times=100)                 # this request 500s every time; /models answers
     gen = make_gen(server.base_url, max_retries=2, concurrency=1, down_budget_s=60)
-    t0 = time.monotonic()
     assert gen.generate([conv("a")], P) == [[]]
-    assert time.monotonic() - t0 < 2.0 and gen.stats.failed_requests == 1 and gen.stats.retries == 2
+    # given up after max_retries: a wait for the 60 s down budget would have kept retrying
+    assert gen.stats.failed_requests == 1 and gen.stats.retries == 2 and len(server.requests) == 3

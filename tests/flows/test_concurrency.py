@@ -1,7 +1,7 @@
 """Concurrency, with real OS processes against the test harness's Prefect API (issue #7).
 
 The stage here is a FAKE (`fake_slow`): a sharded stage through the real `stage_task` +
-`run_sharded` + store machinery whose work is a slow pure function that logs every call to a
+`stage` skeleton + store machinery whose work is a slow pure function that logs every call to a
 file, so the tests can count who computed what. Control flow only; no model is involved.
 
 1. the same stage and config in two processes at once: one computes, the other waits (and says
@@ -30,14 +30,13 @@ WAITING = "waiting for another process computing"
 def _fake_stage():
     from collections import Counter
 
-    from avr_core.store import cache_key
-    from tasks.common import run_sharded, stage_task, store_of
+    from tasks.common import Spec, stage
 
-    def fake_slow_ref(cfg):
-        return store_of(cfg).ref("fake_slow", cache_key("fake_slow", {"x": cfg["x"]}, [], "fake-v1"))
+    def fake_slow_spec(cfg):
+        return Spec("fake_slow", {"x": cfg["x"]})
 
-    @stage_task(fake_slow_ref, retries=0, timeout_s=120)
-    def fake_slow(cfg: dict):
+    @stage(fake_slow_spec, retries=0, timeout_s=120)
+    def fake_slow(out, cfg: dict):
         fake, d = cfg["fake"], Path(cfg["fake"]["dir"])
 
         def work(shard, i):
@@ -51,8 +50,7 @@ def _fake_stage():
             time.sleep(fake["delay"])
             return {"records": [{"id": r["id"], "y": r["id"] * cfg["x"]} for r in shard]}, Counter()
 
-        return run_sharded(store_of(cfg), fake_slow_ref(cfg), {"x": cfg["x"]}, [], "fake-v1",
-                           lambda: [{"id": j} for j in range(8)], 2, work)
+        out.shards(lambda: [{"id": j} for j in range(8)], 2, work)
     return fake_slow
 
 
@@ -213,11 +211,9 @@ def test_a_lock_holder_killed_with_sigkill_does_not_block_the_restart(tmp_path, 
     os.kill(a.p.pid, signal.SIGKILL)                            # holds the lock, shards 0 and 1 committed
     a.p.wait(10)
 
-    t0 = time.monotonic()
     b = Child(env, tmp_path / "b.log", cfg(tmp_path, root, 2, lock_timeout_s=20))
     rb = b.result()
-    assert time.monotonic() - t0 < 20
-    assert WAITING not in b.text()
+    assert WAITING not in b.text()                              # took the dead holder's lock at once
     done = calls(tmp_path, 2)
     assert [i for pid, i in done if pid == b.p.pid] == [2, 3]   # resumed: committed shards not redone
     check_artifact(root, rb, 2)
@@ -235,11 +231,11 @@ def test_a_wait_past_the_timeout_fails_cleanly_naming_the_artifact(tmp_path):
                                str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        t0 = time.monotonic()
+        # gives up at its own 0.3 s, while the holder still holds the lock for a minute
         with pytest.raises(ArtifactLockTimeout, match=rf"critique/k1: another process \(pid={holder.pid} .*0.3 s"):
             with store.lock(ref, timeout=0.3):
                 pass
-        assert time.monotonic() - t0 < 5
+        assert holder.poll() is None
     finally:
         holder.kill()
         holder.wait()

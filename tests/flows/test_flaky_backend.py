@@ -10,7 +10,6 @@ server still down, each one fails at once in the generator's reachability check.
 """
 import json
 import os
-import time
 
 import pytest
 from omegaconf import OmegaConf
@@ -91,7 +90,7 @@ def test_thirty_percent_failures_are_retried_dropped_and_counted(tmp_path):
               f"kept={rows}/40 min_429_wait={min(waits):.3f}s")
 
 
-def test_server_down_mid_stage_fails_loudly_then_resumes_to_the_same_records(tmp_path):
+def test_server_down_mid_stage_fails_loudly_then_resumes_to_the_same_records(tmp_path, caplog):
     """10 prompts in shards of 4, 4, 2: the server goes down (connection refused) right after
     shard 0's answers and stays down longer than the budget."""
     with FlakyChatServer(seed=3) as reference:   # an uninterrupted run, for comparison
@@ -104,12 +103,11 @@ def test_server_down_mid_stage_fails_loudly_then_resumes_to_the_same_records(tmp
         cfg = cfg_for(tmp_path / "run", server, 10, 4, "generator.down_budget_s=0.5")
         store = Store(cfg["store"]["root"])
         server.down_after(4)   # shard 0 is answered, then connection refused
-        t0 = time.monotonic()
         with pytest.raises(BackendUnavailable) as e:
             respond(cfg)
-        took = time.monotonic() - t0
         assert server.base_url in str(e.value)                  # names the server to fix
-        assert 0.5 <= took < 15
+        # the first try waited out the budget, then abandoned the round (its retries find no server)
+        assert any("longer than down_budget_s=0.5" in r.getMessage() for r in caplog.records)
         key_dir = tmp_path / "run" / "respond" / t.respond.ref(cfg, cfg["policy"], t.prompts(cfg, "stage1_sft")).key
         assert not (key_dir / "manifest.json").exists()          # no artifact ...
         assert sorted(p.name for p in (key_dir / "shards").iterdir()) == ["00000.json"]   # ... but shard 0 kept
