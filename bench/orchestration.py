@@ -31,20 +31,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from prefect import flow  # noqa: E402
 
 from avr_core.store import Store  # noqa: E402
-from tasks.common import STAGE_LOG, run_sharded, stage_task  # noqa: E402
+from tasks.common import STAGE_LOG, Spec, stage  # noqa: E402
 
 
-def _ref(cfg, i):
-    return Store(cfg["store"]["root"]).ref("bench", f"k{i:04d}")
+def _spec(cfg, i):
+    return Spec("bench", {"i": i})
 
 
-def _stage_body(cfg: dict, i: int):
-    store = Store(cfg["store"]["root"])
-    return run_sharded(store, _ref(cfg, i), {}, [], "v", lambda: [{"id": i}], 1,
-                       lambda shard, j: ({"records": shard}, Counter()))
+@stage(_spec, retries=0)
+def bench_stage(out, cfg: dict, i: int):
+    out.shards(lambda: [{"id": i}], 1, lambda shard, j: ({"records": shard}, Counter()))
 
 
-bench_stage = stage_task(_ref, retries=0)(_stage_body)
+_stage_body = bench_stage.fn      # the same stage without Prefect: the skeleton alone
 
 
 def overhead(n: int) -> dict:
@@ -68,32 +67,40 @@ def overhead(n: int) -> dict:
     return {"direct_ms": direct * 1e3, "prefect_ms": prefect * 1e3, "overhead_ms": (prefect - direct) * 1e3}
 
 
+_RESUME = {"fail_at": None, "calls": []}
+
+
+@stage(lambda cfg: Spec("bench_resume", {}), retries=0)
+def bench_resume(out, cfg: dict):
+    def work(shard, i):
+        if i == _RESUME["fail_at"]:
+            raise RuntimeError("injected failure")
+        _RESUME["calls"].append(i)
+        return {"records": shard}, Counter()
+    out.shards(lambda: [{"id": j} for j in range(10)], 1, work)
+
+
 def resume() -> dict:
     with tempfile.TemporaryDirectory() as root:
-        store, ref, calls = Store(root), Store(root).ref("bench_resume", "k"), []
-
-        def work(shard, i, fail_at=None):
-            if i == fail_at:
-                raise RuntimeError("injected failure")
-            calls.append(i)
-            return {"records": shard}, Counter()
-        rows = [{"id": j} for j in range(10)]
+        cfg = {"store": {"root": root}}
+        _RESUME.update(fail_at=7, calls=[])
         try:
-            run_sharded(store, ref, {}, [], "v", lambda: rows, 1, lambda s, i: work(s, i, fail_at=7))
+            bench_resume.fn(cfg)
         except RuntimeError:
             pass
-        before = set(calls)
-        calls.clear()
-        run_sharded(store, ref, {}, [], "v", lambda: rows, 1, work)
+        before = set(_RESUME["calls"])
+        _RESUME.update(fail_at=None, calls=[])
+        ref = bench_resume.fn(cfg)
+        calls = _RESUME["calls"]
         return {"committed_before": len(before), "recomputed_committed": len(before & set(calls)),
-                "computed_on_resume": len(calls), "records": len(store.read_records(ref))}
+                "computed_on_resume": len(calls), "records": len(Store(root).read_records(ref))}
 
 
 def cached_rerun(store: str, preset: str) -> dict:
     from flows.pipeline import pipeline
 
     t0 = time.perf_counter()
-    pipeline(preset=preset, overrides=[f"store.root={store}"])
+    pipeline({"preset": preset, "overrides": [f"store.root={store}"]})
     return {"wall_s": time.perf_counter() - t0, "stage_calls": len(STAGE_LOG),
             "computed": sum(not r["cached"] for r in STAGE_LOG)}
 

@@ -7,6 +7,7 @@ cache record: the task then runs and finds (or rebuilds) it in the store.
 """
 from __future__ import annotations
 
+import hashlib
 import inspect
 import json
 import logging
@@ -86,13 +87,23 @@ class Spec:
     models: tuple = ()
 
 
-def stage_code(entry: str, cfg: dict, root: str | None = None) -> CodeVersion:
+def stage_code(entry: str, cfg: dict, root: str | None = None, body: Callable | None = None) -> CodeVersion:
     """The code version of the stage whose task body is `entry` ("module:function"): every
     definition of this repository it can reach, plus the backend classes its config selects
-    when it reaches a backend factory (the factories name their classes only as strings)."""
+    when it reaches a backend factory (the factories name their classes only as strings).
+
+    A body outside this repository's packages (a test's fake stage, a benchmark's) is versioned
+    by its own source and the skeleton's."""
     from avr_core.backends import REGISTRIES
 
-    reached = reached_definitions([entry], root)
+    try:
+        reached = reached_definitions([entry], root)
+    except KeyError:
+        if body is None:
+            raise
+        own = hashlib.sha256(inspect.getsource(body).encode()).hexdigest()[:12]
+        skeleton = code_version([f"{__name__}:run_stage"], root)
+        return CodeVersion(f"{skeleton.version}-{own}", {**skeleton.files, entry: own})
     extra = []
     for factory, section, registry in REGISTRIES:
         kind = (cfg.get(section) or {}).get("kind")
@@ -200,16 +211,14 @@ class StageTask(Task):
     the ONE place that makes concurrent runs of any stage (sharded or not, training included)
     compute an artifact once. Flows call stages one at a time, so a process never holds two."""
 
-    spec_fn: Callable[..., Spec] | None = None
+    spec_fn: Callable[..., Spec]
     body: Callable[..., None]
     publish_fn: Callable[[Store, ArtifactRef], None] | None = None
 
     def resolve(self, params: dict) -> Resolved:
-        if self.spec_fn is None:      # a stage not yet on the skeleton (being converted)
-            return Resolved(None, None, store_of(params["cfg"]), self.ref_fn(**params))  # type: ignore[arg-type]
         spec = self.spec_fn(**params)
         cfg = params["cfg"]
-        code = stage_code(f"{self.body.__module__}:{self.body.__name__}", cfg)
+        code = stage_code(f"{self.body.__module__}:{self.body.__name__}", cfg, body=self.body)
         store = store_of(cfg)
         key = cache_key(spec.stage, spec.config, [str(i) for i in spec.inputs], code.version)
         return Resolved(spec, code, store, store.ref(spec.stage, key))
@@ -284,7 +293,7 @@ def publish(ref: ArtifactRef, key: str, table: list[dict] | None = None, markdow
     plus a link to the artifact directory. Never fails the stage: the store is the record."""
     from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
-    from avr_core.redact import redact   # artifacts live in Prefect's database: no secret goes there
+    from avr_core.redact import redact  # artifacts live in Prefect's database: no secret goes there
     if table is not None:
         table = [{k: redact(v) if isinstance(v, str) else v for k, v in row.items()} for row in table]
     markdown = redact(markdown) if markdown is not None else None
@@ -297,63 +306,6 @@ def publish(ref: ArtifactRef, key: str, table: list[dict] | None = None, markdow
                              link_text=str(ref), key=f"{key}-dir", description="artifact directory")
     except Exception as e:  # no API reachable: the artifact in the store is what counts
         logger().warning("could not publish Prefect artifact %s: %s", key, e)
-
-
-def stage_task(ref_fn: Callable[..., ArtifactRef], *, retries: int = 2, timeout_s: float = 6 * 3600):
-    """A stage task: cached on its artifact key, retried, time-limited, named by its key."""
-    def deco(fn):
-        t = StageTask(fn, name=fn.__name__, cache_policy=StoreCache(), persist_result=True,
-                      retries=retries, retry_delay_seconds=RETRY_DELAY_S, timeout_seconds=timeout_s,
-                      task_run_name=fn.__name__)
-        t.ref_fn = ref_fn
-        return t
-    return deco
-
-
-def run_sharded(store: Store, ref: ArtifactRef, config: Any, inputs: list[ArtifactRef], code: str,
-                records: Callable[[], list[dict]], shard_size: int,
-                work: Callable[[list[dict], int], tuple[dict[str, list[dict]], Counter]],
-                stats: Callable[[], dict] | None = None,
-                finish: Callable[[Any], None] | None = None, models: list[ArtifactRef] = ()) -> ArtifactRef:
-    """Run `work(shard_records, shard_index)` over shards, committing each; skip committed ones.
-
-    The artifact appears (manifest written) only after the last shard: a killed run restarts
-    here and redoes at most the shard it was in. `finish(writer)` may add whole-artifact files
-    (e.g. alpaca-eval's model_outputs.json) after the last shard, before the manifest.
-    `models`: the trained-model artifacts the stage loads, verified with its inputs.
-    """
-    if store.exists(ref):
-        logger().info("%s: cache hit (%s)", ref.stage, ref.path)
-        return ref
-    check_inputs(store, ref, [*inputs, *models])   # before any work and before anything is written
-    w = store.writer(ref.stage, ref.key, config, inputs, code)
-    rows = records()  # read only on a miss
-    shards = [rows[i:i + shard_size] for i in range(0, len(rows), shard_size)] or [[]]
-    done = w.committed()
-    if done:
-        logger().info("%s: resuming, %d of %d shards already committed", ref.stage, len(done), len(shards))
-    pending = [i for i in range(len(shards)) if i not in done]
-    t0 = time.time()
-    for i in tqdm(pending, desc=ref.stage, unit="shard"):
-        before = stats() if stats else {}  # the first call builds the backend: only on a real miss
-        outputs, counts = work(shards[i], i)
-        counts = Counter(counts)
-        counts["input_records"] += len(shards[i])
-        # backend counters (tokens generated, failed requests, ...) travel with the shard,
-        # so a resumed stage's manifest still adds up over all shards
-        after = stats() if stats else {}
-        counts.update({f"backend_{k}": after[k] - before.get(k, 0) for k in after})
-        w.commit_shard(i, outputs, dict(counts))
-    if finish:
-        finish(w)
-    out = w.finalize(extra={"compute_s": round(time.time() - t0, 3), "shards": len(shards)})
-    m = store.manifest(out)
-    logger().info("%s: wrote %s rows=%s counts=%s", ref.stage, out.path, m["rows"], m["counts"])
-    try:
-        publish_stage(store, out, m)
-    except Exception as e:  # showing a stage must never fail it: the store is the record
-        logger().warning("%s: could not publish Prefect artifacts: %s", out, e)
-    return out
 
 
 class InputIntegrityError(RuntimeError):

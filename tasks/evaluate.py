@@ -11,36 +11,23 @@ import time
 
 from prefect import task
 
-import avr_core.evaluation.evalset
-import avr_core.evaluation.judge
-import avr_core.evaluation.metrics
-import avr_core.inference
 from avr_core.backends import make_generator
 from avr_core.backends.base import SamplingParams
 from avr_core.evaluation import leaderboard as lb
 from avr_core.evaluation.evalset import load_evalset
-from avr_core.evaluation.judge import (annotate, judge_answers, model_outputs, reference_outputs,
-                                       write_judge_config)
+from avr_core.evaluation.judge import annotate, judge_answers, model_outputs, reference_outputs, write_judge_config
 from avr_core.inference import eval_answers as eval_answers_core
-from avr_core.store import ArtifactRef, code_version, file_digest
-from tasks.common import (check_inputs, logger, model_artifacts, policy_identity, publish, run_sharded,
-                          stage_task, store_of)
-from tasks.synthesis import _Lazy, _ref, resolve_data_path
+from avr_core.store import ArtifactRef, file_digest
+from tasks.common import Lazy, Output, Spec, logger, model_artifacts, policy_identity, publish, stage, store_of
+from tasks.synthesis import resolve_data_path
 
-_EVALSET = code_version(avr_core.evaluation.evalset)
-_GEN = code_version(avr_core.inference, avr_core.evaluation.evalset)
-_JUDGE = code_version(avr_core.evaluation.judge, avr_core.evaluation.metrics)
 SMOKE_TITLE = ("SMOKE RUN (tiny preset): 135M models judged by a 135M local judge -- shows the machinery "
                "works end to end; NOT a benchmark result")
 
 
-def _evalset_section(cfg: dict) -> dict:
+def eval_prompts_spec(cfg) -> Spec:
     path = resolve_data_path(cfg["eval"]["prompts"])
-    return {"file_sha256": file_digest(path)[:16], "slice": list(cfg["eval"]["slice"])}
-
-
-def eval_prompts_ref(cfg):
-    return _ref(cfg, "eval_prompts", _evalset_section(cfg), [], _EVALSET)
+    return Spec("eval_prompts", {"file_sha256": file_digest(path)[:16], "slice": list(cfg["eval"]["slice"])})
 
 
 def validate_evalset(cfg: dict) -> int:
@@ -48,34 +35,29 @@ def validate_evalset(cfg: dict) -> int:
     return len(load_evalset(resolve_data_path(cfg["eval"]["prompts"])))
 
 
-@stage_task(eval_prompts_ref, retries=0, timeout_s=600)
-def eval_prompts(cfg: dict) -> ArtifactRef:
+@stage(eval_prompts_spec, retries=0, timeout_s=600)
+def eval_prompts(out: Output, cfg: dict) -> None:
     """The [start, stop) slice `eval.slice` of the validated eval set, with its references."""
     rows = load_evalset(resolve_data_path(cfg["eval"]["prompts"]))
     start, stop = cfg["eval"]["slice"]
     chosen = rows[start:stop]
-    return run_sharded(store_of(cfg), eval_prompts_ref(cfg), _evalset_section(cfg), [], _EVALSET,
-                       lambda: chosen, max(1, len(chosen)), lambda shard, i: ({"records": shard}, {"file_rows": len(rows)}))
+    out.shards(lambda: chosen, max(1, len(chosen)), lambda shard, i: ({"records": shard}, {"file_rows": len(rows)}))
 
 
 # -- answers ----------------------------------------------------------------------------------
-def _gen_section(cfg, policy, name, mode, rounds):
-    return {"model": name, "mode": mode, "rounds": rounds, "policy": policy_identity(policy),
-            "sampling": cfg["eval"]["sampling"], "generator": cfg["generator"], "shard_size": cfg["shard_size"]}
+def eval_answers_spec(cfg, policy, name, mode, rounds, prompts) -> Spec:
+    section = {"model": name, "mode": mode, "rounds": rounds, "policy": policy_identity(policy),
+               "sampling": cfg["eval"]["sampling"], "generator": cfg["generator"], "shard_size": cfg["shard_size"]}
+    return Spec("eval_answers", section, (prompts,), tuple(model_artifacts(cfg, policy)))
 
 
-def eval_answers_ref(cfg, policy, name, mode, rounds, prompts):
-    return _ref(cfg, "eval_answers", _gen_section(cfg, policy, name, mode, rounds), [prompts], _GEN)
-
-
-@stage_task(eval_answers_ref)
-def eval_answers(cfg: dict, policy: dict, name: str, mode: str, rounds: int, prompts: ArtifactRef) -> ArtifactRef:
+@stage(eval_answers_spec)
+def eval_answers(out: Output, cfg: dict, policy: dict, name: str, mode: str, rounds: int,
+                 prompts: ArtifactRef) -> None:
     """Every prompt answered (never dropped): Stage-1/seed models with `rounds` explicit refinement
     rounds, Stage-2 models with one thought whose final answer is extracted (fallbacks recorded).
     Also writes `model_outputs.json` in alpaca-eval's format (`alpaca_eval --model_outputs` reads it)."""
-    store, section = store_of(cfg), _gen_section(cfg, policy, name, mode, rounds)
-    ref = eval_answers_ref(cfg, policy, name, mode, rounds, prompts)
-    gen = _Lazy(lambda: make_generator(policy, cfg["generator"]))
+    gen = Lazy(lambda: make_generator(policy, cfg["generator"]))
     tok: dict = {}          # the policy's tokenizer, loaded on the first miss (None: lengths in characters only)
     s = cfg["eval"]["sampling"]
     params = SamplingParams(n=1, temperature=s["temperature"], top_p=s["top_p"], max_new_tokens=s["max_new_tokens"],
@@ -89,12 +71,10 @@ def eval_answers(cfg: dict, policy: dict, name: str, mode: str, rounds: int, pro
     def work(shard, i):
         recs, counts = eval_answers_core(shard, gen.get(), name, mode, rounds, params, tokens)
         return {"records": recs}, counts
-
-    def finish(w):   # alpaca-eval's own format, exactly the keys its loader reads
-        outputs = [{k: r[k] for k in ("instruction", "output", "generator", "dataset")} for r in w.committed_records()]
-        w.write_file("model_outputs.json", json.dumps(outputs, indent=2, ensure_ascii=False).encode())
-    return run_sharded(store, ref, section, [prompts], _GEN, lambda: store.read_records(prompts), cfg["shard_size"],
-                       work, stats=gen.stats, finish=finish, models=model_artifacts(cfg, policy))
+    out.shards(lambda: out.store.read_records(prompts), cfg["shard_size"], work, stats=gen.stats)
+    outputs = [{k: r[k] for k in ("instruction", "output", "generator", "dataset")}   # alpaca-eval's own format
+               for r in out.committed_records()]
+    out.write_file("model_outputs.json", json.dumps(outputs, indent=2, ensure_ascii=False).encode())
 
 
 def _tokenizer(policy: dict):
@@ -108,27 +88,19 @@ def _tokenizer(policy: dict):
 
 
 # -- judging ----------------------------------------------------------------------------------
-def _judge_section(cfg):
+def judge_spec(cfg, answers, prompts) -> Spec:
     e = cfg["eval"]
-    return {"judge": e["judge"], "position_bias_n": e["position_bias_n"], "df_gamed": e["df_gamed"]}
+    section = {"judge": e["judge"], "position_bias_n": e["position_bias_n"], "df_gamed": e["df_gamed"]}
+    return Spec("eval_judge", section, (answers, prompts))
 
 
-def judge_ref(cfg, answers, prompts):
-    return _ref(cfg, "eval_judge", _judge_section(cfg), [answers, prompts], _JUDGE)
-
-
-@stage_task(judge_ref, retries=2, timeout_s=12 * 3600)
-def judge(cfg: dict, answers: ArtifactRef, prompts: ArtifactRef) -> ArtifactRef:
+@stage(judge_spec, retries=2, timeout_s=12 * 3600)
+def judge(out: Output, cfg: dict, answers: ArtifactRef, prompts: ArtifactRef) -> None:
     """alpaca-eval pairwise judging against the references -> annotations + WR ± se, LC, length,
     and a position-bias check on the first `position_bias_n` instructions."""
-    store, ref = store_of(cfg), judge_ref(cfg, answers, prompts)
-    if store.exists(ref):
-        return ref
-    check_inputs(store, ref, [answers, prompts])
-    jcfg = cfg["eval"]["judge"]
-    w = store.writer(ref.stage, ref.key, _judge_section(cfg), [answers, prompts], _JUDGE)
-    config_path = write_judge_config(w.dir + "/judge", jcfg)          # in the store, never site-packages
-    cache = store.path(".work", "judge_cache", f"{ref.key}.json")       # survives a retry of this task
+    store, jcfg = out.store, cfg["eval"]["judge"]
+    config_path = write_judge_config(out.dir + "/judge", jcfg)          # in the store, never site-packages
+    cache = store.path(".work", "judge_cache", f"{out.ref.key}.json")     # survives a retry of this task
     store.fs.makedirs(cache.rsplit("/", 1)[0], exist_ok=True)
     model = model_outputs(store.read_records(answers))
     reference = reference_outputs(store.read_records(prompts))
@@ -142,12 +114,12 @@ def judge(cfg: dict, answers: ArtifactRef, prompts: ArtifactRef) -> ArtifactRef:
                                 cfg["eval"]["df_gamed"])
     result = {**result, "judge_s": round(time.time() - t0, 1)}
     bias = result["position_bias"]
-    w.commit_shard(0, {"annotations": ann}, {"annotations": len(ann), "unparsed_judgements": result["unparsed"]})
-    w.write_file("metrics.json", json.dumps(result, indent=2).encode())
+    out.commit({"annotations": ann}, {"annotations": len(ann), "unparsed_judgements": result["unparsed"]})
+    out.write_file("metrics.json", json.dumps(result, indent=2).encode())
+    out.extra["result"] = result
     logger().info("judge %s vs %s: WR %s ± %s, LC %s (%s), avg len %.0f, position agreement %s",
                   result["model"], result["reference"], result["win_rate"], result["standard_error"],
                   result["lc_win_rate"], result["lc_kind"], result["avg_len_chars"], bias and bias["agreement"])
-    return w.finalize(extra={"result": result})
 
 
 # -- leaderboard ------------------------------------------------------------------------------
@@ -160,14 +132,16 @@ def read_leaderboard(store_root: str) -> list[dict]:
 
 
 @task(name="leaderboard", retries=0)
-def leaderboard(cfg: dict, run_id: str, judged: dict[str, ArtifactRef], stages: dict[str, tuple]) -> str:
+def leaderboard(cfg: dict, run_id: str, judged: dict[str, ArtifactRef], stages: dict[str, tuple],
+                iteration: int = 0) -> str:
     """Append this run's rows (one per evaluated model) to `<store>/leaderboard/` (CSV + markdown),
     publish the table on the Prefect run, and return the markdown."""
     store = store_of(cfg)
     new = []
     for name, ref in judged.items():
         r = store.manifest(ref)["result"]
-        new.append({"date": time.strftime("%Y-%m-%d %H:%M"), "run": run_id, "model": name, "stage": stages[name][0],
+        new.append({"date": time.strftime("%Y-%m-%d %H:%M"), "run": run_id, "iteration": iteration,
+                    "model": name, "stage": stages[name][0],
                     "R": stages[name][1], "n": r["n_total"], "win_rate": r["win_rate"], "se": r["standard_error"],
                     "lc": r["lc_win_rate"], "lc_kind": r["lc_kind"], "avg_len": r["avg_len_chars"],
                     "judge": r["annotator"], "evalset": cfg["eval"]["prompts"].rsplit("/", 1)[-1], "artifact": str(ref)})

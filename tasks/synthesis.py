@@ -16,7 +16,7 @@ from avr_core.prompts import CONVERSATION_JUDGES
 from avr_core.scorers import make_scorer
 from avr_core.selection import SelectRules, rsft_mix, select as select_records
 from avr_core.store import ArtifactRef, file_digest
-from tasks.common import Lazy, Output, Spec, model_artifacts, policy_identity, stage, store_of
+from tasks.common import Lazy, Output, Spec, model_artifacts, policy_identity, stage
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -155,13 +155,3 @@ def select(out: Output, cfg: dict, scored: ArtifactRef, prompts: ArtifactRef | N
         return {"rsft": rsft, "pairs": pairs}, counts
     out.shards(rows, cfg["shard_size"], work)
 
-
-# -- TRANSITIONAL: for tasks not yet on the skeleton (removed when they are) --------------------
-from avr_core.store import cache_key as _cache_key  # noqa: E402
-
-_SYNTH = "transitional"
-_Lazy = Lazy
-
-
-def _ref(cfg, stage_name, section, inputs, code):
-    return store_of(cfg).ref(stage_name, _cache_key(stage_name, section, [str(r) for r in inputs], code))

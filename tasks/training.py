@@ -16,7 +16,7 @@ from pathlib import Path
 
 from avr_core.losses import NEEDS_REFERENCE
 from avr_core.store import ArtifactRef, Store
-from tasks.common import Output, Spec, logger, model_artifacts, policy_identity, stage, store_of
+from tasks.common import Output, Spec, logger, model_artifacts, policy_identity, stage
 
 
 def policy_of(cfg: dict, model: ArtifactRef) -> dict:
