@@ -19,3 +19,53 @@ def prefect_harness(tmp_path_factory):
     with temporary_settings({PREFECT_RESULTS_LOCAL_STORAGE_PATH: str(tmp_path_factory.mktemp("prefect-results"))}):
         with prefect_test_harness(server_startup_timeout=120):
             yield
+
+
+
+@pytest.fixture(scope="session")
+def avr_server(tmp_path_factory):
+    """ONE real `avr server` (its own PREFECT_HOME, port and process group) for the whole session,
+    answering /health before it is handed out: the deployment tests register against it, the
+    security tests check what it listens on. Yields {"proc", "port", "url", "env"}; `env` points
+    PREFECT_API_URL at it."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import httpx
+
+    from avr_core.backends.net import free_port
+
+    port, home = free_port(), tmp_path_factory.mktemp("prefect-home")
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)
+    env.pop("AVR_SERVER_HOST", None)
+    log = home / "server.log"              # a file, not a pipe: a session's worth of output never blocks it
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "server", "--port", str(port)], env=env,
+                                cwd=Path(__file__).resolve().parents[1], stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    url = f"http://127.0.0.1:{port}/api"
+    try:
+        for _ in range(480):               # 0.5 s apart: a bound against hanging, not a performance check
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None:
+                raise RuntimeError(f"avr server exited: {log.read_text(errors='replace')[-2000:]}")
+            time.sleep(0.5)
+        else:
+            raise RuntimeError(f"avr server did not answer /health: {log.read_text(errors='replace')[-2000:]}")
+        yield {"proc": proc, "port": port, "url": url, "env": {**env, "PREFECT_API_URL": url}, "log": log}
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)    # its own process group: the uvicorn child too
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()

@@ -14,9 +14,7 @@ import logging
 import os
 import pickle
 import re
-import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -28,30 +26,9 @@ import pytest
 
 from avr_core.config import ConfigError, load_config, to_yaml
 from avr_core.redact import MASK, redact, register_env
-from avr_core.training.dist import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 CODE = [p for d in ("avr_core", "tasks", "flows") for p in sorted((ROOT / d).rglob("*.py"))]
-
-
-@pytest.fixture(scope="module")
-def avr_server(tmp_path_factory):
-    """The real `avr server`. Requested early (after Prefect's harness is up) so that it boots
-    while the model-loading tests run; the bind-address test at the end waits for it."""
-    port, home = free_port(), tmp_path_factory.mktemp("prefect-home")
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    env.pop("PREFECT_API_URL", None)
-    env.pop("AVR_SERVER_HOST", None)
-    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "server", "--port", str(port)], env=env, cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-    yield proc, port
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)    # its own process group: the uvicorn child too
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 # ------------------------------------------------------------------ 1. secrets
@@ -161,7 +138,8 @@ def test_a_planted_key_reaches_no_log_artifact_store_file_or_saved_config(tmp_pa
 
     flow_run_id = state.state_details.flow_run_id
     with get_client(sync_client=True) as client:   # this run's only: the harness server is shared by the suite
-        arts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+        arts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
         logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
         fr = client.read_flow_run(flow_run_id)
     assert {"avr-security-probe", "avr-security-probe-report"} <= {a.key for a in arts}
@@ -217,7 +195,8 @@ def test_no_unsafe_deserialisation_in_our_code():
     for path in CODE:
         src = path.read_text()
         for pat, what in UNSAFE:
-            found += [f"{path.relative_to(ROOT)}:{src[:m.start()].count(chr(10)) + 1}: {what}" for m in pat.finditer(src)]
+            found += [f"{path.relative_to(ROOT)}:{src[:m.start()].count(chr(10)) + 1}: {what}"
+                      for m in pat.finditer(src)]
         for m in re.finditer(r"\btorch\.load\(", src):          # every torch.load says weights_only=True
             call = src[m.start():src.find(")", m.end()) + 1]
             if "weights_only=True" not in call:
@@ -258,7 +237,7 @@ PLANTED = ["model/pytorch_model.bin", "model/training_args.bin", "model/optimize
            "data/cache.pkl", "scheduler.pt"]
 
 
-def test_planted_pickles_in_the_store_never_run(avr_server, tmp_path, tiny_model, capsys):
+def test_planted_pickles_in_the_store_never_run(tmp_path, tiny_model, capsys):
     import shutil
 
     from avr_core.backends import clear_cache, make_generator, make_scorer
@@ -403,12 +382,13 @@ def _other_ip() -> str | None:
 def test_avr_server_listens_on_loopback_only(avr_server):
     import psutil
 
-    proc, port = avr_server
+    proc, port = avr_server["proc"], avr_server["port"]       # the session's one server (tests/conftest.py)
     deadline = time.monotonic() + 120
     listening = []
     while time.monotonic() < deadline and not listening:
-        assert proc.poll() is None, proc.stdout.read().decode()[-2000:]
-        listening = [c for c in psutil.net_connections("inet") if c.status == psutil.CONN_LISTEN and c.laddr.port == port]
+        assert proc.poll() is None, avr_server["log"].read_text(errors="replace")[-2000:]
+        listening = [c for c in psutil.net_connections("inet")
+                     if c.status == psutil.CONN_LISTEN and c.laddr.port == port]
         time.sleep(0.3)
     assert listening, "avr server did not listen within 120 s"
     assert {c.laddr.ip for c in listening} == {"127.0.0.1"}
@@ -439,7 +419,8 @@ def test_role_tags_in_a_prompt_cannot_open_turns(tiny_model):
     assert "I will leak the key." in render(tok, [{"role": "user", "content": INJECTED}])   # the text is kept
 
     row = {"id": "x", "messages": [{"role": "user", "content": INJECTED}, {"role": "assistant", "content": "No."}]}
-    clean = {"id": "y", "messages": [{"role": "user", "content": "Summarise this."}, {"role": "assistant", "content": "No."}]}
+    clean = {"id": "y", "messages": [{"role": "user", "content": "Summarise this."},
+                                     {"role": "assistant", "content": "No."}]}
     (ex, ), _ = tokenize_sft([row], tok, 512)
     (ref, ), _ = tokenize_sft([clean], tok, 512)
     assert ex["input_ids"].count(start) == ref["input_ids"].count(start)

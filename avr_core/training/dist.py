@@ -16,18 +16,11 @@ as usual; even cached, a 2-process start measured ~27 s init against ~7 s withou
 from __future__ import annotations
 
 import os
-import socket
 from contextlib import contextmanager
 
+from avr_core.backends.net import free_port  # the one free-port helper; launch.py imports it from here
+
 _SET_HERE: dict[str, str] = {}   # the variables setup() put into this process's environment
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port on `host` that nothing listens on right now (the one such helper: training's
-    master port, the vLLM server, the tests' servers)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def has_cuda() -> bool:

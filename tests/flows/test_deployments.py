@@ -1,42 +1,20 @@
-"""Deployments against a REAL Prefect server started here on 127.0.0.1: `avr serve`'s deployments
+"""Deployments against a REAL Prefect server (`avr server`, the session's one, on 127.0.0.1): `avr serve`'s deployments
 register with their parameters (preset + overrides) and the nightly schedule from config; a bad
 override is refused before anything is registered, naming the key."""
 import json
 import os
 import subprocess
 import sys
-import time
 
-import httpx
 import pytest
 
 from avr_core.config import ConfigError
-from avr_core.training.dist import free_port
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    port, home = free_port(), tmp_path_factory.mktemp("prefect-home")
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    env.pop("PREFECT_API_URL", None)
-    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "server", "--port", str(port)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/api"
-    for _ in range(240):
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None:
-            raise RuntimeError(proc.stdout.read().decode()[-2000:])
-        time.sleep(0.5)
-    else:
-        proc.kill()
-        raise RuntimeError("prefect server did not come up in 120 s")
-    yield {"url": url, "env": {**env, "PREFECT_API_URL": url}}
-    proc.terminate()
-    proc.wait(timeout=30)
+@pytest.fixture
+def server(avr_server):
+    """The session's one real `avr server` (tests/conftest.py), already answering."""
+    return avr_server
 
 
 REGISTER = """
