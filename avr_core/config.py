@@ -362,7 +362,8 @@ def validate(cfg: DictConfig) -> None:
         open_end = name.startswith("stage1") and len(sl) == 2 and sl[1] is None   # to the end of the file
         need(len(sl) == 2 and isinstance(sl[0], int) and 0 <= sl[0]
              and (open_end or (isinstance(sl[1], int) and sl[0] <= sl[1])), f"data.{name}",
-             "must be [start, stop] with 0 <= start <= stop" + (" (stop may be null)" if name.startswith("stage1") else ""))
+             "must be [start, stop] with 0 <= start <= stop"
+             + (" (stop may be null)" if name.startswith("stage1") else ""))
     need(bool(cfg.data.prompts), "data.prompts", "a prompt file is required")
     need(cfg.search.k >= 1 and cfg.search.m >= 1, "search.k", "search.k and search.m must be >= 1")
     need(1 <= cfg.search.max_rounds <= 10, "search.max_rounds", "must be in 1..10")

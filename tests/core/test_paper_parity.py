@@ -103,7 +103,8 @@ def rec(critiques, answer="five", s0=3.0):
     """critiques: [(text, [(refinement, score | None), ...]), ...] in sampling order."""
     crits = []
     for ci, (text, refs) in enumerate(critiques):
-        fs = [{"id": f"p1/c{ci}/r{j}", "text": t, **({} if s is None else {"score": s})} for j, (t, s) in enumerate(refs)]
+        fs = [{"id": f"p1/c{ci}/r{j}", "text": t, **({} if s is None else {"score": s})}
+              for j, (t, s) in enumerate(refs)]
         crits.append({"id": f"p1/c{ci}", "text": text, "rating": 3, "refinements": fs})
     return {"id": "p1", "messages": X, "answer": answer, "answer_score": s0, "critiques": crits}
 
@@ -212,7 +213,8 @@ def test_rsft_mix_adds_every_unused_chosen_conversation():
                {"id": "d", "messages": [{"role": "user", "content": "q"}], "answer": None}]
     rsft = select([rec([("C0", [("four", 9.0)])])], PAPER_RULES)[0]
     mixed, counts = rsft_mix(prompts, rsft)
-    assert [m["messages"] for m in mixed] == [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]]
+    hi = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    assert [m["messages"] for m in mixed] == [hi]
     assert counts == Counter(mix_used=1, mix_duplicate=1, mix_no_chosen=1, mix_examples=1)
 
 
@@ -230,7 +232,8 @@ def test_chosen_rows_load_as_prompt_and_answer(tmp_path):
     recs = load_prompts(str(f))
     assert recs[1]["messages"] == [{"role": "user", "content": "Q1?"}] and recs[1]["answer"] == "A1."
     bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps(_armorm_row(0)) + "\n" + json.dumps({"chosen": [{"role": "user", "content": "q"}]}) + "\n")
+    no_answer = {"chosen": [{"role": "user", "content": "q"}]}
+    bad.write_text(json.dumps(_armorm_row(0)) + "\n" + json.dumps(no_answer) + "\n")
     with pytest.raises(InputError, match=r"bad.jsonl:2: field 'chosen\[0\].role': .*end in an 'assistant'"):
         load_prompts(str(bad))
     bad.write_text(json.dumps({"chosen": [{"role": "bot", "content": "q"}]}) + "\n")
@@ -251,7 +254,8 @@ def test_hub_dataset_loads_with_datasets_and_fails_clearly_offline(monkeypatch):
     assert seen == [("princeton-nlp/llama3-ultrafeedback-armorm", "train")] and recs[3]["answer"] == "A3."
 
     def offline(name, split):
-        raise ConnectionError("Couldn't reach 'princeton-nlp/llama3-ultrafeedback-armorm' on the Hub\n(LocalEntryNotFoundError)")
+        raise ConnectionError("Couldn't reach 'princeton-nlp/llama3-ultrafeedback-armorm' on the Hub\n"
+                              "(LocalEntryNotFoundError)")
     monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(InputError) as e:
         load_prompts("hf://princeton-nlp/llama3-ultrafeedback-armorm:train")
