@@ -26,7 +26,8 @@ Placeholders are skipped: a path token that continues with `<`, `*`
 or `{` (a template, a glob) is not checked.
 
 Also: docs/DESIGN.md names every stage task, i.e. every function in tasks/*.py decorated with
-a function of tasks/common.py (`@stage_task(...)`), as `tasks/<file>.py::<function>` (the list is read from the code, so a new or
+a function of tasks/common.py (`@stage(...)`), as `tasks/<file>.py::<function>` (the list is
+read from the code, so a new or
 renamed stage task fails here until the design page follows).
 """
 from __future__ import annotations
@@ -41,7 +42,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 DATA_SUFFIXES = {".json", ".jsonl", ".csv", ".parquet", ".png", ".gguf", ".safetensors", ".bin"}
 URL = re.compile(r"[a-z][a-z0-9+.-]*://\S+|\b[\w.-]*github\.com/\S*")
-UPSTREAM = re.compile(r"(?:authors['\u2019]|Banner-Z/AvR)[ :]$")
+UPSTREAM = re.compile(r"(?:authors['\u2019]|Banner-Z/AvR)[ :]`?$")
 BARE_MD = re.compile(r"(?<![\w./~-])([A-Z][A-Z0-9_-]*\.md)\b")
 
 
@@ -137,7 +138,7 @@ def test_every_reference_to_a_repository_file_resolves():
 
 def stage_decorators() -> set[str]:
     """The decorators that make a stage task: the module-level functions of tasks/common.py
-    (`stage_task` today; read from the code so that a renamed decorator is still found)."""
+    (`stage` today; read from the code so that a renamed decorator is still found)."""
     tree = ast.parse((ROOT / "tasks" / "common.py").read_text(encoding="utf-8"))
     return {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
 

@@ -35,7 +35,7 @@ def test_pipeline_on_smollm2(tmp_path):
 
     from flows.pipeline import pipeline
 
-    summary = pipeline(preset="tiny", overrides=[f"store.root={tmp_path}", *SMALL])
+    summary = pipeline({"preset": "tiny", "overrides": [f"store.root={tmp_path}", *SMALL]})
     store = Store(str(tmp_path))
     model = [store.ref("po", summary["outputs"]["stage1_model"]["ref"].split("/")[1])]
     assert len(store.list("po")) == 1 and len(store.list("rsft")) == 1 and len(store.list("ref_logps")) == 2
@@ -74,7 +74,7 @@ def test_pipeline_on_smollm2(tmp_path):
     assert all(0 <= r["win_rate"] <= 100 and r["lc_kind"] == "unavailable" for r in rows)
     assert [r["R"] for r in rows] == [0, 0, 1, 0]
 
-    again = pipeline(preset="tiny", overrides=[f"store.root={tmp_path}", *SMALL])
+    again = pipeline({"preset": "tiny", "overrides": [f"store.root={tmp_path}", *SMALL]})
     assert again["outputs"]["stage1_model"]["ref"] == summary["outputs"]["stage1_model"]["ref"]
     assert all(r["cached"] for r in again["stages"])          # a full cache hit: nothing recomputed
     assert len(read_leaderboard(str(tmp_path))) == 8          # a nightly rerun appends its rows
