@@ -207,6 +207,18 @@ class ScheduleConfig:
 
 
 @dataclass
+class IterateConfig:
+    """Iterative AvR (README "Iterations"): the pipeline N times, iteration t+1 starting from
+    iteration t's model on fresh prompt slices; every completed iteration is recorded in the store."""
+
+    count: int = 1                   # iterations this run adds
+    model: str = "stage1"            # stage1 | stage2: which model of iteration t starts iteration t+1
+    prompt_stride: int = 0           # iteration t shifts the training slices (data.stage1_sft .. stage2_po)
+                                     #   by t * stride rows; 0 = their span (disjoint, fresh prompts)
+    continue_last: bool = False      # start after the last completed iteration in the store (nightly)
+
+
+@dataclass
 class StoreConfig:
     root: str = "./artifacts"        # path or fsspec URL; AVR_STORE overrides
     lock_timeout_s: float = 0        # wait at most this long for another process computing the
@@ -234,6 +246,7 @@ class AvrConfig:
     tts: ScalingConfig = field(default_factory=ScalingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    iterate: IterateConfig = field(default_factory=IterateConfig)
     shard_size: int = 64             # prompts per committed shard of a long stage
 
 
@@ -378,6 +391,9 @@ def validate(cfg: DictConfig) -> None:
     # the cron expression and time zone themselves are checked by Prefect's own schedule model
     # (flows/runs.py check_schedule), the parser that will run them
     need(len(cfg.schedule.cron.split()) == 5, "schedule.cron", "must be a 5-field cron string, e.g. '0 2 * * *'")
+    need(cfg.iterate.count >= 1, "iterate.count", "must be >= 1")
+    need(cfg.iterate.model in ("stage1", "stage2"), "iterate.model", "must be stage1 or stage2")
+    need(cfg.iterate.prompt_stride >= 0, "iterate.prompt_stride", "must be >= 0 (0: the training slices' span)")
     need(cfg.eval.position_bias_n >= 0, "eval.position_bias_n", "must be >= 0")
     need(cfg.thought.s >= 2, "thought.s", "must be >= 2 (pairs need two samples)")
     need(cfg.thought.length_rule in ("pick", "drop"), "thought.length_rule", "must be pick or drop")

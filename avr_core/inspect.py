@@ -88,7 +88,7 @@ def _unfinished(store: Store) -> list[str]:
     out = []
     for stage_dir in store._ls(store._base):
         stage = stage_dir.rsplit("/", 1)[-1]
-        if stage.startswith(".") or stage in ("runs", "leaderboard"):
+        if stage.startswith(".") or stage in ("runs", "leaderboard", "iterations"):
             continue
         for d in store._ls(stage_dir):
             if not store.fs.exists(f"{d}/{MANIFEST}"):

@@ -1,10 +1,11 @@
 """`avr` -- the command line.
 
-    avr run --preset tiny [key=value ...]     the whole pipeline
+    avr run --preset tiny [--store-root DIR --iterations N ...] [key=value ...]   the whole pipeline
     avr config --preset paper [key=value ...] print the resolved, validated config
     avr chat --model DIR [--rounds R | --thought] "prompt"   try a trained model
     avr eval [--store PATH] [--model NAME] [--last N]        the leaderboard, read from the store
     avr artifacts list|show KEY|lineage KEY|verify [KEY]     read manifests directly (no server)
+    avr compare [RUN_A] RUN_B [--store PATH]                 two runs stage by stage (A: B's previous run)
     avr resume FLOW_RUN_ID                                   run a failed run again: done stages from cache
     avr server [--host 127.0.0.1] [--port 4200]              a Prefect server + UI, telemetry off
     avr deploy --preset paper --pool avr-gpu [key=value ...] the deployments on a work pool (docker/)
@@ -39,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         s = sub.add_parser(name, help=help_)
         s.add_argument("--preset", default="tiny", help="conf/<preset>.yaml or a YAML path")
         s.add_argument("overrides", nargs="*", help="key=value overrides, e.g. critique.k=3")
+        _param_flags(s)
         if name == "deploy":
             s.add_argument("--pool", default="avr-gpu", help="the work pool the workers pull from")
     c = sub.add_parser("chat", help="answer a prompt with a model (Stage-1: R refinement rounds; Stage-2: a thought)")
@@ -63,7 +65,13 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("key", nargs="?", help="stage/key or a unique key prefix (show, lineage; optional for verify)")
     a.add_argument("--store", default=None, help="artifact store (default: AVR_STORE or ./artifacts)")
     a.add_argument("--stage", default=None, help="list: only this stage")
+    cp = sub.add_parser("compare", help="compare two runs: per stage computed/cached, counts, metrics, leaderboard")
+    cp.add_argument("runs", nargs="+", metavar="RUN", help="RUN_A RUN_B (ids or unique prefixes), or RUN_B alone: "
+                                                           "against the previous run of its deployment")
+    cp.add_argument("--store", default=None, help="artifact store (default: AVR_STORE or ./artifacts)")
     args = p.parse_args(argv)
+    if args.cmd == "compare":
+        return _compare(args)
     if args.cmd == "artifacts":
         return _artifacts(args)
     if args.cmd == "resume":
@@ -77,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "server":
         print(f"Prefect UI: http://{args.host}:{args.port}  -- in another shell: "
               f"export PREFECT_API_URL=http://{args.host}:{args.port}/api", flush=True)
+        # the UI's own API address follows these settings, not the --host/--port flags (without them,
+        # a server on another port serves a UI that calls 127.0.0.1:4200)
+        os.environ["PREFECT_SERVER_API_HOST"], os.environ["PREFECT_SERVER_API_PORT"] = args.host, str(args.port)
         os.execv(sys.executable, [sys.executable, "-m", "prefect", "server", "start", "--host", args.host,
                                   "--port", str(args.port)])
     if args.cmd == "chat":
@@ -84,32 +95,86 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "eval":
         return _eval(args)
 
+    from pydantic import ValidationError
+
     from avr_core.config import ConfigError, load_config, to_yaml
     from avr_core.inputs import InputError
+    from flows.params import RunParams
     try:
+        params = RunParams(preset=args.preset, overrides=list(args.overrides),
+                           **{f: getattr(args, f) for f in PARAM_FLAGS if getattr(args, f) is not None})
+        overrides = params.to_overrides()
         if args.cmd == "config":
-            print(to_yaml(load_config(args.preset, args.overrides)), end="")
+            print(to_yaml(load_config(params.preset, overrides)), end="")
             return 0
         if args.cmd == "serve":
             from flows.deploy import serve
-            serve(args.preset, list(args.overrides))
+            serve(params.preset, overrides)
             return 0
         if args.cmd == "deploy":
             from flows.deploy import deploy_to_pool
-            ids = deploy_to_pool(args.preset, list(args.overrides), args.pool)
+            ids = deploy_to_pool(params.preset, overrides, args.pool)
             print(f"registered {len(ids)} deployments on work pool {args.pool!r}")
             return 0
         # fail fast on bad config or prompts, before Prefect starts a server or anything is written
         from omegaconf import OmegaConf
 
         from flows.runs import preflight
-        preflight(OmegaConf.to_container(load_config(args.preset, args.overrides), resolve=True))
+        preflight(OmegaConf.to_container(load_config(params.preset, overrides), resolve=True))
         from flows.pipeline import pipeline
-        pipeline(preset=args.preset, overrides=list(args.overrides))
+        pipeline(params=params)
         return 0
+    except ValidationError as e:
+        print(f"avr: error: {validation_message(e)}", file=sys.stderr)
+        return 2
     except (ConfigError, InputError) as e:
         print(f"avr: error: {e}", file=sys.stderr)
         return 2
+
+
+# the form's fields (flows/params.py RunParams) as flags of run / config / serve / deploy
+PARAM_FLAGS = ("prompts", "policy", "store_root", "iterations", "iterate_model", "continue_from")
+
+
+def _param_flags(s) -> None:
+    from typing import get_args
+
+    from flows.params import RunParams
+
+    for name in PARAM_FLAGS:
+        f = RunParams.model_fields[name]
+        kw = {"choices": list(get_args(f.annotation))} if get_args(f.annotation) else {}
+        s.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None, type=f.annotation if
+                       f.annotation is int else str, help=f.description.replace("%", "%%"), **kw)
+
+
+def validation_message(e) -> str:
+    """One line from a pydantic ValidationError of RunParams: the field and what is wrong."""
+    err = e.errors()[0]
+    msg = err["msg"].removeprefix("Value error, ")
+    return msg if msg.startswith("field '") or not err["loc"] else f"field '{err['loc'][0]}': {msg}"
+
+
+def _compare(args) -> int:
+    from avr_core import compare
+    from avr_core.store import Store
+
+    store = Store(args.store or os.environ.get("AVR_STORE") or "./artifacts")
+    if len(args.runs) > 2:
+        print("avr: error: `avr compare` takes RUN_A RUN_B, or RUN_B alone", file=sys.stderr)
+        return 2
+    try:
+        ids = [compare.resolve_run(store, r) for r in args.runs]
+        if len(ids) == 1:
+            prev = compare.previous_run(store, compare.load_run(store, ids[0]))
+            if prev is None:
+                raise ValueError(f"run {ids[0]} has no earlier run of the same deployment in {store.root}")
+            ids.insert(0, prev)
+    except ValueError as e:
+        print(f"avr: error: {e}", file=sys.stderr)
+        return 2
+    print(compare.to_markdown(compare.compare(store, ids[0], ids[1])), end="")
+    return 0
 
 
 def _artifacts(args) -> int:

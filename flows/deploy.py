@@ -1,5 +1,6 @@
 """Deployments: the whole pipeline and each stage as a flow a user picks in the Prefect UI,
-with the preset and `key=value` overrides as parameters, the pipeline on a nightly cron.
+with a typed form as parameters (flows/params.py: preset, prompts, policy, store, iterations,
+`key=value` overrides), the pipeline on a nightly cron.
 
     avr server                        # a Prefect server + UI on 127.0.0.1:4200 (telemetry off)
     avr serve --preset tiny           # register the deployments and run what the UI triggers
@@ -10,12 +11,16 @@ work (`start_run`): a bad override fails at once, naming the key.
 """
 from __future__ import annotations
 
+from typing import Annotated, Literal
+
 from omegaconf import OmegaConf
 from prefect import flow
 from prefect.schedules import Cron
+from pydantic import Field
 
 from avr_core.config import load_config
 from flows.evaluate import evaluate, test_time_scaling
+from flows.params import RunParams, as_params
 from flows.pipeline import pipeline
 from flows.runs import check_schedule, finish_run, start_run
 from flows.stage1 import stage1, synthesis
@@ -23,32 +28,34 @@ from flows.stage2 import stage2
 
 
 @flow(name="avr-synthesis-run", log_prints=True)
-def synthesis_run(preset: str = "tiny", overrides: list[str] = [], split: str = "stage1_sft") -> dict:  # noqa: B006
+def synthesis_run(params: RunParams = RunParams(),  # noqa: B008 (Prefect parameter: the UI's run form)
+                  split: Annotated[Literal["stage1_sft", "stage1_po", "stage2", "stage2_po", "heldout"], Field(
+                      description="the prompt slice data.<split> to synthesise on")] = "stage1_sft") -> dict:
     """Stage-1 synthesis alone with the seed policy (respond -> critique -> refine -> rm_score -> select)."""
-    run, cfg = start_run(preset, overrides)
+    run, cfg = start_run(params)
     return finish_run(run, cfg, {"synthesis": synthesis(cfg, cfg["policy"], split)})
 
 
 @flow(name="avr-stage1-run", log_prints=True)
-def stage1_run(preset: str = "tiny", overrides: list[str] = []) -> dict:  # noqa: B006 (Prefect parameter)
+def stage1_run(params: RunParams = RunParams()) -> dict:  # noqa: B008 (Prefect parameter)
     """Stage 1 alone: synthesis -> RSFT -> synthesis -> PO."""
-    run, cfg = start_run(preset, overrides)
+    run, cfg = start_run(params)
     s1 = stage1(cfg, cfg["policy"])
     return finish_run(run, cfg, {"stage1_pairs": s1["pairs"], "stage1_model": s1["model_ref"]})
 
 
 @flow(name="avr-stage2-run", log_prints=True)
-def stage2_run(preset: str = "tiny", overrides: list[str] = []) -> dict:  # noqa: B006
+def stage2_run(params: RunParams = RunParams()) -> dict:  # noqa: B008
     """Stage 2 on the Stage-1 model (stage 1 from cache when done)."""
-    run, cfg = start_run(preset, overrides)
+    run, cfg = start_run(params)
     s2 = stage2(cfg, stage1(cfg, cfg["policy"])["model"])
     return finish_run(run, cfg, {"stage2_pairs": s2["pairs"], "stage2_model": s2["model_ref"]})
 
 
 @flow(name="avr-evaluate-run", log_prints=True)
-def evaluate_run(preset: str = "tiny", overrides: list[str] = []) -> dict:  # noqa: B006
+def evaluate_run(params: RunParams = RunParams()) -> dict:  # noqa: B008
     """Test-time scaling and the AlpacaEval leaderboard for every model (stages from cache when done)."""
-    run, cfg = start_run(preset, overrides)
+    run, cfg = start_run(params)
     seed = cfg["policy"]
     s1 = stage1(cfg, seed)
     s2 = stage2(cfg, s1["model"])
@@ -59,15 +66,31 @@ def evaluate_run(preset: str = "tiny", overrides: list[str] = []) -> dict:  # no
 
 def deployments(preset: str = "tiny", overrides: list[str] = ()) -> list:
     """The pipeline (with the nightly schedule of `schedule.*`) and one deployment per stage flow,
-    each defaulting to this preset and these overrides (validated here, before registering)."""
+    each defaulting to this preset and these overrides (validated here, before registering).
+    Their parameters are `RunParams` (flows/params.py): the UI shows a typed form. With
+    `iterate.continue_last=true` the nightly pipeline continues the chain of iterations in the
+    store, so each night adds `iterate.count` iterations."""
     cfg = load_config(preset, list(overrides))
     check_schedule(OmegaConf.to_container(cfg, resolve=True))
-    params = {"preset": preset, "overrides": list(overrides)}
+    params = {"params": as_params(preset=preset, overrides=list(overrides)).model_dump()}
     nightly = Cron(cfg.schedule.cron, timezone=cfg.schedule.timezone, active=cfg.schedule.active)
     return [pipeline.to_deployment(name=f"avr-{cfg.preset}", parameters=params, schedule=nightly,
-                                   description="the whole AvR pipeline; nightly reruns reuse every cached stage"),
-            *[f.to_deployment(name=f"{f.name}-{cfg.preset}", parameters=params)
+                                   description=DESCRIPTION["pipeline"]),
+            *[f.to_deployment(name=f"{f.name}-{cfg.preset}", parameters=params, description=DESCRIPTION[f.name])
               for f in (synthesis_run, stage1_run, stage2_run, evaluate_run)]]
+
+
+DESCRIPTION = {
+    "pipeline": "The whole AvR pipeline (stage 1, stage 2, test-time scaling, AlpacaEval), `iterations` times. "
+                "Nightly reruns reuse every cached stage; with continue_from=last each adds iterations. Artifacts: "
+                "per-stage counts, the wall-time plot, the per-iteration plot, the leaderboard, and `avr-compare` "
+                "(this run against the previous one).",
+    "avr-synthesis-run": "Stage-1 synthesis alone (respond, critique, refine, rm_score, select) with the seed policy "
+                         "on one prompt slice: the quick one (tiny: a few minutes on CPU).",
+    "avr-stage1-run": "Stage 1: synthesis, RSFT, synthesis with the RSFT policy, preference optimisation.",
+    "avr-stage2-run": "Stage 2 on the Stage-1 model (stage 1 from cache when done).",
+    "avr-evaluate-run": "Test-time scaling and the AlpacaEval leaderboard for every model (stages from cache).",
+}
 
 
 def resume(flow_run_id: str) -> dict:
@@ -84,7 +107,10 @@ def resume(flow_run_id: str) -> dict:
     known = {f.name: f for f in (pipeline, synthesis_run, stage1_run, stage2_run, evaluate_run)}
     if name not in known:
         raise ValueError(f"flow run {flow_run_id} is a {name!r} run; avr resume knows {sorted(known)}")
-    return known[name](**run.parameters)
+    given = dict(run.parameters)
+    if "params" not in given:   # a run from before the typed form: {"preset", "overrides"[, "split"]}
+        given["params"] = {k: given.pop(k) for k in ("preset", "overrides") if k in given}
+    return known[name](**given)
 
 
 def deploy_to_pool(preset: str = "tiny", overrides: list[str] = (), pool: str = "avr-gpu") -> list:

@@ -33,14 +33,15 @@ def eval_modes(cfg: dict) -> dict[str, tuple[str, str, int]]:
 
 
 @flow(name="avr-evaluate", log_prints=True)
-def evaluate(cfg: dict, models: dict[str, dict], run_id: str = "adhoc") -> str:
-    """Every model answers every eval prompt -> alpaca-eval judge -> metrics -> leaderboard row."""
+def evaluate(cfg: dict, models: dict[str, dict], run_id: str = "adhoc", iteration: int = 0) -> str:
+    """Every model answers every eval prompt -> alpaca-eval judge -> metrics -> leaderboard row
+    (of AvR iteration `iteration`)."""
     prompts = ev.eval_prompts(cfg)
     modes = {k: v for k, v in eval_modes(cfg).items() if k in models and k in cfg["eval"]["models"]}
     judged = {}
     for name, (_, mode, rounds) in modes.items():
         answers = ev.eval_answers(cfg, models[name], name, mode, rounds, prompts)
         judged[name] = ev.judge(cfg, answers, prompts)
-    board = ev.leaderboard(cfg, run_id, judged, {k: (v[0], v[2]) for k, v in modes.items()})
+    board = ev.leaderboard(cfg, run_id, judged, {k: (v[0], v[2]) for k, v in modes.items()}, iteration)
     print(board)
     return board

@@ -10,10 +10,12 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from avr_core import compare
 from avr_core.config import ConfigError, load_config, to_yaml
 from avr_core.models import model_ref_problem
 from avr_core.store import ArtifactRef, Store
-from tasks.common import STAGE_LOG, publish
+from flows.params import RunParams, as_params
+from tasks.common import STAGE_LOG, publish, publish_plot
 from tasks.evaluate import validate_evalset
 from tasks.synthesis import validate_prompts
 
@@ -67,17 +69,33 @@ def _check_store_root(root: str) -> None:
         raise ConfigError(f"key 'store.root': {str(up)!r} is not writable (got {root!r})")
 
 
-def start_run(preset: str, overrides: list[str] | tuple[str, ...]) -> tuple[dict, dict]:
-    """Everything that can reject a run happens here, before any stage runs."""
-    cfg_obj = load_config(preset, list(overrides))
+def start_run(params: RunParams | dict) -> tuple[dict, dict]:
+    """Everything that can reject a run happens here, before any stage runs. `params` are the
+    deployment's form (flows/params.py); the run record names the flow and deployment, so the
+    run can be compared with the previous run of the same deployment at its end."""
+    params = as_params(params)
+    preset, overrides = params.preset, params.to_overrides()
+    cfg_obj = load_config(preset, overrides)
     cfg = OmegaConf.to_container(cfg_obj, resolve=True)
     n = preflight(cfg)
     store = Store(cfg["store"]["root"])
     STAGE_LOG.clear()                              # this run's wall-time table starts here
     run_id = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
     store.write_atomic(f"{store.path('runs', run_id)}/config.yaml", to_yaml(cfg_obj).encode())
-    print(f"run {run_id}: preset={preset} overrides={list(overrides)} prompts={n} store={cfg['store']['root']}")
-    return {"id": run_id, "started": time.time(), "preset": preset, "overrides": list(overrides)}, cfg
+    print(f"run {run_id}: preset={preset} overrides={overrides} prompts={n} store={cfg['store']['root']}")
+    return {"id": run_id, "started": time.time(), "preset": preset, "overrides": overrides,
+            "params": params.model_dump(), "prompt_rows": n, **_origin()}, cfg
+
+
+def _origin() -> dict:
+    """The Prefect flow and deployment this run belongs to (deployment None: `avr run` or a test)."""
+    from prefect.runtime import deployment, flow_run
+
+    try:
+        return {"flow": flow_run.flow_name or None, "deployment": deployment.name or None,
+                "flow_run_id": flow_run.id or None}
+    except Exception:   # outside a flow run
+        return {"flow": None, "deployment": None, "flow_run_id": None}
 
 
 def finish_run(run: dict, cfg: dict, outputs: dict[str, ArtifactRef], leaderboard: str | None = None) -> dict:
@@ -86,7 +104,6 @@ def finish_run(run: dict, cfg: dict, outputs: dict[str, ArtifactRef], leaderboar
     summary = {**run, "wall_s": wall, "stages": list(STAGE_LOG),
                "outputs": {k: {"ref": str(v), "path": v.path, "counts": store.manifest(v)["counts"],
                                "rows": store.manifest(v)["rows"]} for k, v in outputs.items()}}
-    store.write_atomic(f"{store.path('runs', run['id'])}/summary.json", json.dumps(summary, indent=2).encode())
     from avr_core.inspect import recompute_reason
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(run["started"]))   # compare with earlier runs only
     for r in STAGE_LOG:   # why each computed stage could not come from cache
@@ -96,13 +113,33 @@ def finish_run(run: dict, cfg: dict, outputs: dict[str, ArtifactRef], leaderboar
             r["why"] = recompute_reason(store, ref, started) if store.exists(ref) else "failed"
     table = wall_time_table(STAGE_LOG, wall)
     store.write_atomic(f"{store.path('runs', run['id'])}/timings.md", table.encode())
-    publish(store.ref("runs", run["id"]), "avr-run-timings", table=STAGE_LOG, markdown=table)
+    store.write_atomic(f"{store.path('runs', run['id'])}/summary.json", json.dumps(summary, indent=2).encode())
+    png = compare.plot_wall_times(STAGE_LOG)
+    store.write_atomic(f"{store.path('runs', run['id'])}/timings.png", png)
+    publish_plot(store.ref("runs", run["id"]), "avr-run-timings", png, STAGE_LOG,
+                 "wall time per stage: computed or from cache", table)
+    summary["compare"] = _compare_with_previous(store, summary)
     for name, out in summary["outputs"].items():
         print(f"{name}: {out['path']}\n  rows={out['rows']}\n  counts={out['counts']}")
     print(f"\nper-stage wall time (run {run['id']}):\n{table}")
     if leaderboard:
         print(f"\nleaderboard ({store.path('leaderboard', 'leaderboard.md')}; `avr eval` shows it again):\n{leaderboard}")
     return summary
+
+
+def _compare_with_previous(store: Store, summary: dict) -> str | None:
+    """The markdown comparing this run with the previous run of the same deployment (or flow):
+    runs/<id>/compare.md and the Prefect artifact `avr-compare`. None for the first run."""
+    prev = compare.previous_run(store, summary)
+    if prev is None:
+        md = (f"### Run {summary['id']}\n\nThe first finished run of `{compare.source(summary)}` in this store: "
+              "nothing to compare with yet.\n")
+    else:
+        md = compare.to_markdown(compare.compare(store, prev, summary["id"]))
+    store.write_atomic(f"{store.path('runs', summary['id'])}/compare.md", md.encode())
+    publish(store.ref("runs", summary["id"]), "avr-compare", markdown=md)
+    print(f"\n{md}")
+    return prev
 
 
 def wall_time_table(log: list[dict], wall_s: float) -> str:

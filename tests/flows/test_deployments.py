@@ -39,8 +39,10 @@ def test_deployments_register_with_parameters_and_nightly_schedule(server):
     deps = {d["name"]: d for d in json.loads(r.stdout.strip().splitlines()[-1])}
     assert set(deps) == {"avr-tiny", "avr-synthesis-run-tiny", "avr-stage1-run-tiny", "avr-stage2-run-tiny",
                          "avr-evaluate-run-tiny"}
-    assert deps["avr-tiny"]["parameters"] == {"preset": "tiny", "overrides": ["critique.k=3", "schedule.active=true",
-                                                                              "schedule.timezone=Europe/Berlin"]}
+    assert deps["avr-tiny"]["parameters"]["params"] == {
+        "preset": "tiny", "prompts": "", "policy": "", "store_root": "", "iterations": 0, "iterate_model": "preset",
+        "continue_from": "preset",
+        "overrides": ["critique.k=3", "schedule.active=true", "schedule.timezone=Europe/Berlin"]}
     assert deps["avr-tiny"]["schedules"] == [{"cron": "0 2 * * *", "tz": "Europe/Berlin", "active": True}]
     assert deps["avr-stage2-run-tiny"]["schedules"] == []
 
@@ -84,7 +86,7 @@ with get_client(sync_client=True) as c:          # wait for `avr serve` to have 
             break
         except Exception:
             time.sleep(0.5)
-run = run_deployment("avr-pipeline/avr-tiny", parameters={"preset": "tiny", "overrides": ["critique.kk=3"]},
+run = run_deployment("avr-pipeline/avr-tiny", parameters={"params": {"preset": "tiny", "overrides": ["critique.kk=3"]}},
                      timeout=240)
 with get_client(sync_client=True) as c:
     logs = c.read_logs()

@@ -42,14 +42,14 @@ def select_files(root):
 
 def failed_run(monkeypatch, root, task):
     monkeypatch.setenv("AVR_FAIL_TASK", task)
-    state = synthesis_run(preset="tiny", overrides=overrides(root), return_state=True)
+    state = synthesis_run({"preset": "tiny", "overrides": overrides(root)}, return_state=True)
     monkeypatch.delenv("AVR_FAIL_TASK")
     assert state.is_failed()
     return str(state.state_details.flow_run_id)
 
 
 def test_resume_after_a_late_failure_redoes_nothing_before_it(tmp_path, monkeypatch, gens):
-    synthesis_run(preset="tiny", overrides=overrides(tmp_path / "clean"))
+    synthesis_run({"preset": "tiny", "overrides": overrides(tmp_path / "clean")})
     clean = select_files(tmp_path / "clean")
 
     run_id = failed_run(monkeypatch, tmp_path / "r", "select")

@@ -1,0 +1,143 @@
+"""Iterative AvR (flows/pipeline.py over flows/iterations.py), control flow only: the stages are
+fakes that write small artifacts, so this checks what the loop does -- iteration t+1 starts from
+iteration t's model on fresh prompt slices, a later run continues the chain, the leaderboard has
+an iteration column, the per-iteration table and plot are written, lineage goes back to the
+seed, and every run is compared with the previous one -- not what the stages compute."""
+import json
+
+import pytest
+
+import flows.pipeline as fp
+from avr_core import compare, inspect
+from avr_core.config import ConfigError
+from avr_core.evaluation import leaderboard as lb
+from avr_core.store import Store
+from flows import iterations as it
+from flows.cli import main
+from flows.params import RunParams
+from tasks.common import policy_identity
+from tasks.training import policy_of
+
+SLICES = ("stage1_sft", "stage1_po", "stage2", "stage2_po")
+
+
+@pytest.fixture
+def fake_stages(monkeypatch):
+    """Each fake writes one artifact whose config names the model it started from (as the real
+    stages do), and records (iteration slices, starting model) per call."""
+    calls = []
+
+    def art(cfg, stage, config, result=None):
+        store = Store(cfg["store"]["root"])
+        key = f"{abs(hash(json.dumps(config, sort_keys=True))):016x}"[:16]
+        w = store.writer(stage, key, config, [], "v")
+        w.commit_shard(0, {"records": [{"id": "x"}]}, {"n": 1})
+        return w.finalize({"result": result} if result else None)
+
+    def stage1(cfg, seed):
+        calls.append({"slices": {s: cfg["data"][s] for s in SLICES}, "seed": seed.get("artifact") or seed["path"]})
+        ref = art(cfg, "po", {"policy": policy_identity(seed), "slices": [cfg["data"][s] for s in SLICES]})
+        return {"rsft_data": ref, "rsft": seed, "pairs": ref, "model_ref": ref, "model": policy_of(cfg, ref)}
+
+    def stage2(cfg, s1_model):
+        ref = art(cfg, "cot_po", {"policy": policy_identity(s1_model)})
+        return {"thoughts": ref, "pairs": ref, "model_ref": ref, "model": policy_of(cfg, ref)}
+
+    def signal(cfg, base, trained):
+        n = len(calls)
+        return art(cfg, "signal", {"a": policy_identity(base), "b": policy_identity(trained)},
+                   {"mean_a": 5.0 + n, "mean_b": 5.5 + n, "mean_diff": 0.5, "se": 0.1})
+
+    def evaluate(cfg, models, run_id, iteration):
+        rows = [{"date": "d", "run": run_id, "iteration": iteration, "model": m, "stage": m, "R": 0, "n": 2,
+                 "win_rate": 40.0 + 10 * iteration, "se": 1.0, "lc": None, "lc_kind": "unavailable", "avg_len": 10.0,
+                 "judge": "j", "evalset": "e", "artifact": f"eval_judge/{run_id}-{iteration}-{m}"} for m in models]
+        return lb.append(Store(cfg["store"]["root"]), rows)
+
+    monkeypatch.setattr(fp, "stage1", stage1)
+    monkeypatch.setattr(fp, "stage2", stage2)
+    monkeypatch.setattr(fp, "learning_signal", signal)
+    monkeypatch.setattr(fp, "test_time_scaling", lambda cfg, model: art(cfg, "tts_curve", {"m": model["path"]}))
+    monkeypatch.setattr(fp, "evaluate", evaluate)
+    import flows.runs
+    published = []   # no Prefect API here (the UI test shows the artifacts): collect what would be published
+    for mod, name in ((flows.runs, "publish"), (flows.runs, "publish_plot"), (it, "publish_plot")):
+        monkeypatch.setattr(mod, name, lambda ref, key, *a, **k: published.append(key))
+    return calls
+
+
+def run(tmp_path, **fields):
+    return fp.pipeline.fn(RunParams(preset="tiny", store_root=str(tmp_path), **fields))
+
+
+def test_iterations_continue_from_the_last_model_on_fresh_prompts(tmp_path, fake_stages):
+    first = run(tmp_path, iterations=2, overrides=["iterate.prompt_stride=2"])
+    store = Store(str(tmp_path))
+    s0, s1 = fake_stages
+    assert s0["seed"] == "embedded:smollm2-135m-instruct"
+    assert s0["slices"] == {"stage1_sft": [0, 4], "stage1_po": [6, 10], "stage2": [12, 16], "stage2_po": [20, 24]}
+    assert s1["slices"] == {"stage1_sft": [2, 6], "stage1_po": [8, 12], "stage2": [14, 18], "stage2_po": [22, 26]}
+    chain = it.completed(store, _chain(store))
+    assert [r["iteration"] for r in chain] == [0, 1]
+    assert s1["seed"] == chain[0]["stage1_model"] == chain[0]["next_model"]     # t+1 starts from t's Stage-1 model
+    assert {(r["iteration"], r["model"]) for r in lb.from_csv(_read(store, "leaderboard/leaderboard.csv"))} == \
+        {(t, m) for t in (0, 1) for m in ("seed", "rsft", "stage1", "stage2")}
+    table = json.loads(_read(store, f"iterations/{_chain(store)}/iterations.json"))
+    assert [(r["iteration"], r["wr_stage1"], r["score_stage1"]) for r in table] == [(0, 40.0, 6.5), (1, 50.0, 7.5)]
+    assert _read(store, f"iterations/{_chain(store)}/iterations.png", binary=True)[:4] == b"\x89PNG"
+
+    # the nightly: continue the chain, one more iteration, from iteration 1's model, on the next slices
+    second = run(tmp_path, iterations=1, continue_from="last", overrides=["iterate.prompt_stride=2"])
+    s2 = fake_stages[2]
+    assert s2["seed"] == it.completed(store, _chain(store))[1]["stage1_model"]
+    assert s2["slices"]["stage1_sft"] == [4, 8]
+    assert [r["iteration"] for r in it.completed(store, _chain(store))] == [0, 1, 2]
+
+    # lineage of the newest model goes back through every iteration to the seed
+    newest = store.ref(*it.completed(store, _chain(store))[2]["stage1_model"].split("/", 1))
+    lines = inspect.lineage(store, newest)
+    assert sum(line.strip().startswith("po/") for line in lines) == 3
+    assert "policy=embedded:smollm2-135m-instruct" in lines[-1]
+
+    # every run is compared with the previous run of the same flow
+    assert first["compare"] is None and second["compare"] == first["id"]
+    md = _read(store, f"runs/{second['id']}/compare.md")
+    assert f"Run {second['id']} compared with {first['id']}" in md and "| 2 | stage1 | — | 60 |" in md
+    c = compare.compare(store, first["id"], second["id"])
+    assert {(r["iteration"], r["model"]) for r in c["leaderboard"]} >= {(2, "stage1"), (0, "stage1")}
+    assert any("iterations" in k for k in c["config"])     # the form's iterations / continue_from differ
+
+
+def test_stage2_model_starts_the_next_iteration(tmp_path, fake_stages):
+    run(tmp_path, iterations=2, iterate_model="stage2", overrides=["iterate.prompt_stride=2"])
+    rec = it.completed(Store(str(tmp_path)), _chain(Store(str(tmp_path))))[0]
+    assert rec["next_model"] == rec["stage2_model"] == fake_stages[1]["seed"]
+
+
+def test_iterations_that_run_out_of_fresh_prompts_are_refused_before_any_work(tmp_path, fake_stages):
+    with pytest.raises(ConfigError, match="iterate.count"):                   # tiny: 48 prompts, span 24
+        run(tmp_path, iterations=3)
+    with pytest.raises(ConfigError, match="iterate.prompt_stride.*heldout"):
+        run(tmp_path, iterations=2, overrides=["iterate.prompt_stride=20"])
+    assert fake_stages == []
+
+
+def test_avr_compare_prints_stages_and_leaderboard(tmp_path, fake_stages, capsys):
+    a = run(tmp_path)
+    b = run(tmp_path, overrides=["critique.k=3"])
+    assert main(["compare", a["id"][:15], b["id"], "--store", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert f"Run {b['id']} compared with {a['id']}" in out and "**Leaderboard**" in out
+    assert "critique.k=3" in out                                               # the parameters that differ
+    assert main(["compare", b["id"], "--store", str(tmp_path)]) == 0           # B alone: against its previous run
+    assert main(["compare", "nope", "--store", str(tmp_path)]) == 2
+
+
+def _chain(store):
+    [d] = store._ls(store.path("iterations"))
+    return d.rsplit("/", 1)[-1]
+
+
+def _read(store, rel, binary=False):
+    data = store.fs.cat_file(store.path(*rel.split("/")))
+    return data if binary else data.decode()
