@@ -185,7 +185,10 @@ def run_stage(task: "StageTask", params: dict, body: Callable[..., None]) -> Art
     else:
         check_inputs(store, ref, [*spec.inputs, *spec.models])   # before any work and before anything is written
         out = Output(store, ref, store.writer(ref.stage, ref.key, spec.config, list(spec.inputs), r.code.version))
-        body(out, **params)
+        try:
+            body(out, **params)
+        finally:
+            release_engines(out)
         out.writer.finalize(extra={**out.extra, "code_files": r.code.files}, counts=out.counts or None)
         for fn in out.after:
             fn()
@@ -201,6 +204,19 @@ def run_stage(task: "StageTask", params: dict, body: Callable[..., None]) -> Art
         except Exception as e:
             logger().warning("%s: could not publish Prefect artifacts: %s", ref, e)
     return ref
+
+
+def release_engines(out: "Output") -> None:
+    """End of a stage: record the devices its backends ran on (manifest `device`), then close
+    them, so the next stage starts with the accelerator free (`avr_core.backends.release`;
+    `keep_engine: true` in a backend's section keeps that one for the next stage)."""
+    from avr_core import backends
+
+    if used := backends.used():
+        out.extra.setdefault("device", used)
+    closed = backends.release()
+    if closed:
+        logger().info("%s: released %s", out.ref.stage, ", ".join(closed))
 
 
 class StageTask(Task):

@@ -1,7 +1,13 @@
-"""Backend factory: config section -> Generator / Scorer, one instance per process.
+"""Backend factory: config section -> Generator / Scorer, cached in this process while a stage runs.
 
-Loading a model costs seconds to minutes, so instances are cached per (kind, model, settings):
-the respond, critique and refine stages of one run share one engine.
+Loading a model costs seconds to minutes, so an instance is cached per (kind, model, settings)
+and reused within a stage. At the end of every stage the skeleton calls `release()`
+(tasks/common.py::run_stage): every engine is closed (vLLM engine processes end, HF models are
+dropped, accelerator memory is emptied), unless its section says `keep_engine: true` (the
+respond, critique and refine stages of one policy can then share one engine). Building a
+backend first closes every other cached one, unless both sections name disjoint `gpus`: two
+stages' models are resident together only when the config says they fit (docs/SCALING.md).
+`used()` tells the skeleton which devices the stage's backends ran on, for its manifest.
 """
 from __future__ import annotations
 
@@ -12,9 +18,11 @@ from avr_core.backends.base import BackendStats, BackendUnavailable, Conversatio
 from avr_core.models import resolve_model_path
 
 __all__ = ["BackendStats", "BackendUnavailable", "Generator", "SamplingParams", "Scorer",
-           "make_generator", "make_scorer", "clear_cache"]
+           "make_generator", "make_scorer", "clear_cache", "release", "used"]
 
 _CACHE: dict[str, Any] = {}
+_META: dict[str, dict] = {}      # key -> {"role", "keep", "gpus"}
+_USED: dict[str, str] = {}       # role -> device label, since the last `used()`
 
 # kind -> "module:class". Strings on purpose: a stage's code version (avr_core/codeversion.py)
 # then covers the backend its config selects, not every backend.
@@ -22,7 +30,9 @@ GENERATORS = {"hf": "avr_core.backends.hf:HFGenerator",
               "openai": "avr_core.backends.openai_api:OpenAIGenerator",
               "vllm": "avr_core.backends.vllm_offline:VLLMGenerator"}
 SCORERS = {"hf_rm": "avr_core.backends.hf:HFRewardScorer",
-           "judge": "avr_core.backends.hf:JudgeScorer"}
+           "judge": "avr_core.backends.hf:JudgeScorer",
+           "vllm_rm": "avr_core.backends.vllm_rm:VLLMRewardScorer",
+           "rules": "avr_core.backends.rules:RulesScorer"}
 
 
 # (factory, config section, registry): a stage whose code reaches a factory gets the class its
@@ -50,9 +60,11 @@ def make_generator(model: dict, backend: dict) -> Generator:
     if key not in _CACHE:
         kind = backend["kind"]
         cls = _load(GENERATORS, kind, "generator")
+        _make_room(key, backend)
         path = resolve_model_path(model["path"])
+        dev = dict(device=backend.get("device", "auto"), gpus=tuple(backend.get("gpus") or ()))
         if kind == "hf":
-            _CACHE[key] = cls(path, model["dtype"], backend["batch_size"], model["trust_remote_code"])
+            _CACHE[key] = cls(path, model["dtype"], backend["batch_size"], model["trust_remote_code"], **dev)
         elif kind == "openai":
             _CACHE[key] = cls(base_url=backend["base_url"], model=backend["served_model"] or path,
                               api_key_env=backend["api_key_env"], concurrency=backend["concurrency"],
@@ -60,10 +72,12 @@ def make_generator(model: dict, backend: dict) -> Generator:
                               down_budget_s=backend["down_budget_s"])
         else:
             _CACHE[key] = cls(path, tensor_parallel_size=backend["tensor_parallel_size"],
+                              data_parallel_size=backend.get("data_parallel_size", 1),
                               gpu_memory_utilization=backend["gpu_memory_utilization"],
                               max_model_len=backend["max_model_len"], dtype=model["dtype"],
-                              trust_remote_code=model["trust_remote_code"])
-    return _CACHE[key]
+                              trust_remote_code=model["trust_remote_code"], **dev)
+        _META[key] = {"role": "generator", "keep": bool(backend.get("keep_engine")), "gpus": dev["gpus"]}
+    return _use(key)
 
 
 def make_scorer(scorer: dict, frame: Callable[[Conversation], Conversation] | None = None) -> Scorer:
@@ -73,13 +87,73 @@ def make_scorer(scorer: dict, frame: Callable[[Conversation], Conversation] | No
     key = _key("score", scorer, None if frame is None else f"{frame.__module__}.{frame.__qualname__}")
     if key not in _CACHE:
         cls = _load(SCORERS, scorer["kind"], "scorer")
+        if scorer["kind"] == "rules":        # verifiable constraints, no model (avr_core/backends/rules.py)
+            _CACHE[key] = cls(scorer["constraints"])
+            _META[key] = {"role": "scorer", "keep": False, "gpus": ()}
+            return _use(key)
+        _make_room(key, scorer)
         m = scorer["model"]
         path = resolve_model_path(m["path"])
         kw = dict(dtype=m["dtype"], batch_size=scorer["batch_size"], max_length=scorer["max_length"],
-                  trust_remote_code=m["trust_remote_code"])
+                  trust_remote_code=m["trust_remote_code"], device=scorer.get("device", "auto"),
+                  gpus=tuple(scorer.get("gpus") or ()))
+        if scorer["kind"] == "vllm_rm":
+            kw.update(tensor_parallel_size=scorer.get("tensor_parallel_size", 1),
+                      data_parallel_size=scorer.get("data_parallel_size", 1),
+                      gpu_memory_utilization=scorer.get("gpu_memory_utilization", 0.9),
+                      base_url=scorer.get("base_url", ""), served_model=scorer.get("served_model", ""))
         _CACHE[key] = cls(path, frame=frame, **kw) if scorer["kind"] == "judge" else cls(path, **kw)
-    return _CACHE[key]
+        _META[key] = {"role": "scorer", "keep": bool(scorer.get("keep_engine")), "gpus": kw["gpus"]}
+    return _use(key)
+
+
+def _use(key: str):
+    obj = _CACHE[key]
+    _USED[_META.get(key, {}).get("role", "backend")] = str(getattr(obj, "device", "unknown"))
+    return obj
+
+
+def _make_room(key: str, section: dict) -> None:
+    """Before a new backend is built: close every cached one it may not share the accelerator
+    with. Two backends stay together only when both name `gpus` and those sets are disjoint."""
+    mine = set(section.get("gpus") or ())
+    for k in list(_CACHE):
+        theirs = set(_META.get(k, {}).get("gpus") or ())
+        if k != key and not (mine and theirs and not mine & theirs):
+            _close(k)
+
+
+def _close(key: str) -> None:
+    obj = _CACHE.pop(key, None)
+    _META.pop(key, None)
+    if obj is not None and hasattr(obj, "close"):
+        obj.close()
+    del obj
+
+
+def used() -> dict[str, str]:
+    """{role: device} of the backends handed out since the last call (the stage's manifest)."""
+    out = dict(_USED)
+    _USED.clear()
+    return out
+
+
+def release(keep: bool = True) -> list[str]:
+    """Close every cached backend (engine processes end, models dropped, accelerator memory
+    emptied); with `keep`, those whose section says `keep_engine: true` stay. Returns the roles
+    closed. Called by the stage skeleton at the end of every stage."""
+    closed = []
+    for k in list(_CACHE):
+        if keep and _META.get(k, {}).get("keep"):
+            continue
+        closed.append(_META.get(k, {}).get("role", "backend"))
+        _close(k)
+    if closed:
+        from avr_core.backends.device import release_accelerator
+        release_accelerator()
+    return closed
 
 
 def clear_cache() -> None:
-    _CACHE.clear()
+    """Close every backend, kept ones too."""
+    release(keep=False)

@@ -11,6 +11,7 @@ from typing import Callable, Sequence
 from tqdm.auto import tqdm
 
 from avr_core.backends.base import BackendStats, Conversation, SamplingParams, inert_control_tokens
+from avr_core.backends.device import input_device, load
 
 log = logging.getLogger(__name__)
 
@@ -52,13 +53,15 @@ class HFGenerator:
     `batch_size` counts sequences per forward pass, so a batch holds batch_size // n conversations.
     """
 
-    def __init__(self, path: str, dtype: str = "float32", batch_size: int = 8, trust_remote_code: bool = False):
+    def __init__(self, path: str, dtype: str = "float32", batch_size: int = 8, trust_remote_code: bool = False,
+                 device: str = "auto", gpus: Sequence[int] = ()):
         import torch
         from transformers import AutoModelForCausalLM
 
         self.tok = _load_tokenizer(path, trust_remote_code)
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=_dtype(dtype),
-                                                          trust_remote_code=trust_remote_code).eval()
+        self.model, pl = load(AutoModelForCausalLM, path, dtype, device, gpus, "generator.device",
+                              trust_remote_code=trust_remote_code)
+        self.device, self._in = pl.label, input_device(self.model)   # label: the manifest's; _in: input ids
         self.batch_size = batch_size
         self.stats = BackendStats()
         self._torch = torch
@@ -73,7 +76,8 @@ class HFGenerator:
             torch.manual_seed(params.seed)
         sample = params.temperature > 0
         for batch in tqdm(_by_length(texts, per_batch), desc="generate", unit="batch", leave=False):
-            enc = self.tok([texts[i] for i in batch], return_tensors="pt", padding=True, add_special_tokens=False)
+            enc = self.tok([texts[i] for i in batch], return_tensors="pt", padding=True,
+                           add_special_tokens=False).to(self._in)
             with torch.inference_mode():
                 gen = self.model.generate(
                     **enc, do_sample=sample, max_new_tokens=params.max_new_tokens,
@@ -100,14 +104,15 @@ class HFRewardScorer:
     the chat-templated conversation is r(x, y)."""
 
     def __init__(self, path: str, dtype: str = "bfloat16", batch_size: int = 8, max_length: int = 4096,
-                 trust_remote_code: bool = False):
+                 trust_remote_code: bool = False, device: str = "auto", gpus: Sequence[int] = ()):
         import torch
         from transformers import AutoModelForSequenceClassification
 
         self.tok = _load_tokenizer(path, trust_remote_code)
         self.tok.padding_side = "right"
-        self.model = AutoModelForSequenceClassification.from_pretrained(
-            path, dtype=_dtype(dtype), num_labels=1, trust_remote_code=trust_remote_code).eval()
+        self.model, pl = load(AutoModelForSequenceClassification, path, dtype, device, gpus, "scorer.device",
+                              num_labels=1, trust_remote_code=trust_remote_code)
+        self.device, self._in = pl.label, input_device(self.model)
         self.batch_size, self.max_length, self._torch = batch_size, max_length, torch
         self.stats = BackendStats()
 
@@ -118,9 +123,9 @@ class HFRewardScorer:
         out = [0.0] * len(texts)
         for batch in tqdm(_by_length(texts, self.batch_size), desc="rm_score", unit="batch", leave=False):
             enc = self.tok([texts[i] for i in batch], return_tensors="pt", padding=True, truncation=True,
-                           max_length=self.max_length, add_special_tokens=False)
+                           max_length=self.max_length, add_special_tokens=False).to(self._in)
             with torch.inference_mode():
-                logits = self.model(**enc).logits[:, 0].float()
+                logits = self.model(**enc).logits[:, 0].float().cpu()
             for j, i in enumerate(batch):
                 out[i] = float(logits[j])
         self.stats.requests += len(texts)
@@ -143,13 +148,15 @@ class JudgeScorer:
     """
 
     def __init__(self, path: str, dtype: str = "float32", batch_size: int = 8, max_length: int = 4096,
-                 trust_remote_code: bool = False, frame: Callable[[Conversation], Conversation] | None = None):
+                 trust_remote_code: bool = False, frame: Callable[[Conversation], Conversation] | None = None,
+                 device: str = "auto", gpus: Sequence[int] = ()):
         import torch
         from transformers import AutoModelForCausalLM
 
         self.tok = _load_tokenizer(path, trust_remote_code)
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=_dtype(dtype),
-                                                          trust_remote_code=trust_remote_code).eval()
+        self.model, pl = load(AutoModelForCausalLM, path, dtype, device, gpus, "scorer.device",
+                              trust_remote_code=trust_remote_code)
+        self.device, self._in = pl.label, input_device(self.model)
         self.batch_size, self.max_length, self._torch = batch_size, max_length, torch
         self.rating_ids = [self.tok.convert_tokens_to_ids(str(k)) for k in range(1, 10)]
         self.frame = frame
@@ -174,9 +181,9 @@ class JudgeScorer:
             # left padding + truncation from the left keeps the rating position at the end
             self.tok.truncation_side = "left"
             enc = self.tok([texts[i] for i in batch], return_tensors="pt", padding=True, truncation=True,
-                           max_length=self.max_length, add_special_tokens=False)
+                           max_length=self.max_length, add_special_tokens=False).to(self._in)
             with torch.inference_mode():
-                last = self.model(**enc).logits[:, -1, :].float()
+                last = self.model(**enc).logits[:, -1, :].float().cpu()
             probs = torch.softmax(last[:, self.rating_ids], dim=-1)
             for j, i in enumerate(batch):
                 out[i] = float((probs[j] * weights).sum())

@@ -1,0 +1,162 @@
+"""Engines in their own processes: one per GPU group, all busy, all gone when closed.
+
+vLLM's offline `LLM` refuses ``data_parallel_size > 1`` in one process, and an engine inside
+the Prefect worker keeps accelerator memory until that process ends. So on a GPU machine (or
+whenever `data_parallel_size > 1`) a vLLM backend is an `EnginePool`: `size` worker processes,
+worker i seeing only its GPU group through CUDA_VISIBLE_DEVICES (tensor parallel inside a
+group). A round is split into `size` contiguous chunks, run at the same time, and joined in
+input order; each chunk keeps its global index offset, so per-conversation seeds are the same
+as in one engine. No scheduler: a static split of one round, which is what a round of
+same-shaped requests needs.
+
+    >>> pool = EnginePool("avr_core.backends.vllm_offline:VLLMGenerator",        # doctest: +SKIP
+    ...                   {"model": "/models/llama3-8b", "tensor_parallel_size": 2},
+    ...                   groups=[[0, 1], [2, 3], [4, 5], [6, 7]])
+    >>> pool.call("generate_at", convs, params)   # 4 engines x TP 2, one round  # doctest: +SKIP
+    >>> pool.close()                               # processes joined, GPUs free  # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+from typing import Sequence
+
+from .base import BackendStats, BackendUnavailable
+
+log = logging.getLogger(__name__)
+
+
+def gpu_groups(size: int, per_engine: int, gpus: Sequence[int], visible: int) -> list[list[int]]:
+    """`size` groups of `per_engine` GPUs from `gpus` (empty: 0..visible-1). Without CUDA
+    (visible == 0) every group is empty: engines on CPU.
+
+    >>> gpu_groups(4, 2, [], 8)
+    [[0, 1], [2, 3], [4, 5], [6, 7]]
+    >>> gpu_groups(2, 1, [6, 7], 8)
+    [[6], [7]]
+    >>> gpu_groups(2, 1, [], 0)
+    [[], []]
+    """
+    if visible == 0:
+        return [[] for _ in range(size)]
+    allowed = list(gpus) or list(range(visible))
+    if size * per_engine > len(allowed):
+        raise BackendUnavailable(f"{size} engine(s) x {per_engine} GPU(s) need {size * per_engine} GPUs, "
+                                 f"but {len(allowed)} are allowed ({allowed})")
+    return [allowed[i * per_engine:(i + 1) * per_engine] for i in range(size)]
+
+
+def _worker(conn, target: str, kwargs: dict, env: dict) -> None:
+    os.environ.update(env)        # before anything imports CUDA
+    import importlib
+
+    try:
+        module, _, name = target.partition(":")
+        obj = getattr(importlib.import_module(module), name)(**kwargs)
+        conn.send(("ready", getattr(obj, "device", None)))
+    except BaseException as e:  # noqa: BLE001 -- reported to the parent, which raises
+        conn.send(("error", f"{type(e).__name__}: {e}"))
+        return
+    while True:
+        try:
+            msg = conn.recv()
+        except EOFError:
+            break
+        if msg is None:
+            break
+        method, args = msg
+        try:
+            out = getattr(obj, method)(*args)
+            conn.send(("ok", out, obj.stats.as_dict()))
+        except BaseException as e:  # noqa: BLE001
+            conn.send(("error", f"{type(e).__name__}: {e}"))
+    if hasattr(obj, "close"):
+        obj.close()
+    conn.close()
+
+
+class EnginePool:
+    """`len(groups)` processes each holding `target(**kwargs)` (a "module:Class" backend)."""
+
+    def __init__(self, target: str, kwargs: dict, groups: list[list[int]], start_timeout_s: float = 1800):
+        ctx = mp.get_context("spawn")
+        self.stats = BackendStats()
+        self.groups = groups
+        self.procs, self.conns = [], []
+        for g in groups:
+            parent, child = ctx.Pipe()
+            env = {"CUDA_VISIBLE_DEVICES": ",".join(map(str, g))} if g else {}
+            p = ctx.Process(target=_worker, args=(child, target, kwargs, env), daemon=False)
+            p.start()
+            child.close()
+            self.procs.append(p)
+            self.conns.append(parent)
+        devices = []
+        for i, c in enumerate(self.conns):
+            if not c.poll(start_timeout_s):
+                self.close()
+                raise BackendUnavailable(f"engine {i} of {target} did not start in {start_timeout_s:.0f}s")
+            msg = self._recv(i)
+            if msg[0] != "ready":
+                self.close()
+                raise BackendUnavailable(f"engine {i} (GPUs {groups[i]}) of {target} failed to start: {msg[1]}")
+            devices.append(msg[1])
+        per = [f"gpus {','.join(map(str, g))}" if g else "cpu" for g in groups]
+        inner = f" [{devices[0]}]" if devices[0] else ""
+        self.device = f"{len(groups)} engine process(es): " + "; ".join(per) + inner
+
+    def _recv(self, i: int) -> tuple:
+        try:
+            return self.conns[i].recv()
+        except (EOFError, OSError):
+            code = self.procs[i].exitcode
+            self.close()
+            raise BackendUnavailable(f"engine process {i} (GPUs {self.groups[i]}) died (exit code {code})") from None
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
+
+    def call(self, method: str, items: Sequence, *args) -> list:
+        """`method(chunk, *args, offset)` on every engine at once over contiguous chunks of
+        `items`; the results joined in input order."""
+        n = len(self.conns)
+        bounds = [round(len(items) * i / n) for i in range(n + 1)]
+        busy = []
+        for i in range(n):
+            chunk = list(items[bounds[i]:bounds[i + 1]])
+            if chunk:
+                self.conns[i].send((method, (chunk, *args, bounds[i])))
+                busy.append(i)
+        out: list = []
+        totals: dict[str, int] = {}
+        for i in busy:
+            msg = self._recv(i)
+            if msg[0] != "ok":
+                raise RuntimeError(f"engine process {i} (GPUs {self.groups[i]}): {msg[1]}")
+            out.extend(msg[1])
+            self._last = getattr(self, "_last", {})
+            self._last[i] = msg[2]
+        for st in getattr(self, "_last", {}).values():
+            for k, v in st.items():
+                totals[k] = totals.get(k, 0) + v
+        self.stats = BackendStats(**totals) if totals else self.stats
+        return out
+
+    def close(self, timeout_s: float = 60) -> None:
+        """Stop every engine process; afterwards none is alive (killed if it does not exit)."""
+        for c in self.conns:
+            try:
+                c.send(None)
+            except (OSError, BrokenPipeError):
+                pass
+        for p in self.procs:
+            p.join(timeout_s)
+            if p.is_alive():
+                log.warning("engine process %s did not exit in %.0fs: killing it", p.pid, timeout_s)
+                p.kill()
+                p.join()
+        for c in self.conns:
+            c.close()
+        self.procs, self.conns = [], []
