@@ -24,6 +24,12 @@ def preflight(cfg: dict) -> int:
     """The checks of a validated config against this machine, before any work: the prompt and
     eval files (InputError: file, line, field), the model paths and the store root (ConfigError:
     the key). Returns the number of prompts. Nothing is loaded or written."""
+    from avr_core.backends.device import DeviceError, check_devices
+
+    try:
+        check_devices(cfg)                             # e.g. scorer.device=cuda on a machine without CUDA
+    except DeviceError as e:
+        raise ConfigError(str(e)) from None
     n = validate_prompts(cfg)
     validate_evalset(cfg)
     models = [("scorer.model.path", cfg["scorer"]["model"]["path"])]
@@ -118,6 +124,10 @@ def finish_run(run: dict, cfg: dict, outputs: dict[str, ArtifactRef], leaderboar
     store.write_atomic(f"{store.path('runs', run['id'])}/timings.png", png)
     publish_plot(store.ref("runs", run["id"]), "avr-run-timings", png, STAGE_LOG,
                  "wall time per stage: computed or from cache", table)
+    counts = [{"output": name, "artifact": out["ref"], "count": k, "value": v}
+              for name, out in summary["outputs"].items()
+              for k, v in [*((f"rows:{n}", r) for n, r in out["rows"].items()), *sorted(out["counts"].items())]]
+    publish(store.ref("runs", run["id"]), "avr-run-outputs", table=counts)   # the counts of what the run made
     summary["compare"] = _compare_with_previous(store, summary)
     for name, out in summary["outputs"].items():
         print(f"{name}: {out['path']}\n  rows={out['rows']}\n  counts={out['counts']}")
