@@ -29,7 +29,8 @@ answer -- and a ``prompt`` next to it is ignored (``chosen`` with ``messages`` i
 optionally with ``"id"`` (a string or an integer). Roles are OpenAI's ``system`` / ``user`` /
 ``assistant``: an optional first ``system`` turn, then turns alternating ``user``,
 ``assistant``, ... A final ``assistant`` turn is the row's reference answer y0; what is left
-must end in a ``user`` turn. Unknown extra fields (and extra keys inside a turn) are ignored; a
+must end in a ``user`` turn. An optional ``"constraints"`` list (verifiable instructions as data,
+for the ``rules`` scorer) is checked and kept. Unknown extra fields (and extra keys inside a turn) are ignored; a
 field holding ``null`` counts as absent (Parquet fills a missing column with nulls).
 
 Worked example (TRL-style: one input row -> one output record)::
@@ -338,7 +339,31 @@ def _normalise(row: Any, name: str, where: int, unit: str, max_chars: int) -> di
     answer = None
     if turns[-1]["role"] == "assistant":
         answer = turns.pop()["content"]
-    return {"id": rid, "messages": turns, "answer": answer}
+    out = {"id": rid, "messages": turns, "answer": answer}
+    if row.get("constraints") is not None:
+        out["constraints"] = _check_constraints(row["constraints"], fail)
+    return out
+
+
+def _check_constraints(value: Any, fail) -> list[dict]:
+    """The optional ``constraints`` of a row: the verifiable instructions its answer must follow
+    (the `rules` scorer, avr_core/backends/rules.py), as data, e.g.
+    ``[{"id": "length_constraints:number_words", "kwargs": {"num_words": 60, "relation": "less than"}}]``.
+    Here only the shape is checked; the scorer checks the ids and arguments against its registry."""
+    if not isinstance(value, list) or not value:
+        raise fail("constraints", f"expected a non-empty list of {{\"id\": ..., \"kwargs\": {{...}}}} objects, "
+                                  f"got {_kind(value)}")
+    out = []
+    for i, c in enumerate(value):
+        if not isinstance(c, dict):
+            raise fail(f"constraints[{i}]", f"expected an object like {{\"id\": ..., \"kwargs\": {{...}}}}, "
+                                            f"got {_kind(c)}")
+        _check_text(c.get("id"), f"constraints[{i}].id", fail)
+        kwargs = c.get("kwargs") or {}
+        if not isinstance(kwargs, dict):
+            raise fail(f"constraints[{i}].kwargs", f"expected an object, got {_kind(kwargs)}")
+        out.append({"id": c["id"], "kwargs": kwargs})
+    return out
 
 
 def _check_messages(messages: Any, fail, key: str = "messages") -> list[dict]:

@@ -24,3 +24,87 @@ def paired_difference(a: dict[str, float], b: dict[str, float]) -> dict:
     return {"n": n, "mean_a": r(sum(a[i] for i in ids) / n), "mean_b": r(sum(b[i] for i in ids) / n),
             "mean_diff": r(mean), "std_diff": r(std), "se": r(se), "ci95": [r(mean - 1.96 * se), r(mean + 1.96 * se)],
             "b_better": sum(x > 0 for x in d), "a_better": sum(x < 0 for x in d), "ties": sum(x == 0 for x in d)}
+
+
+def refinement_outcomes(records: list[dict]) -> dict:
+    """How often the refinements of stage-1 synthesis beat their y0, from `rm_score` records
+    (``answer_score`` = r(y0), every refinement's ``score``).
+
+    >>> refs = lambda *s: [{"refinements": [{"score": x} for x in s]}]
+    >>> o = refinement_outcomes([{"answer_score": 0.5, "critiques": refs(1.0, 0.5)},
+    ...                          {"answer_score": 1.0, "critiques": refs(0.0)}])
+    >>> o["better"], o["equal"], o["worse"], o["prompts_with_better"], o["mean_y0"], o["mean_best_gain"]
+    (1, 1, 1, 1, 0.75, -0.25)
+    """
+    out = {"prompts": len(records), "mean_y0": 0.0, "refinements": 0, "better": 0, "equal": 0, "worse": 0,
+           "prompts_with_better": 0, "mean_best_gain": 0.0}
+    gains = []
+    for r in records:
+        s0 = r["answer_score"]
+        scores = [f["score"] for c in r.get("critiques", []) for f in c.get("refinements", []) if "score" in f]
+        out["refinements"] += len(scores)
+        out["better"] += sum(s > s0 for s in scores)
+        out["equal"] += sum(s == s0 for s in scores)
+        out["worse"] += sum(s < s0 for s in scores)
+        out["prompts_with_better"] += any(s > s0 for s in scores)
+        gains.append(max(scores, default=s0) - s0)
+    if records:
+        out["mean_y0"] = round(sum(r["answer_score"] for r in records) / len(records), 6)
+        out["mean_best_gain"] = round(sum(gains) / len(gains), 6)
+    return out
+
+
+def per_constraint(verdicts: list[tuple[str, bool]]) -> dict[str, list[int]]:
+    """(constraint id, satisfied) pairs -> {id: [satisfied, total]}.
+
+    >>> per_constraint([("a", True), ("a", False), ("b", True)])
+    {'a': [1, 2], 'b': [1, 1]}
+    """
+    out: dict[str, list[int]] = {}
+    for cid, ok in verdicts:
+        c = out.setdefault(cid, [0, 0])
+        c[0] += bool(ok)
+        c[1] += 1
+    return dict(sorted(out.items()))
+
+
+def _ci(d: dict) -> str:
+    lo, hi = d["ci95"]
+    verdict = "CI excludes 0" if lo > 0 or hi < 0 else "CI includes 0: no evidence"
+    return f"{d['mean_diff']:+.4f} | [{lo:+.4f}, {hi:+.4f}] | {verdict}"
+
+
+def signal_markdown(report: dict) -> str:
+    """The `signal` preset's report: held-out comparisons, test-time scaling, synthesis counts."""
+    lines = [f"### Learning signal (scorer: {report['scorer']}, {report['heldout']} held-out prompts)", "",
+             "| comparison | n | mean A | mean B | B − A | 95% CI | reading | B better / A better / ties |",
+             "|---|---:|---:|---:|---:|---|---|---|"]
+    for name, d in report["comparisons"].items():
+        lines.append(f"| {name} | {d['n']} | {d['mean_a']:.4f} | {d['mean_b']:.4f} | {_ci(d)} | "
+                     f"{d['b_better']} / {d['a_better']} / {d['ties']} |")
+    lines += ["", "Test-time scaling of the Stage-1 model (greedy; R refinement rounds; paired vs R = 0):", "",
+              "| R | n | mean | R − R0 | 95% CI | reading | better / worse than R0 | mean words |",
+              "|---:|---:|---:|---:|---|---|---|---:|"]
+    for row in report["tts"]:
+        d = row["vs_r0"]
+        lines.append(f"| {row['R']} | {row['n']} | {row['mean']:.4f} | {_ci(d)} | {d['b_better']} / {d['a_better']} | "
+                     f"{row['mean_words']:.1f} |")
+    lines += ["", "Per constraint on the held-out prompts (satisfied / total):", "",
+              "| constraint | " + " | ".join(report["per_constraint"]) + " |",
+              "|---|" + "---:|" * len(report["per_constraint"])]
+    ids = sorted({c for v in report["per_constraint"].values() for c in v})
+    for c in ids:
+        cells = [f"{v[c][0]}/{v[c][1]}" if c in v else "-" for v in report["per_constraint"].values()]
+        lines.append(f"| {c} | " + " | ".join(cells) + " |")
+    lines += ["", "Stage-1 synthesis: how often refinements beat y0, and what selection kept:", "",
+              "| synthesis | prompts | mean r(y0) | refinements | better / equal / worse than y0 | "
+              "prompts with a better one | mean best gain |", "|---|---:|---:|---:|---|---:|---:|"]
+    for name, s in report["synthesis"].items():
+        o = s["outcomes"]
+        lines.append(f"| {name} | {o['prompts']} | {o['mean_y0']:.4f} | {o['refinements']} | "
+                     f"{o['better']} / {o['equal']} / {o['worse']} | {o['prompts_with_better']} | "
+                     f"{o['mean_best_gain']:+.4f} |")
+    for name, s in report["synthesis"].items():
+        kept = ", ".join(f"{k}={v}" for k, v in sorted(s["select_counts"].items()) if not k.startswith("backend_"))
+        lines.append(f"\n`select` ({name}): {kept}")
+    return "\n".join(lines) + "\n"

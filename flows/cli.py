@@ -120,7 +120,12 @@ def main(argv: list[str] | None = None) -> int:
         from omegaconf import OmegaConf
 
         from flows.runs import preflight
-        preflight(OmegaConf.to_container(load_config(params.preset, overrides), resolve=True))
+        cfg = load_config(params.preset, overrides)
+        preflight(OmegaConf.to_container(cfg, resolve=True))
+        if cfg.flow == "signal":       # stage 1 + learning signal + test-time scaling (conf/signal.yaml)
+            from flows.signal import signal
+            signal(params=params)
+            return 0
         from flows.pipeline import pipeline
         pipeline(params=params)
         return 0

@@ -5,7 +5,7 @@ import json
 
 from avr_core.signal import paired_difference
 from avr_core.store import ArtifactRef
-from tasks.common import Output, Spec, logger, stage
+from tasks.common import Output, Spec, logger, stage, store_of
 
 
 def learning_signal_spec(cfg: dict, base: ArtifactRef, trained: ArtifactRef) -> Spec:
@@ -22,3 +22,64 @@ def learning_signal(out: Output, cfg: dict, base: ArtifactRef, trained: Artifact
     out.extra["result"] = result
     logger().info("learning signal (%s scorer): mean diff %+.4f ± %.4f (se), 95%% CI %s, n=%d, trained better on %d",
                   result["scorer"], result["mean_diff"], result["se"], result["ci95"], result["n"], result["b_better"])
+
+
+def signal_report_spec(cfg: dict, comparisons: dict, tts_answers: ArtifactRef, heldout: dict,
+                       synthesis: dict) -> Spec:
+    refs = (*comparisons.values(), tts_answers, *heldout.values(), *(r for pair in synthesis.values() for r in pair))
+    return Spec("signal_report", {"scorer": cfg["scorer"], "names": [list(comparisons), list(heldout),
+                                                                     list(synthesis)]}, refs)
+
+
+@stage(signal_report_spec, retries=0, timeout_s=1800)
+def signal_report(out: Output, cfg: dict, comparisons: dict, tts_answers: ArtifactRef, heldout: dict,
+                  synthesis: dict) -> None:
+    """The `signal` preset's report (report.md, report.json): the held-out paired differences, the
+    test-time-scaling curve with paired CIs against R = 0, per-constraint satisfaction of each
+    model (`rules` scorer), and per synthesis how often refinements beat y0 and what `select` kept.
+
+    comparisons: name -> `learning_signal` ref; heldout: model -> its scored held-out answers;
+    synthesis: name -> (rm_score ref, select ref)."""
+    from avr_core.signal import per_constraint, refinement_outcomes, signal_markdown
+
+    st = out.store
+    tts = st.read_records(tts_answers)
+    rounds = min(len(r["scores"]) for r in tts)
+    r0 = {r["id"]: r["scores"][0] for r in tts}
+    rows = []
+    for R in range(rounds):
+        rR = {r["id"]: r["scores"][R] for r in tts}
+        words = [len(r["answers"][R].split()) for r in tts]
+        rows.append({"R": R, "n": len(tts), "mean": sum(rR.values()) / len(rR), "mean_words": sum(words) / len(words),
+                     "vs_r0": paired_difference(r0, rR)})
+    checks = {}
+    if cfg["scorer"]["kind"] == "rules":
+        from avr_core.scorers import make_scorer
+        scorer = make_scorer(cfg["scorer"])
+        for name, ref in heldout.items():
+            checks[name] = per_constraint([
+                (cid, ok) for r in st.read_records(ref)
+                for (cid, _), ok in zip(scorer.constraints[r["messages"][-1]["content"].strip()],
+                                        scorer.check(r["messages"][-1]["content"], r["answer"]))])
+        last = {r["id"]: r for r in tts}
+        checks[f"stage1 R={rounds - 1}"] = per_constraint([
+            (cid, ok) for r in last.values()
+            for (cid, _), ok in zip(scorer.constraints[r["messages"][-1]["content"].strip()],
+                                    scorer.check(r["messages"][-1]["content"], r["answers"][rounds - 1]))])
+    report = {"scorer": cfg["scorer"]["kind"], "heldout": len(tts),
+              "comparisons": {name: st.manifest(ref)["result"] for name, ref in comparisons.items()},
+              "tts": rows, "per_constraint": checks,
+              "synthesis": {name: {"outcomes": refinement_outcomes(st.read_records(scored)),
+                                   "select_counts": st.manifest(sel)["counts"]}
+                            for name, (scored, sel) in synthesis.items()}}
+    md = signal_markdown(report)
+    out.write_file("report.json", json.dumps(report, indent=2).encode())
+    out.write_file("report.md", md.encode())
+    out.extra["result"] = {k: report[k] for k in ("comparisons", "tts")}
+    logger().info("signal report:\n%s", md)
+
+
+def read_report(cfg: dict, report: ArtifactRef) -> str:
+    """report.md of a `signal_report` artifact."""
+    st = store_of(cfg)
+    return st.fs.cat_file(st.path(report, "report.md")).decode()
