@@ -44,8 +44,8 @@ class BackendConfig:
 class SamplingConfig:
     temperature: float = 0.7
     top_p: float = 0.8
-    max_new_tokens: Optional[int] = 512  # null: up to the model's context (respond/critique/refine
-                                         #   only; the authors set no cap: `resolve_max_new_tokens`)
+    max_new_tokens: Optional[int] = 512  # null: up to the model's context (all but tts; the authors
+                                         #   set no cap: `resolve_max_new_tokens`)
     seed: int = 0
 
 
@@ -131,8 +131,12 @@ class SearchStageConfig:
     k: int = 2
     m: int = 2
     max_rounds: int = 5
+    start: str = "respond"           # y0 of the search: respond (ours: as respond.use_dataset_answer says)
+                                     #   | dataset (authors: the dataset's chosen answer, always)
     drop_no_first_improvement: bool = True
     drop_no_terminating_critique: bool = True
+    drop_redundant_answer: bool = True   # a degenerate y0 gives no thought (authors too)
+    drop_marker_in_text: bool = True     # ours: a thought that does not parse back is dropped (authors: kept)
 
 
 @dataclass
@@ -142,6 +146,11 @@ class ThoughtSampleConfig:
     s: int = 5
     min_margin: float = 0.0
     length_rule: str = "pick"        # pick | drop (see avr_core.selection.ThoughtPairRules)
+    extract: str = "ours"            # final-answer rule: ours (Final answer section after the END marker,
+                                     #   else last improvement, else raw) | authors (src/utils.py regex)
+    final_answer_tries: int = 1      # samples per thought slot until the rule finds a final answer (authors: 2)
+    drop_no_final: bool = False      # authors: a slot with no final answer after the tries is dropped
+    beat_answer: bool = False        # authors: the best thought must score above the dataset's answer
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_new_tokens=4096))
 
 
@@ -179,7 +188,13 @@ class EvalConfig:
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=0.0, max_new_tokens=2048))
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     position_bias_n: int = 50        # instructions judged in both fixed orders (0 = skip the check)
-    df_gamed: str = ""               # a local copy of alpaca-eval's hub file df_gamed.csv: the official LC
+    df_gamed: str = ""               # official LC: a local copy of alpaca-eval's df_gamed.csv, or "hub"
+                                     #   (alpaca-eval's own loader; unreachable -> the labelled fallback)
+    references: str = "file"         # file: the `output` of eval.prompts | hub: AlpacaEval 2's GPT-4 Turbo
+                                     #   reference outputs (tatsu-lab/alpaca_eval, alpaca_eval_gpt4_baseline)
+    extract: str = "ours"            # Stage-2 final-answer rule (as thought.extract)
+    final_answer_tries: int = 1      # samples per prompt until the rule finds a final answer (authors: 5);
+                                     #   then our fallback answer (never dropped; the authors drop: counted)
     smoke: bool = False              # label the leaderboard as a smoke run, not a benchmark result
 
 
@@ -353,7 +368,7 @@ def validate(cfg: DictConfig) -> None:
         need(0.0 <= cfg[stage].sampling.temperature <= 2.0, f"{s}.temperature", "must be in [0, 2]")
         need(0.0 < cfg[stage].sampling.top_p <= 1.0, f"{s}.top_p", "must be in (0, 1]")
         cap = cfg[stage].sampling.max_new_tokens
-        if stage in ("respond", "critique", "refine"):   # stage 1: null = up to the model's context
+        if stage in ("respond", "critique", "refine", "thought", "eval"):   # null = up to the model's context
             need(cap is None or cap > 0, f"{s}.max_new_tokens", "must be > 0 or null (up to the context)")
         else:
             need(cap is not None and cap > 0, f"{s}.max_new_tokens", "must be > 0")
@@ -397,6 +412,11 @@ def validate(cfg: DictConfig) -> None:
     need(cfg.eval.position_bias_n >= 0, "eval.position_bias_n", "must be >= 0")
     need(cfg.thought.s >= 2, "thought.s", "must be >= 2 (pairs need two samples)")
     need(cfg.thought.length_rule in ("pick", "drop"), "thought.length_rule", "must be pick or drop")
+    need(cfg.search.start in ("respond", "dataset"), "search.start", "must be respond or dataset")
+    for sec in ("thought", "eval"):
+        need(cfg[sec].extract in ("ours", "authors"), f"{sec}.extract", "must be ours or authors")
+        need(cfg[sec].final_answer_tries >= 1, f"{sec}.final_answer_tries", "must be >= 1")
+    need(cfg.eval.references in ("file", "hub"), "eval.references", "must be file or hub")
     for t in ("rsft", "po", "cot_sft", "cot_po"):
         need(cfg[t].loss in ("sft", "dpo", "ipo", "simpo", "rm_margin"), f"{t}.loss",
              "must be sft, dpo, ipo, simpo or rm_margin")

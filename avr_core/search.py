@@ -18,6 +18,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from avr_core.backends.base import Generator, Scorer
+from avr_core.parsing import is_redundant
 from avr_core.synthesis import Sampling, critique, refine, rm_score
 from avr_core.thought import Thought, format_thought, parse_thought
 
@@ -29,6 +30,16 @@ class SearchConfig:
     max_rounds: int = 5
     max_tries: int = 5
     force_rating: bool = False
+
+
+def search_starts_from_dataset(start: str, respond_use_dataset_answer: bool) -> bool:
+    """Whether y0 of the search is the dataset's answer: always with `search.start=dataset` (the
+    authors: `d["chosen"]`, src/cot_data_generation_greedy.py:16-20), else as `respond` says.
+
+    >>> search_starts_from_dataset("dataset", False), search_starts_from_dataset("respond", False)
+    (True, False)
+    """
+    return start == "dataset" or bool(respond_use_dataset_answer)
 
 
 def greedy_search(records: list[dict], gen: Generator, scorer: Scorer, cfg: SearchConfig,
@@ -53,7 +64,7 @@ def greedy_search(records: list[dict], gen: Generator, scorer: Scorer, cfg: Sear
         by_id = {r["id"]: r for r in refs}
         for t in active:
             _advance(t, by_id.get(t["id"]), counts)
-        counts[f"rounds_run"] += 1
+        counts["rounds_run"] += 1
     for t in traces.values():
         if t["stop"] is None:
             t["stop"] = "max_rounds"
@@ -82,6 +93,11 @@ def _advance(trace: dict, rec: dict | None, counts: Counter) -> None:
 class ThoughtRules:
     drop_no_first_improvement: bool = True      # the seed's rule: round 1 must improve
     drop_no_terminating_critique: bool = True   # the seed's rule: improving to the end leaves no final critique
+    drop_redundant_answer: bool = True          # a degenerate y0 (`is_redundant`, threshold 60) gives no
+                                                #   thought (authors: prepare_cot_sft_data_greedy.py:72)
+    drop_marker_in_text: bool = True            # ours: a thought that does not parse back is dropped
+                                                #   (authors: kept)
+    redundancy_threshold: int = 60
 
 
 def long_thought(traces: list[dict], rules: ThoughtRules = ThoughtRules()) -> tuple[list[dict], Counter]:
@@ -91,17 +107,21 @@ def long_thought(traces: list[dict], rules: ThoughtRules = ThoughtRules()) -> tu
         rounds = t["rounds"]
         improving = [r for r in rounds if r["improved"]]
         terminating = next((r for r in rounds if not r["improved"] and r["best"]), None)
+        if rules.drop_redundant_answer and is_redundant(t["answer"], rules.redundancy_threshold):
+            counts["dropped_redundant_answer"] += 1
+            continue
         if not rounds or (not rounds[0]["improved"] and rules.drop_no_first_improvement):
             counts["dropped_no_first_improvement"] += 1
             continue
         if terminating is None and rules.drop_no_terminating_critique:
             counts["dropped_no_terminating_critique"] += 1
             continue
-        thought = Thought(answer=t["answer"], steps=[(r["best"]["critique"], r["best"]["refinement"]) for r in improving],
+        thought = Thought(answer=t["answer"],
+                          steps=[(r["best"]["critique"], r["best"]["refinement"]) for r in improving],
                           final_critique=terminating["best"]["critique"] if terminating else None,
                           final_answer=t["final"]["answer"])
         text = format_thought(thought)
-        if parse_thought(text) != thought:
+        if rules.drop_marker_in_text and parse_thought(text) != thought:
             # a text that writes a section marker at a line start would read back as another round:
             # training on it would teach a thought the parser cannot take apart (see test_thought.py)
             counts["dropped_marker_in_text"] += 1

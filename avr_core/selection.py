@@ -271,6 +271,9 @@ class ThoughtPairRules:
     length_rule: str = "pick"        # pick: best thought whose final answer is no longer than the
                                      #   worst's; drop: pair best and worst only if that holds
     length_chars: bool = True        # compare lengths in characters (else whitespace words)
+    beat_answer: bool = False        # authors: the best thought's score must exceed the dataset answer's
+                                     #   (`answer_score`, src/cot_dpo_data_scoring.py:17,28,35); a record
+                                     #   without one gives no pair (counted thought_pair_no_answer_score)
 
 
 def thought_pairs(samples: list[dict], rules: ThoughtPairRules = ThoughtPairRules()) -> tuple[list[dict], Counter]:
@@ -283,7 +286,10 @@ def thought_pairs(samples: list[dict], rules: ThoughtPairRules = ThoughtPairRule
         if len(ts) < 2:
             counts["thought_pair_too_few"] += 1
             continue
-        worst = min(ts, key=lambda t: t["score"])
+        worst = min(ts, key=lambda t: t["score"])      # ties: the first (as the authors' strict `<`, `>`)
+        if rules.beat_answer and rec.get("answer_score") is None:
+            counts["thought_pair_no_answer_score"] += 1
+            continue
         ok = [t for t in ts if size(t["final"]) <= size(worst["final"]) and t is not worst]
         best = max(ts, key=lambda t: t["score"])
         if rules.length_rule == "pick":
@@ -292,6 +298,8 @@ def thought_pairs(samples: list[dict], rules: ThoughtPairRules = ThoughtPairRule
             best = None
         if best is None:
             counts["thought_pair_length"] += 1
+        elif rules.beat_answer and best["score"] <= rec["answer_score"]:
+            counts["thought_pair_below_answer"] += 1
         elif best["score"] - worst["score"] <= rules.min_margin:
             counts["thought_pair_margin"] += 1
         else:

@@ -110,6 +110,42 @@ def _strip_section(s: str) -> str:
     return s[:-2] if s.endswith("\n\n") else s.rstrip("\n")
 
 
+_AUTHORS_FINAL = re.compile(r"Final answer:\n\n(.*)", re.DOTALL)
+
+
+def extract_final_answer_authors(text: str | None) -> str | None:
+    """The authors' rule (src/utils.py:148-153, src/eval/generate_alpaca_eval2_cot.py:12-17): the
+    text after the FIRST "Final answer:\\n\\n" anywhere (no END marker or line start needed),
+    stripped; None when it is absent -- they then re-sample, and finally drop the sample.
+
+    >>> extract_final_answer_authors("x Final answer:\\n\\n  4 \\n")
+    '4'
+    >>> extract_final_answer_authors("Final answer: 4") is None
+    True
+    """
+    m = _AUTHORS_FINAL.search(text or "")
+    return m.group(1).strip() if m else None
+
+
+def final_answer(text: str, rule: str = "ours") -> tuple[str, str, bool]:
+    """(answer, path, found) under `rule`: "ours" (`extract_final_answer`) or "authors"
+    (`extract_final_answer_authors`, falling back to ours where it finds none, path
+    ``authors_none_<our path>``). `found` says whether the rule found its final answer: what
+    decides a re-sample (thought.final_answer_tries / eval.final_answer_tries).
+
+    >>> final_answer("no markers", "authors")
+    ('no markers', 'authors_none_raw', False)
+    """
+    if rule == "authors":
+        got = extract_final_answer_authors(text)
+        if got is not None:
+            return got, "final_answer", True
+        answer, path = extract_final_answer(text)
+        return answer, f"authors_none_{path}", False
+    answer, path = extract_final_answer(text)
+    return answer, path, path == "final_answer"
+
+
 def extract_final_answer(text: str) -> tuple[str, str]:
     """(answer, path): the `Final answer:` section; else the last improvement; else the raw
     output. Never empty-handed, so evaluation never drops a prompt.

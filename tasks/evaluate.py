@@ -13,8 +13,9 @@ from prefect import task
 
 from avr_core.backends import make_generator
 from avr_core.backends.base import SamplingParams
+from avr_core.config import resolve_max_new_tokens
 from avr_core.evaluation import leaderboard as lb
-from avr_core.evaluation.evalset import load_evalset
+from avr_core.evaluation.evalset import load_evalset, resolve_evalset
 from avr_core.evaluation.judge import annotate, judge_answers, model_outputs, reference_outputs, write_judge_config
 from avr_core.inference import eval_answers as eval_answers_core
 from avr_core.store import ArtifactRef, file_digest
@@ -25,29 +26,47 @@ SMOKE_TITLE = ("SMOKE RUN (tiny preset): 135M models judged by a 135M local judg
                "works end to end; NOT a benchmark result")
 
 
+def _evalset(cfg: dict, fetch: bool = False) -> tuple[str, str]:
+    """(path, fallback note): eval.prompts, or with eval.references=hub AlpacaEval 2's GPT-4 Turbo
+    references from the hub (the cache unless `fetch`), else eval.prompts, labelled."""
+    return resolve_evalset(resolve_data_path(cfg["eval"]["prompts"]), cfg["eval"]["references"], fetch)
+
+
 def eval_prompts_spec(cfg) -> Spec:
-    path = resolve_data_path(cfg["eval"]["prompts"])
-    return Spec("eval_prompts", {"file_sha256": file_digest(path)[:16], "slice": list(cfg["eval"]["slice"])})
+    path, note = _evalset(cfg)     # keyed on the file actually used: a fallback never stands in for the hub's
+    return Spec("eval_prompts", {"file_sha256": file_digest(path)[:16], "slice": list(cfg["eval"]["slice"]),
+                                 "references": cfg["eval"]["references"], "fallback": bool(note)})
 
 
 def validate_evalset(cfg: dict) -> int:
-    """Read and check the whole eval file (InputError names file, row/line and field)."""
-    return len(load_evalset(resolve_data_path(cfg["eval"]["prompts"])))
+    """Read and check the whole eval file (InputError names file, row/line and field); with
+    eval.references=hub, download the references first (one warning line when that fails)."""
+    path, note = _evalset(cfg, fetch=True)
+    if note:
+        logger().warning("eval.references=hub: %s", note)
+    return len(load_evalset(path))
 
 
 @stage(eval_prompts_spec, retries=0, timeout_s=600)
 def eval_prompts(out: Output, cfg: dict) -> None:
     """The [start, stop) slice `eval.slice` of the validated eval set, with its references."""
-    rows = load_evalset(resolve_data_path(cfg["eval"]["prompts"]))
+    path, note = _evalset(cfg)
+    if note:
+        logger().warning("eval.references=hub: %s", note)
+    rows = load_evalset(path)
     start, stop = cfg["eval"]["slice"]
     chosen = rows[start:stop]
-    out.shards(lambda: chosen, max(1, len(chosen)), lambda shard, i: ({"records": shard}, {"file_rows": len(rows)}))
+    counts = {"file_rows": len(rows), **({"references_fallback": 1} if note else {})}
+    out.shards(lambda: chosen, max(1, len(chosen)), lambda shard, i: ({"records": shard}, counts))
 
 
 # -- answers ----------------------------------------------------------------------------------
 def eval_answers_spec(cfg, policy, name, mode, rounds, prompts) -> Spec:
+    e = cfg["eval"]
     section = {"model": name, "mode": mode, "rounds": rounds, "policy": policy_identity(policy),
-               "sampling": cfg["eval"]["sampling"], "generator": cfg["generator"], "shard_size": cfg["shard_size"]}
+               "sampling": e["sampling"], "generator": cfg["generator"], "shard_size": cfg["shard_size"],
+               **({"extract": e["extract"], "final_answer_tries": e["final_answer_tries"]}
+                  if mode == "thought" else {})}
     return Spec("eval_answers", section, (prompts,), tuple(model_artifacts(cfg, policy)))
 
 
@@ -60,8 +79,8 @@ def eval_answers(out: Output, cfg: dict, policy: dict, name: str, mode: str, rou
     gen = Lazy(lambda: make_generator(policy, cfg["generator"]))
     tok: dict = {}          # the policy's tokenizer, loaded on the first miss (None: lengths in characters only)
     s = cfg["eval"]["sampling"]
-    params = SamplingParams(n=1, temperature=s["temperature"], top_p=s["top_p"], max_new_tokens=s["max_new_tokens"],
-                            seed=s["seed"])
+    params = SamplingParams(n=1, temperature=s["temperature"], top_p=s["top_p"], seed=s["seed"],
+                            max_new_tokens=resolve_max_new_tokens(s["max_new_tokens"], cfg["generator"]))
 
     def tokens(text):
         if "t" not in tok:
@@ -69,7 +88,8 @@ def eval_answers(out: Output, cfg: dict, policy: dict, name: str, mode: str, rou
         return len(tok["t"].encode(text, add_special_tokens=False)) if tok["t"] is not None else None
 
     def work(shard, i):
-        recs, counts = eval_answers_core(shard, gen.get(), name, mode, rounds, params, tokens)
+        recs, counts = eval_answers_core(shard, gen.get(), name, mode, rounds, params, tokens,
+                                         cfg["eval"]["extract"], cfg["eval"]["final_answer_tries"])
         return {"records": recs}, counts
     out.shards(lambda: out.store.read_records(prompts), cfg["shard_size"], work, stats=gen.stats)
     outputs = [{k: r[k] for k in ("instruction", "output", "generator", "dataset")}   # alpaca-eval's own format
@@ -102,7 +122,8 @@ def judge(out: Output, cfg: dict, answers: ArtifactRef, prompts: ArtifactRef) ->
     config_path = write_judge_config(out.dir + "/judge", jcfg)          # in the store, never site-packages
     cache = store.path(".work", "judge_cache", f"{out.ref.key}.json")     # survives a retry of this task
     store.fs.makedirs(cache.rsplit("/", 1)[0], exist_ok=True)
-    model = model_outputs(store.read_records(answers))
+    answered = store.read_records(answers)
+    model = model_outputs(answered)
     reference = reference_outputs(store.read_records(prompts))
     fixed = cache.replace(".json", ".fixed-order.json")   # own cache: the main pass randomises the order
 
@@ -112,14 +133,17 @@ def judge(out: Output, cfg: dict, answers: ArtifactRef, prompts: ArtifactRef) ->
     t0 = time.time()
     ann, result = judge_answers(model, reference, annotate_fn, jcfg, cfg["eval"]["position_bias_n"],
                                 cfg["eval"]["df_gamed"])
-    result = {**result, "judge_s": round(time.time() - t0, 1)}
+    # Stage-2 answers: the prompts the authors' eval script would have dropped (we never drop one)
+    drop = sum(bool(r.get("authors_would_drop")) for r in answered) if any("tries" in r for r in answered) else None
+    result = {**result, "judge_s": round(time.time() - t0, 1), "authors_would_drop": drop}
     bias = result["position_bias"]
     out.commit({"annotations": ann}, {"annotations": len(ann), "unparsed_judgements": result["unparsed"]})
     out.write_file("metrics.json", json.dumps(result, indent=2).encode())
     out.extra["result"] = result
-    logger().info("judge %s vs %s: WR %s ± %s, LC %s (%s), avg len %.0f, position agreement %s",
+    logger().info("judge %s vs %s: WR %s ± %s, LC %s (%s), avg len %.0f, position agreement %s%s",
                   result["model"], result["reference"], result["win_rate"], result["standard_error"],
-                  result["lc_win_rate"], result["lc_kind"], result["avg_len_chars"], bias and bias["agreement"])
+                  result["lc_win_rate"], result["lc_kind"], result["avg_len_chars"], bias and bias["agreement"],
+                  "" if drop is None else f", {drop} prompt(s) the authors' rule would have dropped (kept)")
 
 
 # -- leaderboard ------------------------------------------------------------------------------
@@ -144,7 +168,8 @@ def leaderboard(cfg: dict, run_id: str, judged: dict[str, ArtifactRef], stages: 
                     "model": name, "stage": stages[name][0],
                     "R": stages[name][1], "n": r["n_total"], "win_rate": r["win_rate"], "se": r["standard_error"],
                     "lc": r["lc_win_rate"], "lc_kind": r["lc_kind"], "avg_len": r["avg_len_chars"],
-                    "judge": r["annotator"], "evalset": cfg["eval"]["prompts"].rsplit("/", 1)[-1], "artifact": str(ref)})
+                    "judge": r["annotator"], "evalset": cfg["eval"]["prompts"].rsplit("/", 1)[-1],
+                    "artifact": str(ref)})
     md = lb.append(store, new, SMOKE_TITLE if cfg["eval"]["smoke"] else None)   # locked: no row lost
     publish(store.ref("leaderboard", "leaderboard.csv"), "avr-leaderboard", table=new, markdown=md)
     return md

@@ -7,9 +7,10 @@ import json
 
 from avr_core import synthesis as core
 from avr_core.backends import make_generator
+from avr_core.config import resolve_max_new_tokens
 from avr_core.scaling import plot_search_gain, search_gain_table
 from avr_core.scorers import make_scorer
-from avr_core.search import SearchConfig, ThoughtRules, greedy_search, long_thought
+from avr_core.search import SearchConfig, ThoughtRules, greedy_search, long_thought, search_starts_from_dataset
 from avr_core.selection import ThoughtPairRules, thought_pairs as pair_thoughts
 from avr_core.store import ArtifactRef, Store
 from avr_core.thought_sampling import sample_thoughts as sample_thoughts_core
@@ -40,12 +41,12 @@ def search(out: Output, cfg: dict, policy: dict, prompts: ArtifactRef) -> None:
     scfg = SearchConfig(k=s["k"], m=s["m"], max_rounds=s["max_rounds"], max_tries=cfg["critique"]["max_tries"],
                         force_rating=cfg["critique"]["force_rating"])
 
+    use_dataset = search_starts_from_dataset(s["start"], cfg["respond"]["use_dataset_answer"])
+
     def work(shard, i):
-        answered, counts = core.respond(shard, gen.get(), core.Sampling(**cfg["respond"]["sampling"]),
-                                        cfg["respond"]["use_dataset_answer"], salt=i)
-        traces, c2 = greedy_search(answered, gen.get(), scorer.get(), scfg,
-                                   core.Sampling(**cfg["critique"]["sampling"]),
-                                   core.Sampling(**cfg["refine"]["sampling"]), salt=i)
+        answered, counts = core.respond(shard, gen.get(), _sampling(cfg, "respond"), use_dataset, salt=i)
+        traces, c2 = greedy_search(answered, gen.get(), scorer.get(), scfg, _sampling(cfg, "critique"),
+                                   _sampling(cfg, "refine"), salt=i)
         return {"records": traces}, counts + c2
     out.shards(lambda: out.store.read_records(prompts), cfg["shard_size"], work, stats=gen.stats)
     rows = search_gain_table(out.committed_records())     # the score gain per round, beside the traces
@@ -54,13 +55,16 @@ def search(out: Output, cfg: dict, policy: dict, prompts: ArtifactRef) -> None:
 
 
 def thoughts_spec(cfg, traces) -> Spec:
-    return Spec("thoughts", {"search": cfg["search"]}, (traces,))
+    return Spec("thoughts", {"search": cfg["search"], "redundancy_threshold": cfg["select"]["redundancy_threshold"]},
+                (traces,))
 
 
 @stage(thoughts_spec, retries=0, timeout_s=3600)
 def thoughts(out: Output, cfg: dict, traces: ArtifactRef) -> None:
     """Each search trace as ONE assistant turn (CoT-SFT rows, output `rsft`), drops counted."""
-    rules = ThoughtRules(cfg["search"]["drop_no_first_improvement"], cfg["search"]["drop_no_terminating_critique"])
+    s = cfg["search"]
+    rules = ThoughtRules(s["drop_no_first_improvement"], s["drop_no_terminating_critique"],
+                         s["drop_redundant_answer"], s["drop_marker_in_text"], cfg["select"]["redundancy_threshold"])
 
     def work(shard, i):
         rows, counts = long_thought(shard, rules)
@@ -79,12 +83,19 @@ def sample_thoughts(out: Output, cfg: dict, policy: dict, prompts: ArtifactRef) 
     """S thoughts per prompt from the CoT model (one call per shard); the FINAL answers scored."""
     gen = Lazy(lambda: make_generator(policy, cfg["generator"]))
     scorer = Lazy(lambda: make_scorer(cfg["scorer"]))
-    sampling = core.Sampling(**cfg["thought"]["sampling"])
+    sampling, t = _sampling(cfg, "thought"), cfg["thought"]
 
     def work(shard, i):
-        recs, counts = sample_thoughts_core(shard, gen.get(), _ScoreOnUse(scorer), sampling, cfg["thought"]["s"], i)
+        recs, counts = sample_thoughts_core(shard, gen.get(), _ScoreOnUse(scorer), sampling, t["s"], i,
+                                            extract=t["extract"], final_answer_tries=t["final_answer_tries"],
+                                            drop_no_final=t["drop_no_final"], score_answer=t["beat_answer"])
         return {"records": recs}, counts
     out.shards(lambda: out.store.read_records(prompts), cfg["shard_size"], work, stats=gen.stats)
+
+
+def _sampling(cfg: dict, section: str) -> core.Sampling:
+    s = dict(cfg[section]["sampling"])    # max_new_tokens null: up to the context (paper preset)
+    return core.Sampling(**{**s, "max_new_tokens": resolve_max_new_tokens(s["max_new_tokens"], cfg["generator"])})
 
 
 class _ScoreOnUse:
@@ -104,7 +115,8 @@ def thought_pairs_spec(cfg, samples) -> Spec:
 @stage(thought_pairs_spec, retries=0, timeout_s=3600)
 def thought_pairs(out: Output, cfg: dict, samples: ArtifactRef) -> None:
     """Best vs worst thought per prompt, length-controlled on the final answer (output `pairs`)."""
-    rules = ThoughtPairRules(min_margin=cfg["thought"]["min_margin"], length_rule=cfg["thought"]["length_rule"])
+    t = cfg["thought"]
+    rules = ThoughtPairRules(min_margin=t["min_margin"], length_rule=t["length_rule"], beat_answer=t["beat_answer"])
 
     def work(shard, i):
         pairs, counts = pair_thoughts(shard, rules)

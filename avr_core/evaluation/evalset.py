@@ -6,7 +6,9 @@ A file is a JSON array (or JSONL) of rows::
 
 `output` is the REFERENCE answer the judge compares against; `generator` names who wrote it.
 The shipped default is the 805 AlpacaEval instructions (avr_core/data/README.md); its sha256 is
-verified on every load, so a damaged copy never produces numbers.
+verified on every load, so a damaged copy never produces numbers. `eval.references=hub` (the
+`paper` preset) judges against AlpacaEval 2's GPT-4 Turbo references instead, from the hub
+(`hub_references`), falling back -- labelled -- to the file when the hub cannot be reached.
 
     >>> rows = load_evalset(DEFAULT_EVALSET)
     >>> len(rows), rows[0]["id"], rows[0]["reference_generator"], rows[0]["messages"][0]["role"]
@@ -23,6 +25,47 @@ from avr_core.inputs import InputError
 DEFAULT_EVALSET = str(Path(__file__).resolve().parent.parent / "data" / "alpaca_eval" / "alpaca_eval_805.json")
 # Shipped files and the checksum each must have.
 KNOWN_SHA256 = {"alpaca_eval_805.json": "4337273753e16055c9c9a2c3c917a43de8b7a50d538f2c0a6200d21ff711eed5"}
+
+
+# AlpacaEval 2's reference outputs: GPT-4 Turbo (generator "gpt4_turbo"), the 805 instructions in the
+# leaderboard's order -- what alpaca-eval's own ALPACAEVAL_REFERENCE_OUTPUTS_2 loads (constants.py).
+HUB_REPO = "tatsu-lab/alpaca_eval"
+HUB_REFERENCES = "alpaca_eval_gpt4_baseline.json"
+HUB_NAME = f"hf://{HUB_REPO}/{HUB_REFERENCES}"
+
+
+def hub_references(local_files_only: bool = False) -> str:
+    """The local path of `tatsu-lab/alpaca_eval`'s `alpaca_eval_gpt4_baseline.json`, downloaded
+    with huggingface_hub into its cache (`local_files_only`: the cache only, never the network).
+    Unreachable: an InputError in one line saying how to give a local copy (the file itself is an
+    eval set: `eval.prompts=<copy> eval.references=file`)."""
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return hf_hub_download(repo_id=HUB_REPO, filename=HUB_REFERENCES, repo_type="dataset",
+                               local_files_only=local_files_only)
+    except Exception as e:  # offline (LocalEntryNotFoundError, ConnectionError, ...), no such file
+        why = (str(e).strip().splitlines() or [""])[0][:160]
+        raise InputError(HUB_NAME, None, None, f"cannot download it ({type(e).__name__}: {why}); download it while "
+                         f"online (huggingface_hub.hf_hub_download({HUB_REPO!r}, {HUB_REFERENCES!r}, "
+                         "repo_type='dataset')) or set eval.prompts to a local copy and eval.references=file") from None
+
+
+def resolve_evalset(prompts: str, references: str, fetch: bool = False) -> tuple[str, str]:
+    """(path, note) of the eval file to use. references "file": `prompts` itself. "hub": the
+    GPT-4 Turbo references (`hub_references`; from the cache only unless `fetch`); when they cannot
+    be had, `prompts` with a note saying so (a labelled fallback: the result's `reference` then
+    names the file's generator, not gpt4_turbo).
+
+    >>> resolve_evalset(DEFAULT_EVALSET, "file") == (DEFAULT_EVALSET, "")
+    True
+    """
+    if references != "hub":
+        return prompts, ""
+    try:
+        return hub_references(local_files_only=not fetch), ""
+    except InputError as e:
+        return prompts, f"{e}; fallback: the references of {Path(prompts).name}"
 
 
 def load_evalset(path: str) -> list[dict]:

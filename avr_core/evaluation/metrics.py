@@ -22,8 +22,12 @@ import contextlib
 def _prefs(annotations: list[dict]):
     import pandas as pd
 
-    df = pd.DataFrame([a for a in annotations if a.get("preference") is not None])
-    return df, sum(a.get("preference") is None for a in annotations)
+    keep = [i for i, a in enumerate(annotations) if a.get("preference") is not None]
+    # the index is the instruction's position: alpaca-eval's LC GLM reads it as the instruction id
+    # (`_get_featurized_data`: reset_index -> "index" -> instruction_difficulty), so an unparsed row
+    # must not shift the ones after it
+    df = pd.DataFrame([annotations[i] for i in keep], index=keep)
+    return df, len(annotations) - len(keep)
 
 
 def win_rate(annotations: list[dict]) -> dict:
@@ -39,16 +43,30 @@ def win_rate(annotations: list[dict]) -> dict:
 
 
 def lc_win_rate(annotations: list[dict], full_evalset: bool, df_gamed: str | None) -> dict:
-    """{"lc_win_rate", "lc_kind": "official" | "minimal-offline" | "unavailable", "lc_note"}."""
+    """{"lc_win_rate", "lc_kind": "official" | "minimal-offline" | "unavailable", "lc_note"}.
+
+    `df_gamed`: a local copy of alpaca-eval's `df_gamed.csv`, or "hub": alpaca-eval's own loader
+    (`hf_hub_download` inside `get_length_controlled_winrate`); when that cannot reach the hub,
+    the labelled minimal-offline fallback, the note saying why."""
     df, _ = _prefs(annotations)
+    why = "no df_gamed.csv" if full_evalset else "not the full 805-instruction set"
     if full_evalset and df_gamed:
         from alpaca_eval.metrics import get_length_controlled_winrate
 
-        with _local_hub_file(df_gamed):
-            r = get_length_controlled_winrate(df, save_weights_dir=None, is_add_glm_preference_inplace=False)
-        return {"lc_win_rate": float(r["length_controlled_winrate"]), "lc_kind": "official",
-                "lc_note": "alpaca-eval length_controlled_v1 with a local df_gamed.csv"}
-    why = "no df_gamed.csv" if full_evalset else "not the full 805-instruction set"
+        def official():
+            return get_length_controlled_winrate(df, save_weights_dir=None, is_add_glm_preference_inplace=False)
+        if df_gamed == "hub":
+            try:
+                r = official()
+            except Exception as e:  # offline: huggingface_hub's LocalEntryNotFoundError, ConnectionError, ...
+                r, why = None, f"df_gamed.csv not reachable on the hub ({type(e).__name__})"
+            note = "alpaca-eval length_controlled_v1, df_gamed.csv from the hub (alpaca-eval's loader)"
+        else:
+            with _local_hub_file(df_gamed):
+                r = official()
+            note = "alpaca-eval length_controlled_v1 with a local df_gamed.csv"
+        if r is not None:
+            return {"lc_win_rate": float(r["length_controlled_winrate"]), "lc_kind": "official", "lc_note": note}
     try:
         return {"lc_win_rate": _minimal_glm(df), "lc_kind": "minimal-offline",
                 "lc_note": f"{why}: alpaca-eval's length_controlled_minimal GLM, not the leaderboard LC"}

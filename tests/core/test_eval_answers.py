@@ -22,5 +22,6 @@ def test_thoughts_and_empty_answers_are_kept_and_counted():
         def generate(self, conversations, params):
             return [["plain text"], [""], []][:len(conversations)]
     recs, counts = eval_answers(RECS, Thinker(), "stage2", "thought", 0, P)
-    assert len(recs) == 3 and counts == {"answer_from_raw": 3, "empty_answers": 2}
+    assert len(recs) == 3 and counts == {"answer_from_raw": 3, "empty_answers": 2, "resampled_no_final": 0,
+                                         "authors_would_drop": 3}
     assert [r["output"] for r in recs] == ["plain text", "", ""] and all(r["len_tokens"] is None for r in recs)
