@@ -75,6 +75,9 @@ class RefineConfig:
 @dataclass
 class ScorerConfig:
     kind: str = "judge"              # hf_rm (Bradley-Terry reward model) | judge (expected rating)
+                                     #   | rules (fraction of the prompt's verifiable constraints met)
+    constraints: str = ""            # rules: the prompt file whose rows carry `constraints` (usually
+                                     #   ${data.prompts}); avr_core/backends/rules.py
     model: ModelConfig = field(default_factory=ModelConfig)
     batch_size: int = 8
     max_length: int = 4096
@@ -263,6 +266,8 @@ class AvrConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     iterate: IterateConfig = field(default_factory=IterateConfig)
     shard_size: int = 64             # prompts per committed shard of a long stage
+    flow: str = "pipeline"           # what `avr run` runs: pipeline (everything) | signal (stage 1 +
+                                     #   learning signal + test-time scaling: flows/signal.py)
 
 
 class ConfigError(ValueError):
@@ -360,7 +365,10 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"key '{key}': {msg} (got {OmegaConf.select(cfg, key)!r})")
 
     need(cfg.generator.kind in ("hf", "vllm", "openai"), "generator.kind", "must be hf, vllm or openai")
-    need(cfg.scorer.kind in ("hf_rm", "judge"), "scorer.kind", "must be hf_rm or judge")
+    need(cfg.scorer.kind in ("hf_rm", "judge", "rules"), "scorer.kind", "must be hf_rm, judge or rules")
+    need(cfg.scorer.kind != "rules" or bool(cfg.scorer.constraints), "scorer.constraints",
+         "required when scorer.kind=rules: the prompt file whose rows carry `constraints`")
+    need(cfg.flow in ("pipeline", "signal"), "flow", "must be pipeline or signal")
     need(cfg.generator.kind != "openai" or bool(cfg.generator.base_url), "generator.base_url",
          "required when generator.kind=openai")
     for stage in ("respond", "critique", "refine", "tts", "thought", "eval"):
