@@ -237,8 +237,27 @@ class IterateConfig:
 
 
 @dataclass
+class ScaleConfig:
+    """Where work runs (docs/SCALING.md "Many machines"). Never part of a key: the same config on
+    1 or 32 workers gives the same artifacts, byte for byte."""
+
+    engine: str = "local"            # local: a stage's shards one after another in its task (today's run)
+                                     #   | ray: over `workers` Ray actors, one engine each (tasks/scale.py)
+    workers: int = 2                 # ray: actors per stage (e.g. one per GPU of the cluster)
+    address: str = ""                # ray: "" = a local Ray cluster; "auto" or host:port = a running one
+    cpus_per_worker: float = 1.0     # ray: resources each actor requests
+    gpus_per_worker: float = 0.0     #   (1 on GPU nodes: an actor holds one engine on one GPU)
+    retries: int = 1                 # ray: a shard whose worker died is redone this often, then the stage fails
+    max_restarts: int = 4            # ray: a dead worker process is restarted this often per stage
+    hostfile: str = ""               # training: a DeepSpeed hostfile ("node1 slots=8" per line): multi-node
+    num_nodes: int = 0               # training: how many of the hostfile's nodes to use (0: all)
+
+
+@dataclass
 class StoreConfig:
     root: str = "./artifacts"        # path or fsspec URL; AVR_STORE overrides
+    lease_s: float = 60.0            # object stores: an artifact's lease is taken over after this long
+                                     #   without renewal (its holder renews it every lease_s / 3)
     lock_timeout_s: float = 0        # wait at most this long for another process computing the
                                      # same artifact, then fail naming it (0: as long as it runs)
 
@@ -265,6 +284,7 @@ class AvrConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     iterate: IterateConfig = field(default_factory=IterateConfig)
+    scale: ScaleConfig = field(default_factory=ScaleConfig)
     shard_size: int = 64             # prompts per committed shard of a long stage
     flow: str = "pipeline"           # what `avr run` runs: pipeline (everything) | signal (stage 1 +
                                      #   learning signal + test-time scaling: flows/signal.py)
@@ -417,6 +437,11 @@ def validate(cfg: DictConfig) -> None:
     need(cfg.iterate.count >= 1, "iterate.count", "must be >= 1")
     need(cfg.iterate.model in ("stage1", "stage2"), "iterate.model", "must be stage1 or stage2")
     need(cfg.iterate.prompt_stride >= 0, "iterate.prompt_stride", "must be >= 0 (0: the training slices' span)")
+    need(cfg.scale.engine in ("local", "ray"), "scale.engine", "must be local or ray")
+    need(cfg.scale.workers >= 1, "scale.workers", "must be >= 1")
+    need(cfg.scale.retries >= 0 and cfg.scale.max_restarts >= 0, "scale.retries", "retries and max_restarts >= 0")
+    need(cfg.scale.num_nodes >= 0, "scale.num_nodes", "must be >= 0 (0: every node of scale.hostfile)")
+    need(cfg.store.lease_s > 0, "store.lease_s", "must be > 0 (seconds)")
     need(cfg.eval.position_bias_n >= 0, "eval.position_bias_n", "must be >= 0")
     need(cfg.thought.s >= 2, "thought.s", "must be >= 2 (pairs need two samples)")
     need(cfg.thought.length_rule in ("pick", "drop"), "thought.length_rule", "must be pick or drop")

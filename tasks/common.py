@@ -37,7 +37,7 @@ def policy_identity(policy: dict) -> dict:
 
 
 def store_of(cfg: dict) -> Store:
-    return Store(cfg["store"]["root"])
+    return Store(cfg["store"]["root"], lease_s=cfg["store"].get("lease_s"))
 
 
 def lock_timeout(cfg: dict) -> float | None:
@@ -129,8 +129,9 @@ class Output:
     files (`write_file`) and may add manifest fields (`extra`, `counts`); the skeleton
     (`run_stage`) writes the manifest after it returns."""
 
-    def __init__(self, store: Store, ref: ArtifactRef, writer):
+    def __init__(self, store: Store, ref: ArtifactRef, writer, scale: Any = None):
         self.store, self.ref, self.writer = store, ref, writer
+        self.scale = scale           # cfg.scale: where shards run (never part of a key; tasks/scale.py)
         self.extra: dict = {}
         self.counts: dict = {}
         self.after: list[Callable[[], None]] = []   # run once the manifest exists (clean-ups)
@@ -162,16 +163,26 @@ class Output:
             logger().info("%s: resuming, %d of %d shards already committed", self.ref.stage, len(done), len(shards))
         pending = [i for i in range(len(shards)) if i not in done]
         t0 = time.time()
-        for i in tqdm(pending, desc=self.ref.stage, unit="shard"):
-            before = stats() if stats else {}  # the first call builds the backend: only on a real miss
-            outputs, counts = work(shards[i], i)
-            counts = Counter(counts)
+
+        def commit(i: int, outputs: dict, counts: Counter, backend: dict, worker: str | None = None) -> None:
             counts["input_records"] += len(shards[i])
             # backend counters (tokens generated, failed requests, ...) travel with the shard,
             # so a resumed stage's manifest still adds up over all shards
+            counts.update({f"backend_{k}": v for k, v in backend.items()})
+            self.writer.commit_shard(i, outputs, dict(counts), worker=worker)
+
+        from tasks.scale import run_on_ray, settings
+        scale = settings(self.scale)
+        if scale["engine"] == "ray" and len(pending) > 1:   # many workers; the driver commits (tasks/scale.py)
+            self.extra["workers"] = run_on_ray(shards, pending, work, stats, scale, commit, logger())
+        elif scale["engine"] != "local" and scale["engine"] != "ray":
+            raise ValueError(f"scale.engine={scale['engine']!r}: must be local or ray")
+        for i in ([] if scale["engine"] == "ray" and len(pending) > 1 else tqdm(pending, desc=self.ref.stage,
+                                                                                   unit="shard")):
+            before = stats() if stats else {}  # the first call builds the backend: only on a real miss
+            outputs, counts = work(shards[i], i)
             after = stats() if stats else {}
-            counts.update({f"backend_{k}": after[k] - before.get(k, 0) for k in after})
-            self.writer.commit_shard(i, outputs, dict(counts))
+            commit(i, outputs, Counter(counts), {k: after[k] - before.get(k, 0) for k in after})
         self.extra.update(compute_s=round(time.time() - t0, 3), shards=len(shards))
 
 
@@ -184,7 +195,8 @@ def run_stage(task: "StageTask", params: dict, body: Callable[..., None]) -> Art
         logger().info("%s: cache hit (%s)", ref.stage, ref.path)
     else:
         check_inputs(store, ref, [*spec.inputs, *spec.models])   # before any work and before anything is written
-        out = Output(store, ref, store.writer(ref.stage, ref.key, spec.config, list(spec.inputs), r.code.version))
+        out = Output(store, ref, store.writer(ref.stage, ref.key, spec.config, list(spec.inputs), r.code.version),
+                     scale=params["cfg"].get("scale") if hasattr(params["cfg"], "get") else None)
         try:
             body(out, **params)
         finally:

@@ -1,0 +1,109 @@
+"""Scale-out of a stage's shards over many workers, on Ray (docs/SCALING.md "Many machines").
+
+`Output.shards` (tasks/common.py) is the one shard loop; with `scale.engine: ray` it hands the
+pending shards here. What travels is the RECIPE, not the engine: the stage's `work(shard, i)`
+closure (and its `stats`), pickled by Ray (cloudpickle) with its backends still unbuilt (`Lazy`),
+goes once into each of `scale.workers` Ray actors; each actor builds its engine on its first shard
+and reuses it for every later shard of the stage (an actor holds one engine, on one GPU with
+`scale.gpus_per_worker: 1`). The driver -- the Prefect task, which holds the artifact's lock --
+hands one shard at a time to each idle actor and commits every result as it returns, so each
+shard's marker is written exactly once, by one process, and the store is only ever written by the
+driver. A worker process that dies mid-shard (OOM, kill -9, a lost node) is restarted by Ray and
+the shard it was computing is retried there (`scale.retries` times): it is redone, never lost, and
+never committed twice. Ray is not part of any key: which worker computes a shard changes the
+manifest's `shard_workers`, never a record.
+"""
+from __future__ import annotations
+
+import os
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Callable
+
+from avr_core.store import worker_id
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULTS = {"engine": "local", "workers": 2, "address": "", "cpus_per_worker": 1.0, "gpus_per_worker": 0.0,
+            "retries": 1, "max_restarts": 4}
+
+
+def settings(scale) -> dict:
+    """`cfg.scale` with defaults (a plain dict; a missing section is the sequential local run)."""
+    if scale is None:
+        return dict(DEFAULTS)
+    if hasattr(scale, "items"):
+        try:
+            from omegaconf import OmegaConf
+            scale = OmegaConf.to_container(scale, resolve=True) if not isinstance(scale, dict) else scale
+        except Exception:
+            scale = dict(scale)
+    return {**DEFAULTS, **{k: v for k, v in scale.items() if v is not None}}
+
+
+def ensure_ray(s: dict):
+    """Connect to the cluster at `scale.address` (`ray start --head` on one node, `ray start
+    --address=...` on the others), or start a local one sized for `scale.workers` when empty."""
+    import ray
+
+    if not ray.is_initialized():
+        env = {"PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)}
+        for k in ("AWS_ENDPOINT_URL", "AVR_CACHE_DIR", "HF_HOME", "AVR_DATA_DIR"):
+            if os.environ.get(k):
+                env[k] = os.environ[k]
+        kw = dict(runtime_env={"env_vars": env}, include_dashboard=False, logging_level="WARNING",
+                  log_to_driver=True, configure_logging=True)
+        if s["address"]:
+            ray.init(address=s["address"], **kw)
+        else:
+            ray.init(num_cpus=max(int(s["workers"] * s["cpus_per_worker"] + 0.999), 1), **kw)
+    return ray
+
+
+class _Worker:
+    """One Ray actor: holds the stage's recipe and, after its first shard, its engine."""
+
+    def __init__(self, recipe):
+        self.work, self.stats = recipe     # one pickle: `work` and `stats` share their Lazy backend
+        self.me = f"{worker_id()}"
+
+    def run(self, shard: list[dict], i: int):
+        before = self.stats() if self.stats else {}   # the first call builds the engine, here
+        outputs, counts = self.work(shard, i)
+        after = self.stats() if self.stats else {}
+        return i, outputs, dict(counts), {k: after[k] - before.get(k, 0) for k in after}, self.me
+
+    def who(self) -> str:
+        return self.me
+
+
+def run_on_ray(shards: list[list[dict]], pending: list[int], work: Callable, stats: Callable | None,
+               scale: dict, commit: Callable[[int, dict, Counter, dict, str], None], log) -> dict[str, int]:
+    """Compute `pending` shards on `scale.workers` actors, committing each result as it returns
+    (`commit(i, outputs, counts, backend_deltas, worker)`). Returns shards per worker."""
+    ray = ensure_ray(scale)
+    n = max(1, min(int(scale["workers"]), len(pending)))
+    actor_cls = ray.remote(_Worker).options(num_cpus=scale["cpus_per_worker"], num_gpus=scale["gpus_per_worker"],
+                                            max_restarts=int(scale["max_restarts"]),
+                                            max_task_retries=int(scale["retries"]))
+    actors = [actor_cls.remote((work, stats)) for _ in range(n)]
+    log.info("scale-out: %d shards on %d Ray workers (%s)", len(pending), n, scale["address"] or "local cluster")
+    todo, inflight, per_worker = list(pending), {}, Counter()
+    idle = list(actors)
+    t0 = time.time()
+    try:
+        while todo or inflight:
+            while todo and idle:
+                a, i = idle.pop(), todo.pop(0)
+                inflight[a.run.remote(shards[i], i)] = a
+            ready, _ = ray.wait(list(inflight), num_returns=1)
+            a = inflight.pop(ready[0])
+            i, outputs, counts, deltas, who = ray.get(ready[0])   # a shard whose retries ran out raises here
+            commit(i, outputs, Counter(counts), deltas, f"ray:{who}")
+            per_worker[f"ray:{who}"] += 1
+            idle.append(a)
+    finally:
+        for a in actors:
+            ray.kill(a)
+    log.info("scale-out: done in %.1f s, shards per worker %s", time.time() - t0, dict(per_worker))
+    return dict(per_worker)
