@@ -35,9 +35,14 @@ class BackendConfig:
     timeout_s: float = 120.0
     max_retries: int = 4
     down_budget_s: float = 300.0     # openai: server down (no answer but 5xx) this long -> the stage fails
-    tensor_parallel_size: int = 1    # vllm
+    tensor_parallel_size: int = 1    # vllm: GPUs per engine
+    data_parallel_size: int = 1      # vllm: engines (one process each); 0 = as many as the allowed GPUs hold
     gpu_memory_utilization: float = 0.9
     max_model_len: int = 4096
+    device: str = "auto"             # hf, vllm: auto (CUDA if present) | cpu | cuda | cuda:N (docs/SCALING.md)
+    gpus: list = field(default_factory=list)   # GPU indices this backend may use ([] = all visible);
+                                     #   disjoint generator/scorer gpus = both may stay resident
+    keep_engine: bool = False        # keep the engine after its stage (respond -> critique -> refine)
 
 
 @dataclass
@@ -81,6 +86,14 @@ class ScorerConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     batch_size: int = 8
     max_length: int = 4096
+    device: str = "auto"             # auto | cpu | cuda | cuda:N; a model larger than one GPU: device_map=auto
+    gpus: list = field(default_factory=list)   # GPU indices for the scorer ([] = all visible)
+    tensor_parallel_size: int = 1    # vllm_rm (hf_rm on vLLM's pooling runner): GPUs per engine
+    data_parallel_size: int = 1      # vllm_rm: engines; 0 = as many as the allowed GPUs hold
+    gpu_memory_utilization: float = 0.9   # vllm_rm
+    base_url: str = ""               # vllm_rm: a running vLLM server (its /classify) instead of an engine here
+    served_model: str = ""           # vllm_rm with base_url: the server's model name
+    keep_engine: bool = False
 
 
 @dataclass
@@ -124,6 +137,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     checkpoint_every: int = 50       # optimizer steps between checkpoints in the store
     num_gpus: int = 0                # > 1: the task starts the `deepspeed` launcher as a subprocess
+    device: str = "auto"             # reference log-probs: auto | cpu | cuda | cuda:N
     seed: int = 0
 
 
@@ -178,6 +192,7 @@ class JudgeConfig:
     api_key_env: str = "OPENAI_API_KEY"  # the key is read from this variable, never stored
     concurrency: int = 4
     local_model: str = "embedded:smollm2-135m-instruct"   # local: the judge model
+    device: str = "auto"             # local: auto | cpu | cuda | cuda:N
 
 
 @dataclass
@@ -385,7 +400,9 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"key '{key}': {msg} (got {OmegaConf.select(cfg, key)!r})")
 
     need(cfg.generator.kind in ("hf", "vllm", "openai"), "generator.kind", "must be hf, vllm or openai")
-    need(cfg.scorer.kind in ("hf_rm", "judge", "rules"), "scorer.kind", "must be hf_rm, judge or rules")
+    check_device_settings(cfg, need)
+    need(cfg.scorer.kind in ("hf_rm", "vllm_rm", "judge", "rules"), "scorer.kind",
+         "must be hf_rm, vllm_rm, judge or rules")
     need(cfg.scorer.kind != "rules" or bool(cfg.scorer.constraints), "scorer.constraints",
          "required when scorer.kind=rules: the prompt file whose rows carry `constraints`")
     need(cfg.flow in ("pipeline", "signal"), "flow", "must be pipeline or signal")
@@ -459,6 +476,22 @@ def validate(cfg: DictConfig) -> None:
         need(cfg[t].zero_stage in (0, 1, 2, 3), f"{t}.zero_stage", "must be 0..3")
         need(cfg[t].max_length > 0, f"{t}.max_length", "must be > 0")
     check_no_secrets(cfg)
+
+
+def check_device_settings(cfg: DictConfig, need) -> None:
+    """The form of every device setting (whether this machine has that device: preflight)."""
+    from avr_core.backends.device import DeviceError, parse_device
+
+    for key in ("generator", "scorer", "eval.judge", "rsft", "po", "cot_sft", "cot_po"):
+        try:
+            parse_device(OmegaConf.select(cfg, f"{key}.device"))
+        except DeviceError:
+            need(False, f"{key}.device", "must be auto, cpu, cuda or cuda:N")
+    for key in ("generator", "scorer"):
+        need(cfg[key].tensor_parallel_size >= 1, f"{key}.tensor_parallel_size", "must be >= 1")
+        need(cfg[key].data_parallel_size >= 0, f"{key}.data_parallel_size", "must be >= 0 (0: every allowed GPU)")
+        need(all(isinstance(g, int) and g >= 0 for g in cfg[key].gpus), f"{key}.gpus",
+             "must be a list of GPU indices, e.g. [0, 1, 2, 3]")
 
 
 def check_no_secrets(cfg: DictConfig) -> None:

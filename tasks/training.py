@@ -58,8 +58,11 @@ def reference_logps(out: Output, cfg: dict, reference: dict, pairs: ArtifactRef,
     path = resolve_model_path(reference["path"])
     examples, counts = tokenize_pairs(_pairs_rows(out.store, pairs), AutoTokenizer.from_pretrained(path),
                                       cfg[section]["max_length"])
+    device = cfg[section].get("device", "auto")
     rows = compute_reference_logps(path, examples, batch_size=cfg[section]["micro_batch_size"],
-                                   dtype=reference["dtype"], progress=True) if examples else []
+                                   dtype=reference["dtype"], device=device, progress=True) if examples else []
+    from avr_core.backends.device import place
+    out.extra["device"] = {"reference": place(path, reference["dtype"], device, key=f"{section}.device").label}
     out.commit({"records": rows}, {f"tokenize_{k}": v for k, v in counts.items()})
 
 
