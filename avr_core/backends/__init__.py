@@ -23,6 +23,7 @@ __all__ = ["BackendStats", "BackendUnavailable", "Generator", "SamplingParams", 
 _CACHE: dict[str, Any] = {}
 _META: dict[str, dict] = {}      # key -> {"role", "keep", "gpus"}
 _USED: dict[str, str] = {}       # role -> device label, since the last `used()`
+_HOOKS: list[Callable[[], None]] = []   # releases of models held outside this cache (the local judge)
 
 # kind -> "module:class". Strings on purpose: a stage's code version (avr_core/codeversion.py)
 # then covers the backend its config selects, not every backend.
@@ -131,6 +132,14 @@ def _close(key: str) -> None:
     del obj
 
 
+def note_used(role: str, device: str, release_fn: Callable[[], None] | None = None) -> None:
+    """A model loaded outside these factories (the local alpaca-eval judge) reports its device
+    for the stage's manifest and how to release it at the stage's end."""
+    _USED[role] = device
+    if release_fn is not None and release_fn not in _HOOKS:
+        _HOOKS.append(release_fn)
+
+
 def used() -> dict[str, str]:
     """{role: device} of the backends handed out since the last call (the stage's manifest)."""
     out = dict(_USED)
@@ -148,6 +157,9 @@ def release(keep: bool = True) -> list[str]:
             continue
         closed.append(_META.get(k, {}).get("role", "backend"))
         _close(k)
+    while _HOOKS:
+        _HOOKS.pop()()
+        closed.append("local model")
     if closed:
         from avr_core.backends.device import release_accelerator
         release_accelerator()

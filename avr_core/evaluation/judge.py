@@ -28,6 +28,7 @@ from typing import Callable
 import yaml
 
 from avr_core.backends.base import inert_control_tokens
+from avr_core.backends.device import input_device
 from avr_core.evaluation.metrics import lc_win_rate, position_agreement, win_rate
 from avr_core.redact import register_env
 
@@ -64,7 +65,7 @@ def write_judge_config(directory: str, judge: dict) -> str:
             kw["requires_chatml"] = True
     else:                              # local: the completion function is passed in code (local_completions)
         cfg.pop("fn_completions")
-        kw = {"model_name": judge["local_model"]}
+        kw = {"model_name": judge["local_model"], "device": judge.get("device", "auto")}
     cfg["completions_kwargs"] = kw
     (out / "configs.yaml").write_text(yaml.safe_dump({name: cfg}, sort_keys=True))
     return str(out / "configs.yaml")
@@ -207,7 +208,7 @@ _MODELS: dict[str, tuple] = {}
 LOCAL_BATCH = 4
 
 
-def local_completions(prompts: list[str], model_name: str, **kwargs) -> dict:
+def local_completions(prompts: list[str], model_name: str, device: str = "auto", **kwargs) -> dict:
     """alpaca-eval completion function for a local HF model: for each rendered ChatML prompt,
     the log-probs of the next token being "m" or "M", in the OpenAI choice shape
     (`completions_all[i]["logprobs"]["content"][0]["top_logprobs"]`) that `logprob_parser` reads.
@@ -216,15 +217,17 @@ def local_completions(prompts: list[str], model_name: str, **kwargs) -> dict:
 
     import torch
 
-    tok, model = _load(model_name)
+    tok, model = _load(model_name, device)
     ids_m, ids_M = tok.encode("m", add_special_tokens=False), tok.encode("M", add_special_tokens=False)
     texts = [tok.apply_chat_template(inert_control_tokens(parse_chatml(p)), tokenize=False, add_generation_prompt=True)
              for p in prompts]
     lps, t0 = [], time.time()
     for i in range(0, len(texts), LOCAL_BATCH):    # batched, left-padded: the last position is the next token
         enc = tok(texts[i:i + LOCAL_BATCH], return_tensors="pt", add_special_tokens=False, padding=True)
+        enc = enc.to(input_device(model))
         with torch.no_grad():
-            lps.extend(torch.log_softmax(model(**enc).logits[:, -1].float(), -1)[:, [ids_m[0], ids_M[0]]].tolist())
+            last = model(**enc).logits[:, -1].float().cpu()
+            lps.extend(torch.log_softmax(last, -1)[:, [ids_m[0], ids_M[0]]].tolist())
     choices = []
     for lm, lM in lps:
         top = [{"token": "m", "logprob": lm}, {"token": "M", "logprob": lM}]
@@ -249,14 +252,23 @@ def parse_chatml(text: str) -> list[dict]:
     return msgs or [{"role": "user", "content": text}]
 
 
-def _load(model_name: str):
-    if model_name not in _MODELS:
+def _load(model_name: str, device: str = "auto"):
+    """The local judge model, placed by `eval.judge.device` (avr_core/backends/device.py); it
+    reports its device for the judge stage's manifest and is dropped at the stage's end."""
+    from avr_core import backends
+
+    key = f"{model_name}@{device}"
+    if key not in _MODELS:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from avr_core.backends.device import load
         from avr_core.models import resolve_model_path
 
         path = resolve_model_path(model_name)
         tok = AutoTokenizer.from_pretrained(path, padding_side="left")
         tok.pad_token = tok.pad_token or tok.eos_token
-        _MODELS[model_name] = (tok, AutoModelForCausalLM.from_pretrained(path, dtype="float32").eval())
-    return _MODELS[model_name]
+        model, pl = load(AutoModelForCausalLM, path, "float32", device, key="eval.judge.device")
+        _MODELS[key] = (tok, model, pl.label)
+    tok, model, label = _MODELS[key]
+    backends.note_used("judge", label, _MODELS.clear)
+    return tok, model

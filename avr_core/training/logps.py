@@ -39,7 +39,7 @@ def sequence_logps(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
 def pair_logps(model, batch: dict) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """One forward over a `collate_pairs` batch -> (logp_chosen, logp_rejected, n_chosen, n_rejected)."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-    logp, n = sequence_logps(logits, batch["labels"])
+    logp, n = sequence_logps(logits, batch["labels"].to(logits.device))   # device_map: logits on the last GPU
     b = logp.shape[0] // 2
     return logp[:b], logp[b:], n[:b], n[b:]
 
@@ -57,12 +57,16 @@ def compute_reference_logps(model_path: str, tokenized_pairs: list[dict], batch_
     [{'id': 'p1', 'ref_chosen': -12.73, 'ref_rejected': -15.02, 'n_chosen': 5, 'n_rejected': 7}, ...]
 
     n_* are completion token counts; `train` checks them against its own tokenisation.
+    `device`: auto (CUDA when present; a model larger than one GPU is spread with
+    device_map=auto) | cpu | cuda | cuda:N (avr_core/backends/device.py).
     """
     global REFERENCE_FORWARDS
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype)).to(device).eval()
+    from avr_core.backends.device import input_device, load
+
+    model, _ = load(AutoModelForCausalLM, model_path, dtype, device or "auto", key="po.device")
+    device = input_device(model)
     if pad_token_id is None:
         cfg = AutoConfig.from_pretrained(model_path)
         pad_token_id = cfg.pad_token_id if cfg.pad_token_id is not None else (cfg.eos_token_id or 0)
@@ -83,6 +87,8 @@ def compute_reference_logps(model_path: str, tokenized_pairs: list[dict], batch_
             out.append({"id": ex["id"], "ref_chosen": float(lc[i]), "ref_rejected": float(lr[i]),
                         "n_chosen": int(nc[i]), "n_rejected": int(nr[i])})
     del model
+    from avr_core.backends.device import release_accelerator
+    release_accelerator()
     return out
 
 

@@ -22,7 +22,7 @@ def test_every_preset_opens_with_the_command_that_runs_it(preset):
 def test_paper_preset_is_the_papers_setting():
     cfg = load_config("paper")
     assert "Llama-3-8B-Instruct" in cfg.policy.path and "Skywork-Reward-Gemma-2-27B" in cfg.scorer.model.path
-    assert cfg.generator.kind == "vllm" and cfg.scorer.kind == "hf_rm"
+    assert cfg.generator.kind == "vllm" and cfg.scorer.kind == "vllm_rm"   # the authors scored on vLLM too
     assert (cfg.critique.k, cfg.refine.m) == (2, 2) and not cfg.critique.force_rating
     for stage in ("respond", "critique", "refine"):
         assert (cfg[stage].sampling.temperature, cfg[stage].sampling.top_p) == (0.7, 0.8)
