@@ -35,7 +35,15 @@ def resolve_model_path(ref: str) -> str:
     '/models/llama3-8b'
     >>> resolve_model_path("embedded:smollm2-135m-instruct")  # doctest: +SKIP
     '/root/.cache/avr/models/smollm2-135m-instruct'
+    >>> resolve_model_path("s3://bucket/avr/po/3f0c.../model")   # doctest: +SKIP
+    '/root/.cache/avr/artifacts/po/3f0c...-9a41.../model'
+
+    A URL into an artifact store (a trained model on s3://...) is fetched into the local
+    artifact cache once (`avr_core.store.fetch_url`), keyed by artifact key and manifest checksum.
     """
+    if "://" in ref and not ref.startswith("hf://"):   # a trained model in an object store: a local copy
+        from avr_core.store import fetch_url
+        return fetch_url(ref)
     if not ref.startswith(EMBEDDED_PREFIX):
         return ref
     name = ref[len(EMBEDDED_PREFIX):]

@@ -406,6 +406,19 @@ def storage_options(root: str) -> dict:
     return opts
 
 
+def fetch_url(url: str) -> str:
+    """A local path for a URL into an artifact of a remote store (`s3://bucket/avr/po/KEY/model`):
+    the artifact (the nearest enclosing directory with a manifest) fetched by `Store.fetch`, plus
+    the rest of the path."""
+    parts = url.rstrip("/").split("/")
+    for n in range(1, 4):                  # <root>/<stage>/<key>/<n trailing parts>
+        root, stage, key, rest = "/".join(parts[:-(n + 2)]), parts[-(n + 2)], parts[-(n + 1)], parts[-n:]
+        store = Store(root)
+        if "://" in root and store.exists(store.ref(stage, key)):
+            return os.path.join(store.fetch(store.ref(stage, key)), *rest)
+    raise FileNotFoundError(f"{url}: not inside an artifact of a store (no manifest.json above it)")
+
+
 def artifact_cache_dir() -> str:
     """Where `Store.fetch` keeps local copies of remote artifacts: `AVR_CACHE_DIR`, default
     `~/.cache/avr/artifacts`."""

@@ -5,13 +5,23 @@ launcher for several GPUs): the Prefect worker never holds CUDA/NCCL or process-
 and the task's timeout can actually stop it (a blocking call in a worker thread cannot be
 interrupted, PrefectHQ/prefect#15760). Checkpoints go to `<store>/.work/<stage>/<key>/ckpt`,
 so a killed or failed training task resumes from its last checkpoint when run again.
+
+On an object store (store.root=s3://...) the subprocess still reads and writes local files: the
+base model is fetched into the local artifact cache (`Store.fetch`, keyed by artifact key and
+manifest checksum), the model is written to a local staging directory and uploaded into the
+artifact before its manifest is committed, and checkpoints live in a local work directory that is
+synced to `<store>/.work/<stage>-<key>/ckpt` (each committed step, then its LATEST) while training
+runs, so a rerun on ANOTHER machine resumes from the last synced step. Several nodes:
+`scale.hostfile` / `scale.num_nodes` (the DeepSpeed launcher, docs/SCALING.md).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import subprocess
+import threading
 from pathlib import Path
 
 from avr_core.losses import NEEDS_REFERENCE
@@ -21,18 +31,74 @@ from tasks.common import Output, Spec, logger, model_artifacts, policy_identity,
 
 def policy_of(cfg: dict, model: ArtifactRef) -> dict:
     """A trained model artifact as a policy config (its cache identity: see policy_identity)."""
-    return {"path": f"{Store(cfg['store']['root']).local_path(model)}/model", "dtype": cfg["policy"]["dtype"],
+    return {"path": f"{Store(cfg['store']['root']).url(model)}/model", "dtype": cfg["policy"]["dtype"],
             "trust_remote_code": False, "artifact": str(model)}
 
 
 def _local_dir(store: Store, ref: ArtifactRef) -> Path:
-    from fsspec.implementations.local import LocalFileSystem
+    """Where the training subprocess writes the artifact's model: the artifact's own directory on a
+    local store; on an object store a local staging directory, uploaded before the manifest."""
+    if not store.remote:
+        return Path(store.local_path(ref))
+    from avr_core.store import artifact_cache_dir
+    return Path(artifact_cache_dir()) / ".staging" / f"{ref.stage}-{ref.key}"
 
-    if not isinstance(store.fs, LocalFileSystem):
-        raise NotImplementedError(
-            f"training writes model directories and checkpoints to a local filesystem; store.root="
-            f"{store.root!r} is remote. Use a local or mounted path (e.g. an s3 mount) for training stages.")
-    return Path(store.local_path(ref))
+
+def _work_dir(store: Store, name: str) -> Path:
+    """Checkpoints and inputs of an unfinished training run: `<store>/.work/<name>` on a local
+    store; on an object store a local directory synced to that place (`_CkptSync`)."""
+    if not store.remote:
+        return Path(store.local_path(store.ref(".work", name)))
+    from avr_core.store import artifact_cache_dir
+    return Path(artifact_cache_dir()) / ".work" / name
+
+
+class _CkptSync:
+    """Object stores: upload each newly committed checkpoint step (its files, then LATEST, the
+    commit point of avr_core/training/checkpoint.py) to `<store>/.work/<name>/ckpt`, every
+    `AVR_CKPT_SYNC_S` seconds while training runs and once at its end; `restore` brings the last
+    synced step back to a machine that has none."""
+
+    def __init__(self, store: Store, name: str, local: Path):
+        self.store, self.name, self.local, self.sent = store, name, local, ""
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, name=f"ckpt-sync:{name}", daemon=True)
+
+    def restore(self) -> int:
+        if (self.local / "LATEST").exists():
+            return 0
+        n = self.store.download(str(self.local), ".work", self.name, "ckpt")
+        if n:
+            logger().info("%s: resuming from checkpoints synced to the store (%d files)", self.name, n)
+        return n
+
+    def sync(self) -> None:
+        latest = self.local / "LATEST"
+        tag = latest.read_text().strip() if latest.exists() else ""
+        if not tag or tag == self.sent or not (self.local / tag).is_dir():
+            return
+        self.store.upload(str(self.local / tag), ".work", self.name, "ckpt", tag)
+        self.store.fs.pipe_file(self.store.path(".work", self.name, "ckpt", "LATEST"), latest.read_bytes())
+        for old in self.store.fs.ls(self.store.path(".work", self.name, "ckpt"), detail=False):
+            if old.rsplit("/", 1)[-1] not in (tag, "LATEST"):
+                self.store.fs.rm(old, recursive=True)
+        self.sent = tag
+
+    def _loop(self) -> None:
+        while not self.stop.wait(float(os.environ.get("AVR_CKPT_SYNC_S", "30"))):
+            try:
+                self.sync()
+            except Exception as e:   # a step written meanwhile, a network blip: next time
+                logger().warning("%s: checkpoint sync failed (%s); retrying", self.name, e)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+        self.sync()
 
 
 def _pairs_rows(store: Store, pairs: ArtifactRef) -> list[dict]:
@@ -99,11 +165,18 @@ def train_po(out: Output, cfg: dict, base: dict, pairs: ArtifactRef, ref_logps: 
 def _sweep_work(store: Store) -> None:
     """Remove the checkpoints of training runs whose model artifact is finished: a kill while
     the last run removed them would otherwise leave them (a model's size, and more) forever."""
-    work = Path(store.local_path(store.ref(".work", "")))
+    work = _work_dir(store, "")
     for d in (work.iterdir() if work.is_dir() else []):
         stage_name, _, key = d.name.partition("-")
         if key and d.is_dir() and store.exists(store.ref(stage_name, key)):
             shutil.rmtree(d, ignore_errors=True)
+            if store.remote:
+                _rm_remote_work(store, d.name)
+
+
+def _rm_remote_work(store: Store, name: str) -> None:
+    if store.remote and store.fs.exists(store.path(".work", name)):
+        store.fs.rm(store.path(".work", name), recursive=True)
 
 
 def _train(out: Output, cfg, stage_name, base, data: ArtifactRef, rows: list[dict], ref_logps):
@@ -118,8 +191,12 @@ def _train(out: Output, cfg, stage_name, base, data: ArtifactRef, rows: list[dic
     if not rows:
         raise ValueError(f"{stage_name}: no training rows in {data} (see its manifest counts)")
     model_dir = _local_dir(store, ref)
-    work = Path(store.local_path(store.ref(".work", f"{stage_name}-{ref.key}")))
+    name = f"{stage_name}-{ref.key}"
+    work = _work_dir(store, name)
     work.mkdir(parents=True, exist_ok=True)
+    sync = _CkptSync(store, name, work / "ckpt") if store.remote else None
+    if sync:
+        sync.restore()
     (work / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     spec = dict(model_path=resolve_model_path(base["path"]), rows=str(work / "rows.jsonl"), cfg=cfg[stage_name],
                 out_dir=str(model_dir / "model"), ckpt_dir=str(work / "ckpt"), progress=True)
@@ -127,13 +204,22 @@ def _train(out: Output, cfg, stage_name, base, data: ArtifactRef, rows: list[dic
         (work / "ref_logps.jsonl").write_text(
             "".join(json.dumps(r) + "\n" for r in store.read_records(ref_logps)))
         spec["ref_logps"] = str(work / "ref_logps.jsonl")
-    cmd = launch_command(str(write_spec(work / "spec.json", **spec)), cfg[stage_name]["num_gpus"])
+    scale = cfg.get("scale") or {}
+    hostfile = scale.get("hostfile") or None     # several nodes: the launcher reads hosts and slots from it
+    cmd = launch_command(str(write_spec(work / "spec.json", **spec)), cfg[stage_name]["num_gpus"],
+                         hostfile=hostfile, num_nodes=scale.get("num_nodes") or None)
     logger().info("%s: %s", stage_name, " ".join(cmd))
-    proc = subprocess.run(cmd, env=child_env(dict(os.environ)), timeout=72 * 3600)
+    with sync or contextlib.nullcontext():
+        proc = subprocess.run(cmd, env=child_env(dict(os.environ)), timeout=72 * 3600)
     if proc.returncode != 0:
         raise RuntimeError(f"{stage_name}: training exited with {proc.returncode}; checkpoints kept in "
                            f"{work / 'ckpt'}, a rerun resumes from the last one")
     summary = json.loads((model_dir / "model" / "train_summary.json").read_text())
+    if store.remote:   # the model into the artifact, before the skeleton commits its manifest
+        n = store.upload(str(model_dir / "model"), ref, "model")
+        logger().info("%s: uploaded the model (%d files) to %s", stage_name, n, store.url(ref, "model"))
+        out.after.append(lambda: shutil.rmtree(model_dir, ignore_errors=True))
+        out.after.append(lambda: _rm_remote_work(store, name))
     out.extra["train"] = summary
     out.counts.update({f"tokenize_{k}": v for k, v in summary.get("tokenize", {}).items()})
     out.after.append(lambda: shutil.rmtree(work, ignore_errors=True))  # checkpoints only resume an unfinished run

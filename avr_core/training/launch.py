@@ -27,7 +27,7 @@ SPEC_KEYS = {"model_path", "rows", "cfg", "out_dir", "ckpt_dir", "ref_logps", "p
 
 
 def launch_command(spec_path: str, num_gpus: int, master_port: int | None = None,
-                   hostfile: str | None = None) -> list[str]:
+                   hostfile: str | None = None, num_nodes: int | None = None) -> list[str]:
     """The command that runs one training spec.
 
     >>> launch_command("/runs/po/spec.json", 8, master_port=29600)[1:]   # [0]: .../bin/deepspeed
@@ -35,8 +35,14 @@ def launch_command(spec_path: str, num_gpus: int, master_port: int | None = None
     >>> launch_command("/runs/po/spec.json", 0)[1:]      # one process (CPU or one GPU): no launcher
     ['-m', 'avr_core.training', '--spec', '/runs/po/spec.json']
 
-    With a hostfile (several nodes) the launcher takes hosts and slots from it. The launcher
-    is the `deepspeed` script beside this interpreter (a venv need not be on PATH).
+    With a hostfile (several nodes) the launcher takes hosts and slots from it, and `num_nodes`
+    of them (`scale.hostfile`, `scale.num_nodes`); rank 0's node is the first host, and every
+    node must reach it on `master_port`:
+
+    >>> launch_command("/s.json", 0, master_port=29600, hostfile="/etc/avr/hostfile", num_nodes=4)[1:6]
+    ['--hostfile', '/etc/avr/hostfile', '--num_nodes', '4', '--master_port']
+
+    The launcher is the `deepspeed` script beside this interpreter (a venv need not be on PATH).
     """
     if num_gpus <= 1 and hostfile is None:
         return [sys.executable, "-m", "avr_core.training", "--spec", str(spec_path)]
@@ -45,9 +51,23 @@ def launch_command(spec_path: str, num_gpus: int, master_port: int | None = None
     if hostfile is None:
         cmd += ["--num_gpus", str(num_gpus), "--master_addr", "127.0.0.1"]
     else:
-        cmd += ["--hostfile", hostfile]
+        cmd += ["--hostfile", hostfile] + (["--num_nodes", str(num_nodes)] if num_nodes else [])
+        hosts = _hosts(hostfile)
+        if len(hosts) == 1:   # one node: the launcher starts it locally; no ssh probe, no `ssh host hostname -I`
+            cmd += ["--no_ssh_check", "--master_addr", "127.0.0.1"]
+        elif hosts:           # rank 0 runs on the first host: every node must resolve and reach that name
+            cmd += ["--master_addr", hosts[0]]
     return cmd + ["--master_port", str(master_port or free_port()),
                   "--module", "avr_core.training", "--spec", str(spec_path)]
+
+
+def _hosts(hostfile: str) -> list[str]:
+    """The host names of a DeepSpeed hostfile (`host slots=N` per line, `#` comments)."""
+    try:
+        lines = Path(hostfile).read_text().splitlines()
+    except OSError:
+        return []
+    return [ln.split()[0] for ln in (x.split("#", 1)[0].strip() for x in lines) if ln]
 
 
 def read_jsonl(path: str | Path) -> list[dict]:

@@ -146,6 +146,7 @@ def test_fetch_caches_by_key_and_checksum_and_refuses_a_damaged_copy(store, tmp_
     assert not list((tmp_path / "other" / "rsft").iterdir())            # nothing half-cached
 
 
+@pytest.mark.slow
 def test_avr_artifacts_commands_read_an_s3_store(store):
     root = store.root
     a = _artifact(store, "respond", "a1").finalize()

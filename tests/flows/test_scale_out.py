@@ -109,6 +109,7 @@ def test_shards_spread_over_two_ray_workers_byte_identical_to_the_sequential_run
     starts = _starts(log)
     assert len({pid for _, pid in starts}) == 2 and os.getpid() not in {pid for _, pid in starts}
     assert len(starts) == 8                                      # every shard computed exactly once
+    _report(shards_per_worker=sorted(mb["workers"].values(), reverse=True), byte_identical=True)
 
 
 def test_a_worker_killed_mid_shard_costs_that_shard_once(tmp_path, monkeypatch, ray_cluster):
@@ -145,3 +146,12 @@ def test_a_worker_killed_mid_shard_costs_that_shard_once(tmp_path, monkeypatch, 
     killed_pid = int(next(tmp_path.glob("ray/hanging.*")).name.split(".")[1])
     redone_by = b.manifest(ref)["shard_workers"]["00005"]       # the restarted worker, a new process
     assert not redone_by.endswith(f":{killed_pid}") and redone_by.startswith("ray:")
+    _report(killed_shard_starts=2, other_shard_starts=1)
+
+
+def _report(**kv):
+    """scripts/scale_check.sh reads what these tests measured (AVR_SCALE_REPORT: a JSON file)."""
+    path = os.environ.get("AVR_SCALE_REPORT")
+    if path:
+        old = json.loads(Path(path).read_text()) if Path(path).exists() else {}
+        Path(path).write_text(json.dumps({**old, **kv}))
