@@ -26,6 +26,7 @@ def chaos_run(tmp_path_factory, prefect_harness):
     return work, rep, "\n".join(lines)
 
 
+@pytest.mark.slow
 def test_five_sigkills_then_resume_equal_an_uninterrupted_run(chaos_run):
     work, rep, text = chaos_run
     print("\n" + text)
@@ -85,6 +86,7 @@ def _damage_leftover(root: Path) -> None:
     (chaos.artifact_dir(root, "refine") / "data" / "records-00002.jsonl.tmp-deadbeef").write_text("{\"id\"")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage, found", [
     (_damage_duplicate, "duplicate record ids"),
     (_damage_flip, "sha256 differs from the manifest"),

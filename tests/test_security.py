@@ -237,6 +237,7 @@ PLANTED = ["model/pytorch_model.bin", "model/training_args.bin", "model/optimize
            "data/cache.pkl", "scheduler.pt"]
 
 
+@pytest.mark.slow
 def test_planted_pickles_in_the_store_never_run(tmp_path, tiny_model, capsys):
     import shutil
 
@@ -318,6 +319,7 @@ def test_trust_remote_code_is_off_by_default_everywhere():
                                   "False", "bool"), (p, m.group(0))
 
 
+@pytest.mark.slow
 def test_enabling_trust_remote_code_is_logged(tiny_model, caplog):
     from avr_core.backends import clear_cache, make_generator, make_scorer
     from avr_core.backends.base import BackendUnavailable
@@ -379,6 +381,7 @@ def _other_ip() -> str | None:
     return None if ip.startswith("127.") else ip
 
 
+@pytest.mark.slow
 def test_avr_server_listens_on_loopback_only(avr_server):
     import psutil
 

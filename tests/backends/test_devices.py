@@ -194,6 +194,7 @@ def no_publish(monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.slow
 def test_stage_end_releases_models_and_records_their_device(tiny_llama, tmp_path, no_publish):
     from avr_core.store import Store
 
@@ -228,6 +229,7 @@ def test_stage_end_releases_models_and_records_their_device(tiny_llama, tmp_path
     assert "k" not in backends._CACHE and marker.closed
 
 
+@pytest.mark.slow
 @pytest.mark.slow
 def test_a_failing_stage_releases_too(tiny_llama, tmp_path, no_publish):
     from tasks.common import Spec, stage

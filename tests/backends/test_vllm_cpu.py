@@ -53,6 +53,7 @@ def server(model_dir, tmp_path_factory):
 
 
 @real
+@pytest.mark.slow
 def test_critique_round_over_openai_api(server):
     gen = OpenAIGenerator(server, "smollm2", timeout_s=120, progress=False)
     convs = [judge_conversation([{"role": "user", "content": q}], a) for q, a in PROMPTS]
@@ -69,6 +70,7 @@ def test_critique_round_over_openai_api(server):
 
 
 @real
+@pytest.mark.slow
 def test_continue_final_assistant_message(server):
     gen = OpenAIGenerator(server, "smollm2", progress=False)
     conv = judge_conversation([{"role": "user", "content": "What is 2+2?"}], "4") + [
@@ -95,6 +97,7 @@ _OFFLINE_SCRIPT = textwrap.dedent("""
 
 
 @real
+@pytest.mark.slow
 def test_offline_engine_in_vllm_env(model_dir, tmp_path):
     script = tmp_path / "offline.py"
     script.write_text(_OFFLINE_SCRIPT)
@@ -144,6 +147,7 @@ def test_server_that_dies_reports_its_log(tmp_path):
             pass
 
 
+@pytest.mark.slow
 def test_server_that_never_gets_healthy_times_out_and_is_stopped(tmp_path):
     pidfile = tmp_path / "pid"
     py = _fake_python(tmp_path, f'echo $$ > {pidfile}; echo starting; exec sleep 60')

@@ -74,6 +74,7 @@ def test_every_stage_is_on_the_skeleton():
         assert want in names
 
 
+@pytest.mark.slow
 def test_editing_the_judge_prompt_recomputes_critique_and_later_not_respond(tmp_path, tiny, monkeypatch):
     import tasks.synthesis as t
 
@@ -101,6 +102,7 @@ def test_editing_the_judge_prompt_recomputes_critique_and_later_not_respond(tmp_
         stage_code("tasks.synthesis:critique", cfg, ROOT).files["avr_core/prompts.py"]
 
 
+@pytest.mark.slow
 def test_editing_the_openai_backend_recomputes_only_runs_that_used_it(tmp_path):
     root = _copy(tmp_path)
     openai = load_config("tiny", ["generator.kind=openai", "generator.base_url=http://127.0.0.1:1/v1"])
@@ -114,6 +116,7 @@ def test_editing_the_openai_backend_recomputes_only_runs_that_used_it(tmp_path):
     assert not changed & {"rm_score", "select", "prompts", "train_sft", "train_po"}
 
 
+@pytest.mark.slow
 def test_editing_the_leaderboard_recomputes_no_stage(tmp_path, tiny):
     root = _copy(tmp_path)
     before = _versions(root, tiny)

@@ -373,6 +373,7 @@ def scored_records(draw):
 
 @settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(scored_records())
+@pytest.mark.slow
 def test_select_paper_agrees_with_the_authors_scripts(record):
     sft, dpo = authors(record)
     rsft, pairs, _ = select([record], PAPER_RULES)
@@ -380,6 +381,7 @@ def test_select_paper_agrees_with_the_authors_scripts(record):
     assert [(p["prompt"], p["chosen"][0]["content"], p["rejected"][0]["content"]) for p in pairs] == dpo
 
 
+@pytest.mark.slow
 def test_the_property_exercises_every_rule():
     """The generator reaches each branch: a guard against a property that passes vacuously."""
     seen = Counter()

@@ -47,6 +47,7 @@ def cfg_for(tmp_path, *extra):
         "eval.judge.api_key_env=AVR_TEST_JUDGE_KEY", "eval.position_bias_n=3", "shard_size=4", *extra]), resolve=True)
 
 
+@pytest.mark.slow
 def test_evaluate_judges_through_alpaca_eval_and_appends_the_leaderboard(tmp_path, monkeypatch):
     monkeypatch.setenv("AVR_TEST_JUDGE_KEY", SECRET)
     monkeypatch.setattr(ev, "make_generator", lambda p, b: BrokenThinker() if "thought" in p["path"] else VerboseFake())

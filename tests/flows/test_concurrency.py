@@ -152,6 +152,7 @@ def check_artifact(root, ref: str, x: int):
     assert not any("lock" in f for f in files)                  # lock files are no data
 
 
+@pytest.mark.slow
 def test_same_stage_same_config_computes_once_and_the_other_waits_and_reuses(tmp_path, env):
     from avr_core.inspect import verify
     from avr_core.store import Store
@@ -179,6 +180,7 @@ def test_same_stage_same_config_computes_once_and_the_other_waits_and_reuses(tmp
     assert list((root / ".locks").iterdir()) == []              # ... and none outlives its stage
 
 
+@pytest.mark.slow
 def test_two_configs_run_side_by_side_without_waiting_for_each_other(tmp_path, env):
     root = tmp_path / "store"
     # both log their work to one file; shard 0 of each waits until both are computing
@@ -192,6 +194,7 @@ def test_two_configs_run_side_by_side_without_waiting_for_each_other(tmp_path, e
     check_artifact(root, rb, 3)
 
 
+@pytest.mark.slow
 def test_concurrent_leaderboard_appends_lose_no_row(tmp_path, env):
     from avr_core.evaluation import leaderboard as lb
 
@@ -204,6 +207,7 @@ def test_concurrent_leaderboard_appends_lose_no_row(tmp_path, env):
     assert len((root / "leaderboard" / "leaderboard.md").read_text().splitlines()) == 2 + n * k
 
 
+@pytest.mark.slow
 def test_a_lock_holder_killed_with_sigkill_does_not_block_the_restart(tmp_path, env):
     root = tmp_path / "store"
     a = Child(env, tmp_path / "a.log", cfg(tmp_path, root, 2, hang_at=2))

@@ -30,6 +30,7 @@ print(json.dumps([{"name": d.name, "parameters": d.parameters,
 """
 
 
+@pytest.mark.slow
 def test_deployments_register_with_parameters_and_nightly_schedule(server):
     import json
     r = subprocess.run([sys.executable, "-c", REGISTER, "critique.k=3", "schedule.active=true",
@@ -58,6 +59,7 @@ with get_client(sync_client=True) as c:
 """
 
 
+@pytest.mark.slow
 def test_deployments_on_a_work_pool_for_workers(server):
     import json
     r = subprocess.run([sys.executable, "-c", POOL], env=server["env"], capture_output=True, text=True, timeout=300,
@@ -95,6 +97,7 @@ print(json.dumps({"state": run.state.type.value, "message": run.state.message,
 """
 
 
+@pytest.mark.slow
 def test_a_run_triggered_like_the_ui_validates_its_parameters_first(server, tmp_path):
     """`avr serve` executes runs created through the API (what the UI's Run button does); a bad
     override fails that run at once, naming the key, before any stage."""

@@ -50,6 +50,7 @@ def respond(cfg):
     return t.respond(cfg, cfg["policy"], t.prompts(cfg, "stage1_sft"))
 
 
+@pytest.mark.slow
 def test_thirty_percent_failures_are_retried_dropped_and_counted(tmp_path):
     """~30% of chat requests fail (500, 429 + Retry-After 0.2 s, timeout, truncated JSON, empty
     content); one retry each (max_retries=1), so some requests fail for good. The client's timeout
@@ -90,6 +91,7 @@ def test_thirty_percent_failures_are_retried_dropped_and_counted(tmp_path):
               f"kept={rows}/40 min_429_wait={min(waits):.3f}s")
 
 
+@pytest.mark.slow
 def test_server_down_mid_stage_fails_loudly_then_resumes_to_the_same_records(tmp_path, caplog):
     """10 prompts in shards of 4, 4, 2: the server goes down (connection refused) right after
     shard 0's answers and stays down longer than the budget."""

@@ -70,6 +70,7 @@ def run(tmp_path, **fields):
     return fp.pipeline.fn(RunParams(preset="tiny", store_root=str(tmp_path), **fields))
 
 
+@pytest.mark.slow
 def test_iterations_continue_from_the_last_model_on_fresh_prompts(tmp_path, fake_stages):
     first = run(tmp_path, iterations=2, overrides=["iterate.prompt_stride=2"])
     store = Store(str(tmp_path))

@@ -48,6 +48,7 @@ def failed_run(monkeypatch, root, task):
     return str(state.state_details.flow_run_id)
 
 
+@pytest.mark.slow
 def test_resume_after_a_late_failure_redoes_nothing_before_it(tmp_path, monkeypatch, gens):
     synthesis_run({"preset": "tiny", "overrides": overrides(tmp_path / "clean")})
     clean = select_files(tmp_path / "clean")

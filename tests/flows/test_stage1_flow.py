@@ -66,6 +66,7 @@ def test_synthesis_flow_writes_artifacts_then_hits_cache(tmp_path, backends):
     assert sum(s.calls for s in backends["scorer"]) == 3               # scored once, never again
 
 
+@pytest.mark.slow
 def test_changing_critique_k_recomputes_critique_and_after_only(tmp_path, backends):
     synthesis(cfg_for(tmp_path), cfg_for(tmp_path)["policy"], "stage1_sft")
     before = stage_keys(tmp_path)

@@ -15,7 +15,7 @@ from avr_core.training.recipe import train
 
 from .conftest import sft_rows
 
-pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::FutureWarning")]   # subprocess training
 
 # Runs a spec like `python -m avr_core.training`, but each commit is followed by a pause (so an
 # outside kill lands mid-run), and with KILL_AT=step-00000N the process SIGKILLs itself after

@@ -10,7 +10,7 @@ from avr_core.training.recipe import train
 
 from .conftest import sft_rows
 
-pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::FutureWarning")]   # subprocess training
 
 
 def test_two_ranks_equal_one_rank_with_twice_the_accumulation(tiny_llama, tmp_path):

@@ -11,7 +11,8 @@ from avr_core.training.recipe import train
 
 from .conftest import pair_rows, sft_rows
 
-pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")   # deepspeed calls deprecated c10d names
+pytestmark = [pytest.mark.slow,   # DeepSpeed training steps, seconds each
+              pytest.mark.filterwarnings("ignore::FutureWarning")]   # deepspeed calls deprecated c10d names
 
 
 def losses(out_dir):
