@@ -60,7 +60,8 @@ def lineage(store: Store, ref: ArtifactRef, depth: int = 0, seen: set | None = N
     for parent in _parents(store, ref):
         stage, _, key = parent.partition("/")
         pref = store.ref(stage, key)
-        lines += lineage(store, pref, depth + 1, seen) if store.exists(pref) else [f"{'  ' * (depth + 1)}{parent}  MISSING"]
+        missing = [f"{'  ' * (depth + 1)}{parent}  MISSING"]
+        lines += lineage(store, pref, depth + 1, seen) if store.exists(pref) else missing
     return lines
 
 
@@ -119,7 +120,8 @@ def sample_markdown(records: list[dict], n: int = 3, width: int = 300) -> str:
             lines = [f"**{r.get('id')}**", f"- prompt: {cut(r['messages'][-1]['content'])}",
                      f"- answer (score {r.get('answer_score', 'n/a')}): {cut(r['answer'])}"]
             for c in r.get("critiques", [])[:1]:
-                lines.append(f"- critique (rating {c.get('rating')}{', forced' if c.get('forced') else ''}): {cut(c['text'])}")
+                forced = ", forced" if c.get("forced") else ""
+                lines.append(f"- critique (rating {c.get('rating')}{forced}): {cut(c['text'])}")
                 for f in c.get("refinements", [])[:1]:
                     lines.append(f"- refinement (score {f.get('score', 'n/a')}): {cut(f['text'])}")
         else:
@@ -148,7 +150,8 @@ def recompute_reason(store: Store, ref: ArtifactRef, before: str | None = None) 
         if diff == ["code_version"] and o.get("code_files") and m.get("code_files"):
             new, old = m["code_files"], o["code_files"]   # which files' used code differs
             changed = sorted(f for f in set(new) | set(old) if new.get(f) != old.get(f))
-            reasons.add("new code in " + ", ".join(changed[:3]) + (f" (+{len(changed) - 3} more)" if len(changed) > 3 else ""))
+            more = f" (+{len(changed) - 3} more)" if len(changed) > 3 else ""
+            reasons.add("new code in " + ", ".join(changed[:3]) + more)
         elif len(diff) == 1:
             reasons.add(_WHY[diff[0]])
     return ", ".join(sorted(reasons)) or "new combination of config, inputs and code"

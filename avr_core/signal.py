@@ -1,7 +1,8 @@
 """Learning signal: did training move the configured scorer? An honest paired measurement.
 
-    >>> paired_difference({"p1": 5.0, "p2": 6.0}, {"p1": 5.5, "p2": 6.5})
-    {'n': 2, 'mean_a': 5.5, 'mean_b': 6.0, 'mean_diff': 0.5, 'std_diff': 0.0, 'se': 0.0, 'ci95': [0.5, 0.5], 'b_better': 2, 'a_better': 0, 'ties': 0}
+    >>> paired_difference({"p1": 5.0, "p2": 6.0}, {"p1": 5.5, "p2": 6.5})  # doctest: +NORMALIZE_WHITESPACE
+    {'n': 2, 'mean_a': 5.5, 'mean_b': 6.0, 'mean_diff': 0.5, 'std_diff': 0.0, 'se': 0.0, 'ci95': [0.5, 0.5],
+     'b_better': 2, 'a_better': 0, 'ties': 0}
 
 On a 135M model with the judge scorer the difference may be small or negative; report it as is.
 """

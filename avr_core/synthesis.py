@@ -45,7 +45,8 @@ def respond(records: list[dict], gen: Generator, sampling: Sampling, use_dataset
             salt: int = 0) -> tuple[list[dict], Counter]:
     """y0 for every prompt: the dataset's answer if present and allowed, else the policy's.
 
-    >>> respond([{"id": "p1", "messages": [{"role": "user", "content": "2+2?"}], "answer": "4"}], gen, Sampling())[0]  # doctest: +SKIP
+    >>> rows = [{"id": "p1", "messages": [{"role": "user", "content": "2+2?"}], "answer": "4"}]  # doctest: +SKIP
+    >>> respond(rows, gen, Sampling())[0]  # doctest: +SKIP
     [{'id': 'p1', 'messages': [...], 'answer': '4', 'answer_source': 'dataset'}]
     """
     counts: Counter = Counter()

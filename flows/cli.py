@@ -256,11 +256,12 @@ def _chat(args) -> int:
         return 2
     prompts = [args.prompt] if args.prompt else [line.strip() for line in sys.stdin if line.strip()]
     params = SamplingParams(n=1, temperature=0.0, max_new_tokens=args.max_new_tokens)
-    for q, out in zip(prompts, answer_prompts([[{"role": "user", "content": q}] for q in prompts], gen,
-                                              "thought" if args.thought else "refine", args.rounds, params)):
+    convs = [[{"role": "user", "content": q}] for q in prompts]
+    for out in answer_prompts(convs, gen, "thought" if args.thought else "refine", args.rounds, params):
         if args.show_trace:
             for i, step in enumerate(out["trace"], 1):
-                print(f"--- round {i} critique ---\n{step['critique']}\n--- round {i} refinement ---\n{step['refinement']}")
+                print(f"--- round {i} critique ---\n{step['critique']}\n"
+                      f"--- round {i} refinement ---\n{step['refinement']}")
             if args.thought:
                 print(f"--- thought ---\n{out['raw']}\n--- final answer ({out['path']}) ---")
         print(out["answer"])

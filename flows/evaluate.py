@@ -13,9 +13,7 @@ from __future__ import annotations
 from prefect import flow
 
 from avr_core.store import ArtifactRef
-from tasks import evaluate as ev
-from tasks import scaling as sc
-from tasks import synthesis as t
+from tasks import evaluate as ev, scaling as sc, synthesis as t
 
 
 @flow(name="avr-test-time-scaling", log_prints=True)

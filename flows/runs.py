@@ -133,7 +133,8 @@ def finish_run(run: dict, cfg: dict, outputs: dict[str, ArtifactRef], leaderboar
         print(f"{name}: {out['path']}\n  rows={out['rows']}\n  counts={out['counts']}")
     print(f"\nper-stage wall time (run {run['id']}):\n{table}")
     if leaderboard:
-        print(f"\nleaderboard ({store.path('leaderboard', 'leaderboard.md')}; `avr eval` shows it again):\n{leaderboard}")
+        where = store.path("leaderboard", "leaderboard.md")
+        print(f"\nleaderboard ({where}; `avr eval` shows it again):\n{leaderboard}")
     return summary
 
 

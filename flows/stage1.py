@@ -7,9 +7,7 @@ from __future__ import annotations
 from prefect import flow
 
 from avr_core.store import ArtifactRef
-from tasks import signal as s
-from tasks import synthesis as t
-from tasks import training as tr
+from tasks import signal as s, synthesis as t, training as tr
 
 
 @flow(name="avr-synthesis", log_prints=True)

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 from prefect import flow
 
-from tasks import stage2 as s2
-from tasks import synthesis as t
-from tasks import training as tr
+from tasks import stage2 as s2, synthesis as t, training as tr
 
 
 @flow(name="avr-stage2-data", log_prints=True)

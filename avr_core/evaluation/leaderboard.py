@@ -22,7 +22,8 @@ COLUMNS = ["date", "run", "iteration", "model", "stage", "R", "n", "win_rate", "
 def merge(existing: list[dict], new: list[dict]) -> list[dict]:
     """Append `new`, replacing rows of the same (run, artifact): a rerun of one run never doubles it."""
     keys = {(r["run"], r["artifact"]) for r in new}
-    return [r for r in existing if (r["run"], r["artifact"]) not in keys] + [{c: r.get(c) for c in COLUMNS} for r in new]
+    kept = [r for r in existing if (r["run"], r["artifact"]) not in keys]
+    return kept + [{c: r.get(c) for c in COLUMNS} for r in new]
 
 
 def to_csv(rows: list[dict]) -> str:

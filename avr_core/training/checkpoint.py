@@ -148,7 +148,8 @@ def safe_torch_load(path: str, map_location=None):
 
 def _why(e: Exception) -> str:
     lines = str(e).splitlines()
-    return next((ln.strip() for ln in lines if "Unsupported" in ln or "WeightsUnpickler" in ln), lines[-1] if lines else "")[:300]
+    last = lines[-1] if lines else ""
+    return next((ln.strip() for ln in lines if "Unsupported" in ln or "WeightsUnpickler" in ln), last)[:300]
 
 
 def _load_weights_only(engine) -> None:

@@ -36,7 +36,8 @@ _PROBE = "AVR-PROBE-7f3a"   # an assistant content that no template will rewrite
 
 def _render(tok, messages: list[dict], generation_prompt: bool = False) -> str:
     # quoted role tags stay text (as at inference: avr_core.backends.base.inert_control_tokens)
-    return tok.apply_chat_template(inert_control_tokens(messages), tokenize=False, add_generation_prompt=generation_prompt)
+    return tok.apply_chat_template(inert_control_tokens(messages), tokenize=False,
+                                   add_generation_prompt=generation_prompt)
 
 
 def end_of_turn(tok) -> tuple[str, str]:

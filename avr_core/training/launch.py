@@ -30,8 +30,9 @@ def launch_command(spec_path: str, num_gpus: int, master_port: int | None = None
                    hostfile: str | None = None, num_nodes: int | None = None) -> list[str]:
     """The command that runs one training spec.
 
-    >>> launch_command("/runs/po/spec.json", 8, master_port=29600)[1:]   # [0]: .../bin/deepspeed
-    ['--num_gpus', '8', '--master_addr', '127.0.0.1', '--master_port', '29600', '--module', 'avr_core.training', '--spec', '/runs/po/spec.json']
+    >>> launch_command("/runs/po/spec.json", 8, master_port=29600)[1:]   # doctest: +NORMALIZE_WHITESPACE
+    ['--num_gpus', '8', '--master_addr', '127.0.0.1', '--master_port', '29600', '--module', 'avr_core.training',
+     '--spec', '/runs/po/spec.json']
     >>> launch_command("/runs/po/spec.json", 0)[1:]      # one process (CPU or one GPU): no launcher
     ['-m', 'avr_core.training', '--spec', '/runs/po/spec.json']
 

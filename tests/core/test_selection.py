@@ -12,7 +12,8 @@ def rec(answer="5", s0=3.0, critiques=None):
     crits = []
     for ci, (text, refs) in enumerate(critiques or []):
         crits.append({"id": f"p1/c{ci}", "text": text, "rating": 3, "forced": False, "tries": 1,
-                      "refinements": [{"id": f"p1/c{ci}/r{j}", "text": t, "score": s} for j, (t, s) in enumerate(refs)]})
+                      "refinements": [{"id": f"p1/c{ci}/r{j}", "text": t, "score": s}
+                                      for j, (t, s) in enumerate(refs)]})
     return {"id": "p1", "messages": X, "answer": answer, "answer_score": s0, "critiques": crits}
 
 
@@ -37,7 +38,8 @@ def test_full_case_builds_rsft_and_three_pair_kinds():
     assert by["critique"]["score_chosen"] == 4.5 and by["critique"]["score_rejected"] == -0.25
     assert by["critique"]["prompt"][-1]["content"] == JUDGE_TRAIN
     assert by["refinement"]["prompt"][-2]["content"] == "Wrong sum."
-    assert (by["refinement"]["chosen"][0]["content"], by["refinement"]["rejected"][0]["content"]) == ("It is 4.", "Four.")
+    chosen, rejected = by["refinement"]["chosen"][0]["content"], by["refinement"]["rejected"][0]["content"]
+    assert (chosen, rejected) == ("It is 4.", "Four.")
     assert counts["rsft_examples"] == 1 and counts["response_pairs"] == 1
 
 

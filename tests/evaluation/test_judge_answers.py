@@ -46,7 +46,8 @@ def test_one_randomised_pass_then_both_fixed_orders_on_the_first_n():
 
 
 def test_a_judge_that_prefers_the_second_output_disagrees_with_itself():
-    bias = position_bias(model_outputs(ANSWERS), reference_outputs(PROMPTS), 3, lambda o2, o1: FakeAnnotate(True)(o2, o1, False))
+    bias = position_bias(model_outputs(ANSWERS), reference_outputs(PROMPTS), 3,
+                         lambda o2, o1: FakeAnnotate(True)(o2, o1, False))
     assert bias == {"n": 3, "agreement": 0.0, "model_wins_forward": 3, "model_wins_swapped": 0}
 
 

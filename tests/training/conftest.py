@@ -4,7 +4,6 @@ real SmolLM2 tokenizer and ChatML template, so every step takes well under a sec
 import pytest
 
 
-
 @pytest.fixture(scope="session")
 def smollm2_path():
     from avr_core.models import resolve_model_path
