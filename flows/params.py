@@ -103,7 +103,7 @@ def field_of(message: str, overrides: list[str] = ()) -> str:
     'store_root'
     >>> field_of("override 'critique.kk=3': key 'critique.kk': Key 'kk' not in 'CritiqueConfig'")
     'overrides'
-    >>> field_of("conf/nope.yaml: preset not found")
+    >>> field_of("nope.yaml: preset not found")
     'preset'
     """
     for key, name in _KEY_FIELDS.items():
