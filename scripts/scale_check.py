@@ -33,6 +33,7 @@ SMALL = ["data.stage1_sft=[0,3]", "shard_size=3", "critique.max_tries=1", "respo
 
 def child(root: str) -> None:
     """One process of the S3 check: synthesis -> train_sft -> respond with the trained model."""
+    from omegaconf import OmegaConf
     from prefect import flow
 
     import tasks.synthesis as t
@@ -41,7 +42,8 @@ def child(root: str) -> None:
     from flows.stage1 import synthesis
     from tasks.common import STAGE_LOG
 
-    cfg = load_config("tiny", [f"store.root={root}", "store.lease_s=20", *SMALL])
+    # a plain dict, as the flows pass it (the training spec is JSON)
+    cfg = OmegaConf.to_container(load_config("tiny", [f"store.root={root}", "store.lease_s=20", *SMALL]), resolve=True)
 
     @flow(name="scale-check-s3")
     def run():
@@ -58,9 +60,8 @@ def child(root: str) -> None:
 
 
 def _spawn(root: str, env: dict, log: Path) -> subprocess.Popen:
-    home = Path(tempfile.mkdtemp(prefix="prefect-home-"))     # one Prefect database per process
     return subprocess.Popen([sys.executable, __file__, "child", root], cwd=ROOT, stdout=open(log, "w"),
-                            stderr=subprocess.STDOUT, env={**env, "PREFECT_HOME": str(home)})
+                            stderr=subprocess.STDOUT, env=env)
 
 
 def _result(p: subprocess.Popen, log: Path, timeout: float) -> dict:
@@ -73,14 +74,19 @@ def _result(p: subprocess.Popen, log: Path, timeout: float) -> dict:
 
 def check_s3(work: Path) -> str:
     sys.path.insert(0, str(ROOT))
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
     from tests.s3server import BUCKET, moto_s3
 
-    with moto_s3() as s3env:
+    # ONE Prefect API for the three processes (a throwaway database), as the tests do
+    with moto_s3() as s3env, prefect_test_harness(server_startup_timeout=240):
         root = f"s3://{BUCKET}/scale-check"
         env = {**os.environ, **s3env, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "OMP_NUM_THREADS": "1",
                "AVR_CACHE_DIR": str(work / "cache"), "AVR_RETRY_DELAY_S": "0",
+               "PREFECT_API_URL": PREFECT_API_URL.value(),
+               "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(work / "prefect-results"),
                "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-        env.pop("PREFECT_API_URL", None)
         t0 = time.time()
         a, b = _spawn(root, env, work / "a.log"), _spawn(root, env, work / "b.log")
         ra, rb = _result(a, work / "a.log", 540), _result(b, work / "b.log", 540)
