@@ -63,10 +63,6 @@ class CodeVersion:
     version: str
     files: dict[str, str]
 
-    def changed_files(self, earlier: dict[str, str]) -> list[str]:
-        """Files whose used code differs from an earlier version's (added or removed too)."""
-        return sorted(f for f in set(self.files) | set(earlier) if self.files.get(f) != earlier.get(f))
-
 
 def code_version(entries: Iterable[str], root: Path | str | None = None) -> CodeVersion:
     """Hash of every definition reachable from `entries` (each "module" or "module:name").
