@@ -32,8 +32,15 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from avr_core.prompts import (FINAL_ANSWER, THOUGHT_ALMOST_DONE, THOUGHT_ANSWER, THOUGHT_CRITICIZE, THOUGHT_END,
-                              THOUGHT_IMPROVE, THOUGHT_START)
+from avr_core.prompts import (
+    FINAL_ANSWER,
+    THOUGHT_ALMOST_DONE,
+    THOUGHT_ANSWER,
+    THOUGHT_CRITICIZE,
+    THOUGHT_END,
+    THOUGHT_IMPROVE,
+    THOUGHT_START,
+)
 
 
 @dataclass

@@ -14,7 +14,7 @@ this to complete ``"... Rating: [["`` from the model's own distribution.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol, Sequence, runtime_checkable
 
 Message = dict

@@ -131,9 +131,9 @@ class OpenAIGenerator:
     def check(self) -> None:
         """GET {base_url}/models once; raise BackendUnavailable if nobody answers there."""
         url = f"{self.base_url}/models"
-        hint = (f"start an OpenAI-compatible server there (e.g. `avr_core.backends.vllm_server."
-                f"serve_vllm`, or `python -m vllm.entrypoints.openai.api_server`) or fix the "
-                f"backend's base_url")
+        hint = ("start an OpenAI-compatible server there (e.g. `avr_core.backends.vllm_server."
+                "serve_vllm`, or `python -m vllm.entrypoints.openai.api_server`) or fix the "
+                "backend's base_url")
         try:
             r = self._client.get(url, timeout=min(10.0, self._client.timeout.read or 10.0))
         except httpx.HTTPError as e:
