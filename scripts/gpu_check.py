@@ -81,7 +81,8 @@ def step_hf_rm(mode: str, work: Path) -> dict:
     scores = sc.score(convs)
     s = time.time() - t0
     (work / "hf_scores.json").write_text(json.dumps(scores))
-    ntok = sum(len(sc.tok.apply_chat_template(c, tokenize=True)) for c in convs)
+    from avr_core.backends.vllm_rm import tokenize_for_rm
+    ntok = sum(len(x) for x in tokenize_for_rm(sc.tok, convs, 1024))
     return {"device": sc.device, "seconds": s, "tokens": ntok}
 
 
@@ -128,8 +129,10 @@ def step_train_dpo(mode: str, work: Path) -> dict:
 
     model = json.loads((work / "paths.json").read_text())["policy"]
     n = cuda_count() if mode == "gpu" else 2
-    cfg = dict(loss="dpo", beta=0.1, lr=5e-7, epochs=1, max_steps=3, micro_batch_size=1, grad_accum=1,
-               max_length=256, zero_stage=3, bf16=mode == "gpu", gradient_checkpointing=mode == "gpu",
+    steps = 3 if mode == "gpu" else 2
+    cfg = dict(loss="dpo", beta=0.1, lr=5e-7, epochs=1, max_steps=steps, micro_batch_size=1, grad_accum=1,
+               max_length=256 if mode == "gpu" else 128, zero_stage=3, bf16=mode == "gpu",
+               gradient_checkpointing=mode == "gpu",
                checkpoint_every=100, warmup_ratio=0.0)
     spec = write_spec(work / "dpo" / "spec.json", model_path=model, rows=pair_rows(max(8, 2 * n)), cfg=cfg,
                       out_dir=str(work / "dpo" / "model"), ckpt_dir=str(work / "dpo" / "ckpt"),
@@ -140,7 +143,7 @@ def step_train_dpo(mode: str, work: Path) -> dict:
     s = time.time() - t0
     assert p.returncode == 0, p.stderr[-2000:]
     summary = next(json.loads(line) for line in p.stdout.splitlines() if line.startswith('{"loss"'))
-    assert summary["world_size"] == n and summary["steps"] == 3, summary
+    assert summary["world_size"] == n and summary["steps"] == steps, summary
     return {"device": f"{n} rank(s), {'cuda' if mode == 'gpu' else 'cpu'}, ZeRO-3{' bf16' if cfg['bf16'] else ''}",
             "seconds": s, "tokens": None, "train_s": summary.get("train_s"), "world_size": n}
 
@@ -182,6 +185,22 @@ def run_step(name: str, mode: str, work: Path) -> int:
     row["rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
     (work / f"{name}.json").write_text(json.dumps(row))
     return 0 if row["ok"] else 1
+
+
+def _run_group(cmd: list[str], env: dict, cwd: Path, timeout: float) -> subprocess.CompletedProcess:
+    """Run a step in its own process group; past `timeout` the whole group (launcher, ranks,
+    engine processes) is killed and the step reports 'timed out'."""
+    import signal
+
+    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        err = (err or "") + f"\ntimed out after {timeout:.0f}s (the check's budget)"
+    return subprocess.CompletedProcess(cmd, proc.returncode, out or "", err or "")
 
 
 class GpuMemPoll:
@@ -260,6 +279,8 @@ def main(argv=None) -> int:
         env.update(AVR_FORCE_NO_CUDA="1", CUDA_VISIBLE_DEVICES="", VLLM_CPU_KVCACHE_SPACE="1")
         env.setdefault("OMP_NUM_THREADS", "1")
     t0 = time.time()
+    budget = float(os.environ.get("AVR_GPU_CHECK_BUDGET_S", 580 if mode == "cpu" else 460))
+    deadline = t0 + budget                 # the table is printed even when the budget runs out
     make_models(work)
     print(f"gpu_check ({mode}): work dir {work}; models ready in {time.time() - t0:.0f}s", flush=True)
     rows = []
@@ -274,9 +295,13 @@ def main(argv=None) -> int:
         if py != sys.executable:
             step_env.pop("VIRTUAL_ENV", None)
         ts = time.time()
+        left = deadline - ts
+        if left < 10:
+            rows.append({"step": name, "ok": False, "error": f"not run: the {budget:.0f}s budget is spent"})
+            continue
+        cmd = [py, __file__, "--step", name, "--work", str(work)] + (["--cpu"] if args.cpu else [])
         with GpuMemPoll(mode == "gpu") as mem:
-            p = subprocess.run([py, __file__, "--step", name, "--work", str(work)] + (["--cpu"] if args.cpu else []),
-                               env=step_env, cwd=work, capture_output=True, text=True, timeout=540)
+            p = _run_group(cmd, step_env, work, left)
         f = work / f"{name}.json"
         row = json.loads(f.read_text()) if f.exists() else {
             "step": name, "ok": False, "error": f"exit {p.returncode}: {p.stderr[-600:]}"}

@@ -11,11 +11,11 @@ PY=${AVR_PYTHON:-.venv/bin/python}
 export HF_HUB_OFFLINE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 PREFECT_SERVER_ANALYTICS_ENABLED=false
 if [ "${1:-}" = "--cpu" ]; then
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-  exec timeout 600 "$PY" scripts/gpu_check.py "$@"
+  exec timeout 620 "$PY" scripts/gpu_check.py "$@"
 fi
 if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; then
   echo "gpu_check: no NVIDIA GPU here (nvidia-smi missing or failing); run 'bash scripts/gpu_check.sh --cpu'" >&2
   exit 2
 fi
 nvidia-smi -L
-exec timeout 480 "$PY" scripts/gpu_check.py "$@"
+exec timeout 500 "$PY" scripts/gpu_check.py "$@"
