@@ -52,7 +52,7 @@ def _two_ranks(spec, script=None, extra_env=None) -> subprocess.CompletedProcess
 
 def _cfg(stage: int, **kw) -> dict:
     return dict(loss="sft", lr=1e-3, epochs=20, max_steps=3, micro_batch_size=1, zero_stage=stage,
-                checkpoint_every=10, warmup_ratio=0.0, max_length=512, **kw)
+                checkpoint_every=10, warmup_ratio=0.0, max_length=512) | kw
 
 
 @pytest.mark.parametrize("stage", [2, 3])
