@@ -124,9 +124,12 @@ def step_ref_logps(mode: str, work: Path) -> dict:
 
 
 def step_train_dpo(mode: str, work: Path) -> dict:
+    import shutil
+
     from avr_core.backends.device import cuda_count
     from avr_core.training.launch import child_env, launch_command, write_spec
 
+    shutil.rmtree(work / "dpo", ignore_errors=True)      # a rerun in the same --work starts afresh
     model = json.loads((work / "paths.json").read_text())["policy"]
     n = cuda_count() if mode == "gpu" else 2
     steps = 3 if mode == "gpu" else 2
