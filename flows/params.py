@@ -81,7 +81,7 @@ class RunParams(BaseModel):
         """The resolved, validated config (a read-only DictConfig). A problem is a ValueError
         naming the form field it came from and the config key."""
         if self.preset not in PRESETS and not self.preset.endswith((".yaml", ".yml")):
-            raise ValueError(f"field 'preset': unknown preset {self.preset!r} (shipped: {', '.join(PRESETS)}; "
+            raise ValueError(f"field 'preset': {self.preset!r}: preset not found (shipped: {', '.join(PRESETS)}; "
                              "or a path to a YAML file)")
         try:
             return load_config(self.preset, self.to_overrides())
