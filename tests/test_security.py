@@ -91,7 +91,7 @@ def test_a_planted_key_reaches_no_log_artifact_store_file_or_saved_config(tmp_pa
 
     @flow(name="avr-security-planted-key", log_prints=True)
     def leaky() -> str:
-        run, cfg = start_run("tiny", overrides)            # validates, registers the key variables, saves the config
+        run, cfg = start_run({"preset": "tiny", "overrides": overrides})   # validates, registers keys, saves config
         lg = get_run_logger()
         lg.info("SECURITY-PROBE judge key %s", judge_key)
         print(f"SECURITY-PROBE env OPENAI_API_KEY={key} HF_TOKEN={hf}")
