@@ -406,6 +406,7 @@ def validate(cfg: DictConfig) -> None:
     need(cfg.scorer.kind != "rules" or bool(cfg.scorer.constraints), "scorer.constraints",
          "required when scorer.kind=rules: the prompt file whose rows carry `constraints`")
     need(cfg.flow in ("pipeline", "signal"), "flow", "must be pipeline or signal")
+    need(cfg.scale.engine in ("local", "ray"), "scale.engine", "must be local or ray")
     need(cfg.generator.kind != "openai" or bool(cfg.generator.base_url), "generator.base_url",
          "required when generator.kind=openai")
     for stage in ("respond", "critique", "refine", "tts", "thought", "eval"):

@@ -5,8 +5,10 @@
    to the sequential run's, a worker killed mid-shard costs that shard once.
 2. The store on S3 (item 3): moto's S3 server on 127.0.0.1; TWO processes start the same stage-1
    synthesis + RSFT training + a respond by the trained model (fetched from the store into the local
-   cache) on `store.root=s3://...` at once: every artifact is computed by exactly one of them; a
-   third process reruns it: a full cache hit; `avr artifacts verify` on the bucket passes.
+   cache), with a tiny random Llama (tests/tiny_models.py) as the policy (synthesis scripted:
+   tests/fakes.py), on
+   `store.root=s3://...` at once: every artifact is computed by exactly one of them; a third process
+   reruns it: a full cache hit; `avr artifacts verify` on the bucket passes.
 
 Prints `scale-out ok: <shards per worker>, <s3 cache-hit rerun>` and exits 0, or exits 1 naming
 what failed.
@@ -31,8 +33,9 @@ SMALL = ["data.stage1_sft=[0,3]", "shard_size=3", "critique.max_tries=1", "respo
          "rsft.max_steps=1", "rsft.micro_batch_size=1", "rsft.checkpoint_every=1", "data.heldout=[40,42]"]
 
 
-def child(root: str) -> None:
-    """One process of the S3 check: synthesis -> train_sft -> respond with the trained model."""
+def child(root: str, model: str) -> None:
+    """One process of the S3 check: synthesis -> train_sft -> respond with the trained model.
+    `model`: the tiny random Llama (tests/tiny_models.py) as policy and scorer."""
     from omegaconf import OmegaConf
     from prefect import flow
 
@@ -41,9 +44,21 @@ def child(root: str) -> None:
     from avr_core.config import load_config
     from flows.stage1 import synthesis
     from tasks.common import STAGE_LOG
+    from tests.fakes import FakeGenerator, FakeScorer
+
+    # Synthesis by the scripted generator and scorer of the flow tests (tests/fakes.py): a tiny
+    # RANDOM model never writes a parsable rating, so its synthesis would select nothing to train on.
+    # What the check is about stays real: the lease race on every stage, DeepSpeed training of the
+    # tiny Llama with its model uploaded into the store, and the trained model's `respond` by the
+    # real HF generator from the copy fetched into the local cache.
+    real = t.make_generator
+    t.make_generator = lambda policy, backend: (real(policy, backend) if policy.get("artifact") else FakeGenerator(
+        critiques=["Needs work. Rating: [[4]]", "Fine. Rating: [[7]]"]))
+    t.make_scorer = lambda c: FakeScorer()
 
     # a plain dict, as the flows pass it (the training spec is JSON)
-    cfg = OmegaConf.to_container(load_config("tiny", [f"store.root={root}", "store.lease_s=20", *SMALL]), resolve=True)
+    over = [f"store.root={root}", "store.lease_s=20", *SMALL, f"policy.path={model}", f"scorer.model.path={model}"]
+    cfg = OmegaConf.to_container(load_config("tiny", over), resolve=True)
 
     @flow(name="scale-check-s3")
     def run():
@@ -59,8 +74,8 @@ def child(root: str) -> None:
                                   "wall_s": round(time.time() - t0, 1)}), flush=True)
 
 
-def _spawn(root: str, env: dict, log: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, __file__, "child", root], cwd=ROOT, stdout=open(log, "w"),
+def _spawn(root: str, model: str, env: dict, log: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, __file__, "child", root, model], cwd=ROOT, stdout=open(log, "w"),
                             stderr=subprocess.STDOUT, env=env)
 
 
@@ -78,6 +93,12 @@ def check_s3(work: Path) -> str:
     from prefect.testing.utilities import prefect_test_harness
 
     from tests.s3server import BUCKET, moto_s3
+    from tests.tiny_models import tiny_llama
+
+    # the tiny random Llama as policy and scorer: the check is about the mechanism, and every file
+    # (the trained model included) stays a single PUT (a 540 MB SmolLM2 goes multipart: see
+    # docs/RELIABILITY.md "Object stores" for moto's multipart limits)
+    model = tiny_llama(str(work / "tiny-llama"))
 
     # ONE Prefect API for the three processes (a throwaway database), as the tests do
     with moto_s3() as s3env, prefect_test_harness(server_startup_timeout=240):
@@ -88,7 +109,7 @@ def check_s3(work: Path) -> str:
                "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(work / "prefect-results"),
                "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
         t0 = time.time()
-        a, b = _spawn(root, env, work / "a.log"), _spawn(root, env, work / "b.log")
+        a, b = _spawn(root, model, env, work / "a.log"), _spawn(root, model, env, work / "b.log")
         ra, rb = _result(a, work / "a.log", 540), _result(b, work / "b.log", 540)
         race_s = time.time() - t0
         if ra["refs"] != rb["refs"]:
@@ -105,7 +126,7 @@ def check_s3(work: Path) -> str:
         if set(computed) != arts:
             raise AssertionError(f"not computed by either process: {sorted(arts - set(computed))}")
         t1 = time.time()
-        c = _spawn(root, env, work / "c.log")
+        c = _spawn(root, model, env, work / "c.log")
         rc = _result(c, work / "c.log", 300)
         rerun_s = time.time() - t1
         hits = sum(s["cached"] for s in rc["stages"])
@@ -156,7 +177,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 2 and sys.argv[1] == "child":
-        child(sys.argv[2])
+    if len(sys.argv) > 3 and sys.argv[1] == "child":
+        child(sys.argv[2], sys.argv[3])
         sys.exit(0)
     sys.exit(main())

@@ -172,17 +172,15 @@ class Output:
             self.writer.commit_shard(i, outputs, dict(counts), worker=worker)
 
         from tasks.scale import run_on_ray, settings
-        scale = settings(self.scale)
+        scale = settings(self.scale)      # validated: scale.engine is local or ray
         if scale["engine"] == "ray" and len(pending) > 1:   # many workers; the driver commits (tasks/scale.py)
             self.extra["workers"] = run_on_ray(shards, pending, work, stats, scale, commit, logger())
-        elif scale["engine"] != "local" and scale["engine"] != "ray":
-            raise ValueError(f"scale.engine={scale['engine']!r}: must be local or ray")
-        for i in ([] if scale["engine"] == "ray" and len(pending) > 1 else tqdm(pending, desc=self.ref.stage,
-                                                                                   unit="shard")):
-            before = stats() if stats else {}  # the first call builds the backend: only on a real miss
-            outputs, counts = work(shards[i], i)
-            after = stats() if stats else {}
-            commit(i, outputs, Counter(counts), {k: after[k] - before.get(k, 0) for k in after})
+        else:                             # one after another, here (also a single pending shard on ray)
+            for i in tqdm(pending, desc=self.ref.stage, unit="shard"):
+                before = stats() if stats else {}  # the first call builds the backend: only on a real miss
+                outputs, counts = work(shards[i], i)
+                after = stats() if stats else {}
+                commit(i, outputs, Counter(counts), {k: after[k] - before.get(k, 0) for k in after})
         self.extra.update(compute_s=round(time.time() - t0, 3), shards=len(shards))
 
 

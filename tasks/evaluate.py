@@ -7,7 +7,10 @@ set, judge config). A nightly run whose models did not change judges nothing aga
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import time
+from pathlib import Path
 
 from prefect import task
 
@@ -119,9 +122,23 @@ def judge(out: Output, cfg: dict, answers: ArtifactRef, prompts: ArtifactRef) ->
     """alpaca-eval pairwise judging against the references -> annotations + WR ± se, LC, length,
     and a position-bias check on the first `position_bias_n` instructions."""
     store, jcfg = out.store, cfg["eval"]["judge"]
-    config_path = write_judge_config(out.dir + "/judge", jcfg)          # in the store, never site-packages
-    cache = store.path(".work", "judge_cache", f"{out.ref.key}.json")     # survives a retry of this task
-    store.fs.makedirs(cache.rsplit("/", 1)[0], exist_ok=True)
+    # alpaca-eval reads its config and writes its cache as LOCAL files. A local store: the config in
+    # the artifact, the cache in <store>/.work/judge_cache (survives a retry of this task). An object
+    # store: both in a local directory keyed by the artifact key (a retry on this machine reuses the
+    # cache); the config files are then uploaded into the artifact, so it holds the same files.
+    if store.remote:
+        from avr_core.store import artifact_cache_dir
+        local = os.path.join(artifact_cache_dir(), ".work", f"{out.ref.stage}-{out.ref.key}")
+        judge_dir, cache = os.path.join(local, "judge"), os.path.join(local, "judge_cache.json")
+        os.makedirs(local, exist_ok=True)
+    else:
+        judge_dir, cache = out.dir + "/judge", store.path(".work", "judge_cache", f"{out.ref.key}.json")
+        store.fs.makedirs(cache.rsplit("/", 1)[0], exist_ok=True)
+    config_path = write_judge_config(judge_dir, jcfg)          # never into site-packages
+    if store.remote:
+        for f in sorted(p for p in Path(judge_dir).rglob("*") if p.is_file()):
+            out.write_file(f"judge/{f.relative_to(judge_dir).as_posix()}", f.read_bytes())
+        out.after.append(lambda: shutil.rmtree(local, ignore_errors=True))
     answered = store.read_records(answers)
     model = model_outputs(answered)
     reference = reference_outputs(store.read_records(prompts))

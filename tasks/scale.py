@@ -31,14 +31,17 @@ DEFAULTS = {"engine": "local", "workers": 2, "address": "", "cpus_per_worker": 1
 def settings(scale) -> dict:
     """`cfg.scale` with defaults (a plain dict; a missing section is the sequential local run)."""
     if scale is None:
-        return dict(DEFAULTS)
+        scale = {}
     if hasattr(scale, "items"):
         try:
             from omegaconf import OmegaConf
             scale = OmegaConf.to_container(scale, resolve=True) if not isinstance(scale, dict) else scale
         except Exception:
             scale = dict(scale)
-    return {**DEFAULTS, **{k: v for k, v in scale.items() if v is not None}}
+    s = {**DEFAULTS, **{k: v for k, v in scale.items() if v is not None}}
+    if s["engine"] not in ("local", "ray"):
+        raise ValueError(f"scale.engine={s['engine']!r}: must be local or ray")
+    return s
 
 
 def ensure_ray(s: dict):

@@ -44,6 +44,7 @@ def test_overrides_apply():
     (["refine.sampling.temperature=9"], "refine.sampling.temperature"),
     (["respond.sampling.top_p=0"], "respond.sampling.top_p"),
     (["generator.kind=tgi"], "generator.kind"),
+    (["scale.engine=spark"], "scale.engine"),
     (["policy.path="], "policy.path"),
     (["nosuchsection.x=1"], "nosuchsection"),
 ])

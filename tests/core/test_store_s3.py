@@ -146,6 +146,20 @@ def test_fetch_caches_by_key_and_checksum_and_refuses_a_damaged_copy(store, tmp_
     assert not list((tmp_path / "other" / "rsft").iterdir())            # nothing half-cached
 
 
+def test_a_multipart_upload_is_one_object_in_the_manifest_and_fetched_whole(store, tmp_path):
+    """A file of at least twice the part size goes up as a multipart upload (s3fs `put_file`, what
+    `Store.upload` uses: from 2 x 50 MiB by default, e.g. model weights): 12 MiB in 5 MiB parts
+    (S3's minimum) -- three parts, sent concurrently -- is one object, hashed into the manifest and
+    fetched back byte for byte."""
+    w = store.writer("rsft", "mp", {}, [], "v1")
+    blob = os.urandom(12 * 2**20 + 123)
+    (tmp_path / "w.bin").write_bytes(blob)
+    store.fs.put_file(str(tmp_path / "w.bin"), store.path(w.ref, "model", "w.bin"), chunksize=5 * 2**20)
+    ref = w.finalize()
+    assert store.manifest(ref)["files"]["model/w.bin"]["bytes"] == len(blob)
+    assert (Path(store.fetch(ref, cache_dir=str(tmp_path / "cache"))) / "model" / "w.bin").read_bytes() == blob
+
+
 @pytest.mark.slow
 def test_avr_artifacts_commands_read_an_s3_store(store):
     root = store.root

@@ -17,19 +17,10 @@ def tok(smollm2_path):
 
 
 @pytest.fixture(scope="session")
-def tiny_llama(tmp_path_factory, smollm2_path, tok):
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+def tiny_llama(tmp_path_factory):
+    from tests.tiny_models import tiny_llama as make
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                      tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
-                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    path = tmp_path_factory.mktemp("tiny-llama")
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
+    return make(str(tmp_path_factory.mktemp("tiny-llama")))
 
 
 def conversation(i: int) -> list[dict]:
