@@ -147,7 +147,7 @@ def check_ray(work: Path) -> str:
     report = work / "ray.json"
     env = {**os.environ, "AVR_SCALE_REPORT": str(report), "OMP_NUM_THREADS": "1"}
     test = "tests/flows/test_scale_out.py"
-    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test],
+    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "", test],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=420)
     if p.returncode != 0:
         raise AssertionError(f"tests/flows/test_scale_out.py failed:\n{p.stdout[-4000:]}")
