@@ -470,14 +470,7 @@ def _flock(path: str, what: str, timeout: float | None, log: logging.Logger, pol
                 except OSError as e:
                     if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
                         raise
-                if not warned:
-                    log.warning("waiting for another process computing %s (%s; lock %s)%s", what,
-                                _holder(path), path, f", for at most {timeout:g} s" if timeout else "")
-                    warned = True
-                if timeout is not None and time.monotonic() - t0 >= timeout:
-                    raise ArtifactLockTimeout(
-                        f"{what}: another process ({_holder(path)}) has been computing it for more than "
-                        f"{timeout:g} s (lock {path}); rerun later, or raise store.lock_timeout_s")
+                warned = _still_waiting(what, _holder(path), f"lock {path}", "", timeout, t0, warned)
                 time.sleep(poll_s)
         except BaseException:
             os.close(fd)
@@ -574,15 +567,8 @@ def _lease(store: "Store", d: str, what: str, timeout: float | None, log: loggin
             gen = top + 1
             break
         if not take:
-            if not warned:
-                log.warning("waiting for another process computing %s (%s; lease %s, taken over after %g s "
-                            "without renewal)%s", what, cur.get("holder"), d, lease_s,
-                            f", for at most {timeout:g} s" if timeout else "")
-                warned = True
-            if timeout is not None and time.monotonic() - t0 >= timeout:
-                raise ArtifactLockTimeout(
-                    f"{what}: another process ({cur.get('holder')}) has been computing it for more than "
-                    f"{timeout:g} s (lease {d}); rerun later, or raise store.lock_timeout_s")
+            warned = _still_waiting(what, cur.get("holder"), f"lease {d}",
+                                    f", taken over after {lease_s:g} s without renewal", timeout, t0, warned)
             time.sleep(poll_s)
     if warned:
         log.info("%s: lease acquired after %.1f s waiting", what, time.monotonic() - t0)
@@ -622,6 +608,19 @@ def _lease(store: "Store", d: str, what: str, timeout: float | None, log: loggin
             with contextlib.suppress(Exception):
                 put_exclusive(fs, f"{d}/{_lease_name(gen + 1)}", json.dumps({"released": True, "holder": me}).encode())
                 fs.rm_file(f"{d}/{_lease_name(gen)}")
+
+
+def _still_waiting(what: str, holder: str, where: str, note: str, timeout: float | None, t0: float,
+                   warned: bool) -> bool:
+    """One poll of a lock (flock or lease) held by another process: say so once, and give up after
+    `timeout`. Returns True: the caller has now warned."""
+    if not warned:
+        log.warning("waiting for another process computing %s (%s; %s%s)%s", what, holder, where, note,
+                    f", for at most {timeout:g} s" if timeout else "")
+    if timeout is not None and time.monotonic() - t0 >= timeout:
+        raise ArtifactLockTimeout(f"{what}: another process ({holder}) has been computing it for more than "
+                                  f"{timeout:g} s ({where}); rerun later, or raise store.lock_timeout_s")
+    return True
 
 
 def _same_file(fd: int, path: str) -> bool:
