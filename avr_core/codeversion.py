@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import threading
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -196,8 +197,20 @@ def why(entries: Iterable[str], target: str, root: Path | str | None = None) -> 
 
 
 # -- parsing ------------------------------------------------------------------------------------
-@lru_cache(maxsize=8)
+# CPython 3.11 keeps the AST constructor's recursion depth in interpreter-wide state, so two
+# threads parsing at once (Prefect runs tasks in threads) fail with "AST constructor recursion
+# depth mismatch" (python/cpython#106905). Our own parses take one lock; a parse by another
+# library's thread can still collide, and a fresh parse is then correct, so `_ast` tries again.
+_PARSE_LOCK = threading.Lock()
+
+
 def _index(root: str) -> dict[str, Module]:
+    with _PARSE_LOCK:
+        return _index_unlocked(root)
+
+
+@lru_cache(maxsize=8)
+def _index_unlocked(root: str) -> dict[str, Module]:
     out: dict[str, Module] = {}
     base = Path(root)
     for pkg in PACKAGES:
@@ -214,8 +227,18 @@ def _index(root: str) -> dict[str, Module]:
     return out
 
 
+def _ast(text: str, rel: str, tries: int = 5) -> ast.Module:
+    for attempt in range(tries):
+        try:
+            return ast.parse(text, filename=rel)
+        except SystemError as e:                    # the race above, never a property of the file
+            if "recursion depth mismatch" not in str(e) or attempt == tries - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
 def _parse(name: str, rel: str, text: str, modules: set[str]) -> Module:
-    tree = ast.parse(text, filename=rel)
+    tree = _ast(text, rel)
     lines = text.splitlines(keepends=True)
     package = name if rel.endswith("__init__.py") else name.rpartition(".")[0]
     mod = Module(name, rel, {}, [], {})

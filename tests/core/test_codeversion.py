@@ -38,7 +38,7 @@ def _edit(root: Path, rel: str, old: str, new: str) -> None:
 
 def _forget() -> None:
     """The parsed sources are cached per checkout path: drop them after an edit."""
-    cv._index.cache_clear()
+    cv._index_unlocked.cache_clear()
     cv._code_version.cache_clear()
 
 
