@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from avr_core.backends.base import BackendStats, SamplingParams
 from avr_core.prompts import JUDGE_SAMPLING, REFINE_SAMPLING
+from avr_core.thought import Thought, format_thought
 
 
 class FakeGenerator:
@@ -57,3 +58,14 @@ class FakeScorer:
         self.calls += 1
         self.stats.calls += 1
         return [self.fn(c[-1]["content"]) for c in conversations]
+
+
+class ThoughtWriter(FakeGenerator):
+    """Writes well-formed refinement thoughts whose final answers are, in order, "ok", "a much
+    longer final answer here", "fine answer" (the first `n` of them per prompt)."""
+
+    def generate(self, conversations, params):
+        self.calls.append((len(conversations), params))
+        finals = ["ok", "a much longer final answer here", "fine answer"]
+        return [[format_thought(Thought("draft", [("c", f)], "good")) for f in finals[:params.n]]
+                for _ in conversations]

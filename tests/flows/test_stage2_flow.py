@@ -11,10 +11,10 @@ import tasks.stage2 as s2  # noqa: E402
 import tasks.synthesis as t  # noqa: E402
 from avr_core.config import load_config  # noqa: E402
 from avr_core.store import Store  # noqa: E402
-from avr_core.thought import Thought, format_thought, parse_thought  # noqa: E402
+from avr_core.thought import parse_thought  # noqa: E402
 from flows.stage2 import thought_data  # noqa: E402
 from tests.core.test_search import GrowingGenerator  # noqa: E402
-from tests.fakes import FakeGenerator, FakeScorer  # noqa: E402
+from tests.fakes import FakeScorer, ThoughtWriter  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -42,12 +42,6 @@ def test_search_then_thoughts(tmp_path, monkeypatch):
 
 
 def test_sampled_thoughts_make_length_controlled_pairs(tmp_path, monkeypatch):
-    class ThoughtWriter(FakeGenerator):
-        def generate(self, conversations, params):
-            self.calls.append((len(conversations), params))
-            finals = ["ok", "a much longer final answer here", "fine answer"]
-            return [[format_thought(Thought("draft", [("c", f)], "good")) for f in finals[:params.n]]
-                    for _ in conversations]
     monkeypatch.setattr(s2, "make_generator", lambda p, b: ThoughtWriter())
     scores = {"a much longer final answer here": 9.0, "fine answer": 1.0, "ok": 4.0}
     monkeypatch.setattr(s2, "make_scorer", lambda c: FakeScorer(fn=scores.get))
