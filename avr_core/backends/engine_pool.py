@@ -47,6 +47,28 @@ def gpu_groups(size: int, per_engine: int, gpus: Sequence[int], visible: int) ->
     return [allowed[i * per_engine:(i + 1) * per_engine] for i in range(size)]
 
 
+def child_visible_devices(group: Sequence[int], parent: str | None) -> str:
+    """CUDA_VISIBLE_DEVICES for an engine on `group`: the group holds indices of THIS process's
+    visible devices (as torch numbers them), so under a parent restriction -- a Ray actor given
+    GPUs 4 and 5 sees them as 0 and 1 -- they are mapped back through it, never read as
+    physical ids (which would put every actor's engine on GPU 0).
+
+    >>> child_visible_devices([0, 1], None)
+    '0,1'
+    >>> child_visible_devices([1], "4,5")
+    '5'
+    >>> child_visible_devices([0], "GPU-8f2a,GPU-77c1")
+    'GPU-8f2a'
+    """
+    if not parent or not parent.strip():
+        return ",".join(map(str, group))
+    ids = [x.strip() for x in parent.split(",") if x.strip()]
+    if max(group) >= len(ids):
+        raise BackendUnavailable(f"GPU group {list(group)} is outside the {len(ids)} visible devices "
+                                 f"(CUDA_VISIBLE_DEVICES={parent})")
+    return ",".join(ids[i] for i in group)
+
+
 def _worker(conn, target: str, kwargs: dict, env: dict) -> None:
     os.environ.update(env)        # before anything imports CUDA
     import importlib
@@ -84,9 +106,10 @@ class EnginePool:
         self.stats = BackendStats()
         self.groups = groups
         self.procs, self.conns = [], []
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
         for g in groups:
             parent, child = ctx.Pipe()
-            env = {"CUDA_VISIBLE_DEVICES": ",".join(map(str, g))} if g else {}
+            env = {"CUDA_VISIBLE_DEVICES": child_visible_devices(g, visible)} if g else {}
             p = ctx.Process(target=_worker, args=(child, target, kwargs, env), daemon=False)
             p.start()
             child.close()

@@ -17,7 +17,7 @@ import pytest
 from avr_core import backends
 from avr_core.backends import device as dev
 from avr_core.backends.base import BackendStats, BackendUnavailable, SamplingParams
-from avr_core.backends.engine_pool import EnginePool, gpu_groups
+from avr_core.backends.engine_pool import EnginePool, child_visible_devices, gpu_groups
 
 HAS_CUDA = dev.cuda_count() > 0
 
@@ -149,6 +149,27 @@ def test_pool_splits_a_round_joins_it_in_order_and_its_processes_end():
     assert all(not p.is_alive() and p.exitcode == 0 for p in procs)
     with pytest.raises(BackendUnavailable, match=r"engine 0 \(GPUs \[\]\) .* failed to start: RuntimeError: no such"):
         EnginePool(f"{__name__}:FakeEngine", {"fail": True}, groups=[[]])
+
+
+def test_groups_are_indices_of_the_visible_devices():
+    """A Ray actor given physical GPUs 6 and 7 sees them as 0 and 1: its engines must land on 6
+    and 7, not on the node's GPUs 0 and 1 (which belong to another actor)."""
+    assert child_visible_devices([0], None) == "0" and child_visible_devices([2, 3], "") == "2,3"
+    assert child_visible_devices([0], "6,7") == "6" and child_visible_devices([0, 1], "6,7") == "6,7"
+    assert child_visible_devices([1], "GPU-a, GPU-b") == "GPU-b"
+    with pytest.raises(BackendUnavailable, match="outside the 2 visible devices"):
+        child_visible_devices([2], "6,7")
+
+
+@pytest.mark.slow
+def test_pool_engines_under_a_restricted_parent_get_the_parents_devices(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "6,7,2,5")
+    pool = EnginePool(f"{__name__}:FakeEngine", {}, groups=[[0], [3]])
+    try:
+        out = pool.call("generate_at", list(range(4)), SamplingParams())
+        assert [o[0].split("|")[2] for o in out] == ["6", "6", "5", "5"]
+    finally:
+        pool.close()
 
 
 # -- release at the end of a stage ------------------------------------------------------------
