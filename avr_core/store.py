@@ -470,7 +470,7 @@ def _flock(path: str, what: str, timeout: float | None, log: logging.Logger, pol
                 except OSError as e:
                     if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
                         raise
-                warned = _still_waiting(what, _holder(path), f"lock {path}", "", timeout, t0, warned)
+                warned = _still_waiting(log, what, lambda: _holder(path), f"lock {path}", "", timeout, t0, warned)
                 time.sleep(poll_s)
         except BaseException:
             os.close(fd)
@@ -567,7 +567,7 @@ def _lease(store: "Store", d: str, what: str, timeout: float | None, log: loggin
             gen = top + 1
             break
         if not take:
-            warned = _still_waiting(what, cur.get("holder"), f"lease {d}",
+            warned = _still_waiting(log, what, lambda c=cur: c.get("holder"), f"lease {d}",
                                     f", taken over after {lease_s:g} s without renewal", timeout, t0, warned)
             time.sleep(poll_s)
     if warned:
@@ -610,15 +610,16 @@ def _lease(store: "Store", d: str, what: str, timeout: float | None, log: loggin
                 fs.rm_file(f"{d}/{_lease_name(gen)}")
 
 
-def _still_waiting(what: str, holder: str, where: str, note: str, timeout: float | None, t0: float,
-                   warned: bool) -> bool:
-    """One poll of a lock (flock or lease) held by another process: say so once, and give up after
-    `timeout`. Returns True: the caller has now warned."""
+def _still_waiting(log: logging.Logger, what: str, holder, where: str, note: str, timeout: float | None,
+                   t0: float, warned: bool) -> bool:
+    """One poll of a lock (flock or lease) held by another process: say so once on the caller's
+    logger, and give up after `timeout`. `holder()` is read only then, not on every poll.
+    Returns True: the caller has now warned."""
     if not warned:
-        log.warning("waiting for another process computing %s (%s; %s%s)%s", what, holder, where, note,
+        log.warning("waiting for another process computing %s (%s; %s%s)%s", what, holder(), where, note,
                     f", for at most {timeout:g} s" if timeout else "")
     if timeout is not None and time.monotonic() - t0 >= timeout:
-        raise ArtifactLockTimeout(f"{what}: another process ({holder}) has been computing it for more than "
+        raise ArtifactLockTimeout(f"{what}: another process ({holder()}) has been computing it for more than "
                                   f"{timeout:g} s ({where}); rerun later, or raise store.lock_timeout_s")
     return True
 
