@@ -8,7 +8,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY="${PYTHON:-python3}"
 VENV="${AVR_VENV:-.venv}"
 stamp="$VENV/.avr-install-stamp"
-want="$(cat pyproject.toml constraints-cpu.txt scripts/install.sh | sha256sum | cut -c1-16)"
+want="$(cat pyproject.toml constraints.txt constraints-cpu.txt scripts/install.sh | sha256sum | cut -c1-16)"
 if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
   exit 0
 fi

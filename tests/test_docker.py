@@ -44,6 +44,9 @@ def test_dockerfile_parses_and_is_pinned():
                 assert (ROOT / src).exists(), src
         if i["instruction"] == "RUN" and "pip install" in i["value"]:
             assert "constraints-gpu.txt" in i["value"] or "==" in i["value"], i["value"]
-    pins = [ln for ln in (ROOT / "docker" / "constraints-gpu.txt").read_text().splitlines() if ln and ln[0] != "#"]
+    gpu = (ROOT / "docker" / "constraints-gpu.txt").read_text()
+    assert "-c ../constraints.txt" in gpu           # one stack: the GPU set is the shared pins plus CUDA builds
+    pins = [ln for f in (gpu, (ROOT / "constraints.txt").read_text()) for ln in f.splitlines() if ln and ln[0] != "#"]
     assert {p.split("==")[0] for p in pins if "==" in p} >= {"vllm", "torch", "transformers", "prefect", "deepspeed",
-                                                          "alpaca-eval"}
+                                                          "alpaca-eval", "fastapi"}
+    assert "-c constraints.txt" in (ROOT / "constraints-cpu.txt").read_text()

@@ -126,7 +126,10 @@ def test_iterations_that_run_out_of_fresh_prompts_are_refused_before_any_work(tm
 def test_avr_compare_prints_stages_and_leaderboard(tmp_path, fake_stages, capsys):
     a = run(tmp_path)
     b = run(tmp_path, overrides=["critique.k=3"])
-    assert main(["compare", a["id"][:15], b["id"], "--store", str(tmp_path)]) == 0
+    # A prefix of A's id that B's id does not share: unambiguous by construction, even when both
+    # runs started in the same second (their ids then share the whole timestamp).
+    common = next(i for i, (x, y) in enumerate(zip(a["id"], b["id"])) if x != y)
+    assert main(["compare", a["id"][:common + 1], b["id"], "--store", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert f"Run {b['id']} compared with {a['id']}" in out and "**Leaderboard**" in out
     assert "critique.k=3" in out                                               # the parameters that differ
