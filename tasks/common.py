@@ -300,7 +300,7 @@ def stage(spec_fn: Callable[..., Spec], *, retries: int = 2, timeout_s: float = 
 
 
 class Lazy:
-    """A backend built on first use, so a cache hit never loads a model."""
+    """A value (the stage's input records, say) computed on first use, then kept."""
 
     def __init__(self, build):
         self.build, self.obj = build, None
@@ -310,8 +310,44 @@ class Lazy:
             self.obj = self.build()
         return self.obj
 
+
+class Backend:
+    """A stage's generator or scorer, fetched from its factory on EVERY use, and passed to the
+    method's code as the Generator/Scorer itself.
+
+    Why not build it once and keep it: building one backend closes the others that share its
+    accelerator (avr_core/backends/__init__.py, `_make_room`). In a stage that alternates policy
+    and reward model (search, thought sampling, test-time scaling) a kept reference would be a
+    closed engine after the first switch. The factory is a cache lookup: it hands back the live
+    backend, or builds it again after a switch. Nothing is built before the first call, so a
+    cache hit never loads a model, and no reference is held between calls, so a switch really
+    frees the memory. `stats()` sums the counters of every backend this stage was handed.
+    """
+
+    def __init__(self, build):
+        self.build = build
+        self._stats: list = []          # BackendStats of each backend handed out (not the backends)
+
+    def get(self):
+        obj = self.build()
+        if not any(s is obj.stats for s in self._stats):
+            self._stats.append(obj.stats)
+        return obj
+
+    def generate(self, conversations, params):
+        return self.get().generate(conversations, params)
+
+    def score(self, conversations):
+        return self.get().score(conversations)
+
     def stats(self) -> dict:
-        return self.get().stats.as_dict()
+        if not self._stats:
+            self.get()
+        total: dict = {}
+        for s in self._stats:
+            for k, v in s.as_dict().items():
+                total[k] = total.get(k, 0) + v
+        return total
 
 
 def publish(ref: ArtifactRef, key: str, table: list[dict] | None = None, markdown: str | None = None) -> None:

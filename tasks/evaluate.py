@@ -22,7 +22,7 @@ from avr_core.evaluation.evalset import load_evalset, resolve_evalset
 from avr_core.evaluation.judge import annotate, judge_answers, model_outputs, reference_outputs, write_judge_config
 from avr_core.inference import eval_answers as eval_answers_core
 from avr_core.store import ArtifactRef, file_digest
-from tasks.common import Lazy, Output, Spec, logger, model_artifacts, policy_identity, publish, stage, store_of
+from tasks.common import Backend, Output, Spec, logger, model_artifacts, policy_identity, publish, stage, store_of
 from tasks.synthesis import resolve_data_path
 
 SMOKE_TITLE = ("SMOKE RUN (tiny preset): 135M models judged by a 135M local judge -- shows the machinery "
@@ -79,7 +79,7 @@ def eval_answers(out: Output, cfg: dict, policy: dict, name: str, mode: str, rou
     """Every prompt answered (never dropped): Stage-1/seed models with `rounds` explicit refinement
     rounds, Stage-2 models with one thought whose final answer is extracted (fallbacks recorded).
     Also writes `model_outputs.json` in alpaca-eval's format (`alpaca_eval --model_outputs` reads it)."""
-    gen = Lazy(lambda: make_generator(policy, cfg["generator"]))
+    gen = Backend(lambda: make_generator(policy, cfg["generator"]))
     tok: dict = {}          # the policy's tokenizer, loaded on the first miss (None: lengths in characters only)
     s = cfg["eval"]["sampling"]
     params = SamplingParams(n=1, temperature=s["temperature"], top_p=s["top_p"], seed=s["seed"],
@@ -91,7 +91,7 @@ def eval_answers(out: Output, cfg: dict, policy: dict, name: str, mode: str, rou
         return len(tok["t"].encode(text, add_special_tokens=False)) if tok["t"] is not None else None
 
     def work(shard, i):
-        recs, counts = eval_answers_core(shard, gen.get(), name, mode, rounds, params, tokens,
+        recs, counts = eval_answers_core(shard, gen, name, mode, rounds, params, tokens,
                                          cfg["eval"]["extract"], cfg["eval"]["final_answer_tries"])
         return {"records": recs}, counts
     out.shards(lambda: out.store.read_records(prompts), cfg["shard_size"], work, stats=gen.stats)

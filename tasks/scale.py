@@ -2,7 +2,7 @@
 
 `Output.shards` (tasks/common.py) is the one shard loop; with `scale.engine: ray` it hands the
 pending shards here. What travels is the RECIPE, not the engine: the stage's `work(shard, i)`
-closure (and its `stats`), pickled by Ray (cloudpickle) with its backends still unbuilt (`Lazy`),
+closure (and its `stats`), pickled by Ray (cloudpickle) with its backends still unbuilt (`Backend`),
 goes once into each of `scale.workers` Ray actors; each actor builds its engine on its first shard
 and reuses it for every later shard of the stage (an actor holds one engine, on one GPU with
 `scale.gpus_per_worker: 1`). The driver -- the Prefect task, which holds the artifact's lock --
@@ -67,7 +67,7 @@ class _Worker:
     """One Ray actor: holds the stage's recipe and, after its first shard, its engine."""
 
     def __init__(self, recipe):
-        self.work, self.stats = recipe     # one pickle: `work` and `stats` share their Lazy backend
+        self.work, self.stats = recipe     # one pickle: `work` and `stats` share their Backend
         self.me = f"{worker_id()}"
 
     def run(self, shard: list[dict], i: int):

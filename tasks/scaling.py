@@ -10,7 +10,7 @@ from avr_core.backends.base import SamplingParams
 from avr_core.scaling import plot_scaling, scaling_table, scored_rounds, to_csv, to_markdown
 from avr_core.scorers import make_scorer
 from avr_core.store import ArtifactRef, Store
-from tasks.common import Lazy, Output, Spec, logger, model_artifacts, policy_identity, publish_plot, stage
+from tasks.common import Backend, Output, Spec, logger, model_artifacts, policy_identity, publish_plot, stage
 
 
 def tts_answers_spec(cfg, policy, prompts) -> Spec:
@@ -23,14 +23,14 @@ def tts_answers_spec(cfg, policy, prompts) -> Spec:
 def tts_answers(out: Output, cfg: dict, policy: dict, prompts: ArtifactRef) -> None:
     """Per shard: answer, then R rounds (one generator call per step for the whole shard), then
     ONE scorer call over the answer after every round of every prompt."""
-    gen = Lazy(lambda: make_generator(policy, cfg["generator"]))
-    scorer = Lazy(lambda: make_scorer(cfg["scorer"]))
+    gen = Backend(lambda: make_generator(policy, cfg["generator"]))
+    scorer = Backend(lambda: make_scorer(cfg["scorer"]))
     s = cfg["tts"]["sampling"]
     params = SamplingParams(n=1, temperature=s["temperature"], top_p=s["top_p"],
                             max_new_tokens=s["max_new_tokens"], seed=s["seed"])
 
     def work(shard, i):
-        records, counts = scored_rounds(shard, gen.get(), scorer.get(), cfg["tts"]["rounds"], params)
+        records, counts = scored_rounds(shard, gen, scorer, cfg["tts"]["rounds"], params)
         return {"records": records}, counts
     out.shards(lambda: out.store.read_records(prompts), cfg["shard_size"], work, stats=gen.stats)
 

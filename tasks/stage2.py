@@ -14,7 +14,7 @@ from avr_core.search import SearchConfig, ThoughtRules, greedy_search, long_thou
 from avr_core.selection import ThoughtPairRules, thought_pairs as pair_thoughts
 from avr_core.store import ArtifactRef, Store
 from avr_core.thought_sampling import sample_thoughts as sample_thoughts_core
-from tasks.common import Lazy, Output, Spec, model_artifacts, policy_identity, publish_plot, stage
+from tasks.common import Backend, Output, Spec, model_artifacts, policy_identity, publish_plot, stage
 
 
 def search_spec(cfg, policy, prompts) -> Spec:
@@ -35,8 +35,8 @@ def _publish_gain(store: Store, ref: ArtifactRef) -> None:
 @stage(search_spec, publish=_publish_gain)
 def search(out: Output, cfg: dict, policy: dict, prompts: ArtifactRef) -> None:
     """Answer each prompt, then greedy critique/refine rounds, all active prompts per call."""
-    gen = Lazy(lambda: make_generator(policy, cfg["generator"]))
-    scorer = Lazy(lambda: make_scorer(cfg["scorer"]))
+    gen = Backend(lambda: make_generator(policy, cfg["generator"]))
+    scorer = Backend(lambda: make_scorer(cfg["scorer"]))
     s = cfg["search"]
     scfg = SearchConfig(k=s["k"], m=s["m"], max_rounds=s["max_rounds"], max_tries=cfg["critique"]["max_tries"],
                         force_rating=cfg["critique"]["force_rating"])
@@ -44,8 +44,8 @@ def search(out: Output, cfg: dict, policy: dict, prompts: ArtifactRef) -> None:
     use_dataset = search_starts_from_dataset(s["start"], cfg["respond"]["use_dataset_answer"])
 
     def work(shard, i):
-        answered, counts = core.respond(shard, gen.get(), _sampling(cfg, "respond"), use_dataset, salt=i)
-        traces, c2 = greedy_search(answered, gen.get(), scorer.get(), scfg, _sampling(cfg, "critique"),
+        answered, counts = core.respond(shard, gen, _sampling(cfg, "respond"), use_dataset, salt=i)
+        traces, c2 = greedy_search(answered, gen, scorer, scfg, _sampling(cfg, "critique"),
                                    _sampling(cfg, "refine"), salt=i)
         return {"records": traces}, counts + c2
     out.shards(lambda: out.store.read_records(prompts), cfg["shard_size"], work, stats=gen.stats)
@@ -81,12 +81,12 @@ def sample_thoughts_spec(cfg, policy, prompts) -> Spec:
 @stage(sample_thoughts_spec)
 def sample_thoughts(out: Output, cfg: dict, policy: dict, prompts: ArtifactRef) -> None:
     """S thoughts per prompt from the CoT model (one call per shard); the FINAL answers scored."""
-    gen = Lazy(lambda: make_generator(policy, cfg["generator"]))
-    scorer = Lazy(lambda: make_scorer(cfg["scorer"]))
+    gen = Backend(lambda: make_generator(policy, cfg["generator"]))
+    scorer = Backend(lambda: make_scorer(cfg["scorer"]))
     sampling, t = _sampling(cfg, "thought"), cfg["thought"]
 
     def work(shard, i):
-        recs, counts = sample_thoughts_core(shard, gen.get(), _ScoreOnUse(scorer), sampling, t["s"], i,
+        recs, counts = sample_thoughts_core(shard, gen, scorer, sampling, t["s"], i,
                                             extract=t["extract"], final_answer_tries=t["final_answer_tries"],
                                             drop_no_final=t["drop_no_final"], score_answer=t["beat_answer"])
         return {"records": recs}, counts
@@ -96,16 +96,6 @@ def sample_thoughts(out: Output, cfg: dict, policy: dict, prompts: ArtifactRef) 
 def _sampling(cfg: dict, section: str) -> core.Sampling:
     s = dict(cfg[section]["sampling"])    # max_new_tokens null: up to the context (paper preset)
     return core.Sampling(**{**s, "max_new_tokens": resolve_max_new_tokens(s["max_new_tokens"], cfg["generator"])})
-
-
-class _ScoreOnUse:
-    """The lazy scorer as a Scorer: its model loads only when something is scored."""
-
-    def __init__(self, lazy: Lazy):
-        self.lazy = lazy
-
-    def score(self, conversations):
-        return self.lazy.get().score(conversations)
 
 
 def thought_pairs_spec(cfg, samples) -> Spec:

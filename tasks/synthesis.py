@@ -16,7 +16,7 @@ from avr_core.prompts import CONVERSATION_JUDGES
 from avr_core.scorers import make_scorer
 from avr_core.selection import SelectRules, rsft_mix, select as select_records
 from avr_core.store import ArtifactRef, file_digest
-from tasks.common import Lazy, Output, Spec, model_artifacts, policy_identity, stage
+from tasks.common import Backend, Lazy, Output, Spec, model_artifacts, policy_identity, stage
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -65,9 +65,9 @@ def _sampling(cfg: dict, stage_name: str) -> core.Sampling:
 
 def _generate(out: Output, cfg: dict, policy: dict, inp: ArtifactRef, fn) -> None:
     """Shard by shard: `fn(shard, generator, shard_index)` -> (records, counts)."""
-    gen = Lazy(lambda: make_generator(policy, cfg["generator"]))  # loaded only on a cache miss
+    gen = Backend(lambda: make_generator(policy, cfg["generator"]))  # loaded only on a cache miss
     out.shards(lambda: out.store.read_records(inp), cfg["shard_size"],
-               lambda shard, i: _records(fn(shard, gen.get(), i)), stats=gen.stats)
+               lambda shard, i: _records(fn(shard, gen, i)), stats=gen.stats)
 
 
 def _records(result):
@@ -120,9 +120,9 @@ def rm_score_spec(cfg, refinements):
 @stage(rm_score_spec)
 def rm_score(out: Output, cfg: dict, refinements: ArtifactRef) -> None:
     """r(x, y0) and r(x, y') for every refinement (step 4)."""
-    scorer = Lazy(lambda: make_scorer(cfg["scorer"]))
+    scorer = Backend(lambda: make_scorer(cfg["scorer"]))
     out.shards(lambda: out.store.read_records(refinements), cfg["shard_size"],
-               lambda shard, i: _records(core.rm_score(shard, scorer.get())), stats=scorer.stats)
+               lambda shard, i: _records(core.rm_score(shard, scorer)), stats=scorer.stats)
 
 
 def select_spec(cfg, scored, prompts=None):
