@@ -407,6 +407,13 @@ def validate(cfg: DictConfig) -> None:
          "required when scorer.kind=rules: the prompt file whose rows carry `constraints`")
     need(cfg.flow in ("pipeline", "signal"), "flow", "must be pipeline or signal")
     need(cfg.scale.engine in ("local", "ray"), "scale.engine", "must be local or ray")
+    # Ray actors that ask for no GPU see none (tasks/scale.py, no_gpu_env): a backend that wants
+    # one must come with GPUs per actor, or it would silently run on the actors' CPUs.
+    gpu_wanted = [k for k in ("generator", "scorer") if cfg[k].kind not in ("openai", "rules")
+                  and (str(cfg[k].get("device", "auto")).startswith("cuda") or bool(cfg[k].get("gpus")))]
+    need(cfg.scale.engine != "ray" or cfg.scale.gpus_per_worker > 0 or not gpu_wanted, "scale.gpus_per_worker",
+         f"must be > 0 with scale.engine=ray when {' and '.join(gpu_wanted) or 'a backend'} asks for a GPU "
+         f"(device cuda or gpus); Ray actors without GPUs see none")
     need(cfg.generator.kind != "openai" or bool(cfg.generator.base_url), "generator.base_url",
          "required when generator.kind=openai")
     for stage in ("respond", "critique", "refine", "tts", "thought", "eval"):

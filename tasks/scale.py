@@ -80,6 +80,18 @@ class _Worker:
         return self.me
 
 
+def no_gpu_env(gpus_per_worker: float) -> dict | None:
+    """An actor that asked Ray for no GPU sees none. Ray no longer hides the GPUs from such an
+    actor (RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO defaults to off since 2026): each would lay its
+    engines over EVERY GPU of its node, and the second actor's engines would fail vLLM's
+    free-memory check. GPU work asks for GPUs (`scale.gpus_per_worker`, checked in avr_core/config.py).
+
+    >>> no_gpu_env(0), no_gpu_env(1)
+    ({'env_vars': {'CUDA_VISIBLE_DEVICES': ''}}, None)
+    """
+    return {"env_vars": {"CUDA_VISIBLE_DEVICES": ""}} if not gpus_per_worker else None
+
+
 def run_on_ray(shards: list[list[dict]], pending: list[int], work: Callable, stats: Callable | None,
                scale: dict, commit: Callable[[int, dict, Counter, dict, str], None], log) -> dict[str, int]:
     """Compute `pending` shards on `scale.workers` actors, committing each result as it returns
@@ -88,7 +100,8 @@ def run_on_ray(shards: list[list[dict]], pending: list[int], work: Callable, sta
     n = max(1, min(int(scale["workers"]), len(pending)))
     actor_cls = ray.remote(_Worker).options(num_cpus=scale["cpus_per_worker"], num_gpus=scale["gpus_per_worker"],
                                             max_restarts=int(scale["max_restarts"]),
-                                            max_task_retries=int(scale["retries"]))
+                                            max_task_retries=int(scale["retries"]),
+                                            runtime_env=no_gpu_env(scale["gpus_per_worker"]))
     actors = [actor_cls.remote((work, stats)) for _ in range(n)]
     log.info("scale-out: %d shards on %d Ray workers (%s)", len(pending), n, scale["address"] or "local cluster")
     todo, inflight, per_worker = list(pending), {}, Counter()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -27,10 +28,11 @@ SPEC_KEYS = {"model_path", "rows", "cfg", "out_dir", "ckpt_dir", "ref_logps", "p
 
 
 def launch_command(spec_path: str, num_gpus: int, master_port: int | None = None,
-                   hostfile: str | None = None, num_nodes: int | None = None) -> list[str]:
+                   hostfile: str | None = None, num_nodes: int | None = None,
+                   visible: str | None = None) -> list[str]:
     """The command that runs one training spec.
 
-    >>> launch_command("/runs/po/spec.json", 8, master_port=29600)[1:]   # doctest: +NORMALIZE_WHITESPACE
+    >>> launch_command("/runs/po/spec.json", 8, master_port=29600, visible="")[1:]  # doctest: +NORMALIZE_WHITESPACE
     ['--num_gpus', '8', '--master_addr', '127.0.0.1', '--master_port', '29600', '--module', 'avr_core.training',
      '--spec', '/runs/po/spec.json']
     >>> launch_command("/runs/po/spec.json", 0)[1:]      # one process (CPU or one GPU): no launcher
@@ -44,13 +46,15 @@ def launch_command(spec_path: str, num_gpus: int, master_port: int | None = None
     ['--hostfile', '/etc/avr/hostfile', '--num_nodes', '4', '--master_port']
 
     The launcher is the `deepspeed` script beside this interpreter (a venv need not be on PATH).
+    `visible` is the caller's CUDA_VISIBLE_DEVICES (default: this process's); see `gpu_selection`.
     """
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES") if visible is None else visible
     if num_gpus <= 1 and hostfile is None:
         return [sys.executable, "-m", "avr_core.training", "--spec", str(spec_path)]
     script = Path(sys.executable).with_name("deepspeed")
     cmd = [str(script) if script.exists() else "deepspeed"]
     if hostfile is None:
-        cmd += ["--num_gpus", str(num_gpus), "--master_addr", "127.0.0.1"]
+        cmd += gpu_selection(num_gpus, visible) + ["--master_addr", "127.0.0.1"]
     else:
         cmd += ["--hostfile", hostfile] + (["--num_nodes", str(num_nodes)] if num_nodes else [])
         hosts = _hosts(hostfile)
@@ -60,6 +64,27 @@ def launch_command(spec_path: str, num_gpus: int, master_port: int | None = None
             cmd += ["--master_addr", hosts[0]]
     return cmd + ["--master_port", str(master_port or free_port()),
                   "--module", "avr_core.training", "--spec", str(spec_path)]
+
+
+def gpu_selection(num_gpus: int, visible: str | None) -> list[str]:
+    """The launcher's GPU arguments. `--num_gpus N` makes DeepSpeed DROP the caller's
+    CUDA_VISIBLE_DEVICES and use GPUs 0..N-1 of the node (launcher/runner.py: "ignoring it
+    because ... --num_gpus ... were used"). A caller restricted to some GPUs (a Slurm slice, a
+    worker pinned to GPUs 4-7, a Ray actor, a run beside a kept engine) must train on THOSE, so
+    its first N visible ids are named with `--include`:
+
+    >>> gpu_selection(2, None), gpu_selection(2, "4,5,6,7"), gpu_selection(2, "")
+    (['--num_gpus', '2'], ['--include', 'localhost:4,5'], ['--num_gpus', '2'])
+    """
+    ids = [i.strip() for i in (visible or "").split(",") if i.strip()]
+    if not ids:
+        return ["--num_gpus", str(num_gpus)]
+    if not all(i.isdigit() for i in ids):
+        raise ValueError(f"CUDA_VISIBLE_DEVICES={visible!r}: the DeepSpeed launcher takes GPU indices, not "
+                         f"UUIDs or MIG names; set it to indices (e.g. 4,5,6,7)")
+    if num_gpus > len(ids):
+        raise ValueError(f"training asks for {num_gpus} GPUs but CUDA_VISIBLE_DEVICES={visible!r} allows {len(ids)}")
+    return ["--include", "localhost:" + ",".join(ids[:num_gpus])]
 
 
 def _hosts(hostfile: str) -> list[str]:

@@ -83,3 +83,11 @@ def test_avr_store_env(monkeypatch):
     monkeypatch.setenv("AVR_STORE", "/tmp/envstore")
     assert load_config("tiny").store.root == "/tmp/envstore"
     assert load_config("tiny", ["store.root=/tmp/o"]).store.root == "/tmp/o"
+
+
+def test_ray_actors_without_gpus_refuse_a_backend_that_asks_for_one():
+    # review D2: a Ray actor with num_gpus=0 sees no GPU (tasks/scale.py no_gpu_env)
+    with pytest.raises(ConfigError, match="scale.gpus_per_worker"):
+        load_config("tiny", ["scale.engine=ray", "generator.kind=vllm", "generator.gpus=[0]"])
+    load_config("tiny", ["scale.engine=ray", "generator.kind=vllm", "generator.gpus=[0]", "scale.gpus_per_worker=1"])
+    load_config("tiny", ["scale.engine=ray"])                          # CPU backends on CPU actors: fine

@@ -31,3 +31,4 @@ def test_two_ranks_equal_one_rank_with_twice_the_accumulation(tiny_llama, tmp_pa
     two = [json.loads(l)["loss"] for l in open(tmp_path / "two" / "metrics.jsonl")]
     one = [json.loads(l)["loss"] for l in open(tmp_path / "one" / "metrics.jsonl")]
     assert len(two) == len(one) == 3 and max(abs(a - b) for a, b in zip(one, two)) <= 1e-4
+
