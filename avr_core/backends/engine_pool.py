@@ -17,9 +17,12 @@ same-shaped requests needs.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing as mp
 import os
+import signal
+import time
 from typing import Sequence
 
 from .base import BackendStats, BackendUnavailable
@@ -69,7 +72,25 @@ def child_visible_devices(group: Sequence[int], parent: str | None) -> str:
     return ",".join(ids[i] for i in group)
 
 
-def _worker(conn, target: str, kwargs: dict, env: dict) -> None:
+def _die_with_parent(parent: int, every_s: float = 1.0) -> None:
+    """Kill this engine's whole process group once the pool's process is gone (killed, crashed):
+    in its own session the engine no longer gets the terminal's signals, and vLLM's engine core
+    does not watch its parent, so without this a dead pool would leave both holding GPU memory."""
+    import signal
+    import time
+
+    while os.getppid() == parent:
+        time.sleep(every_s)
+    os.killpg(os.getpid(), signal.SIGKILL)
+
+
+def _worker(conn, target: str, kwargs: dict, env: dict, parent: int) -> None:
+    # A session (and process group) of its own: everything the engine starts (vLLM's EngineCore,
+    # its TP workers) is in this group, and `EnginePool.close` ends the group, not one process.
+    os.setsid()
+    import threading
+
+    threading.Thread(target=_die_with_parent, args=(parent,), daemon=True).start()
     os.environ.update(env)        # before anything imports CUDA
     import importlib
 
@@ -80,22 +101,30 @@ def _worker(conn, target: str, kwargs: dict, env: dict) -> None:
     except BaseException as e:  # noqa: BLE001 -- reported to the parent, which raises
         conn.send(("error", f"{type(e).__name__}: {e}"))
         return
-    while True:
-        try:
-            msg = conn.recv()
-        except EOFError:
-            break
-        if msg is None:
-            break
+    orphaned = False
+    try:
+        _serve(conn, obj)
+    except (EOFError, OSError):   # the pool's end of the pipe closed: the pool process is gone
+        orphaned = True
+    finally:
+        if hasattr(obj, "close"):
+            obj.close()
+        conn.close()
+    if orphaned:                  # no pool left to end this group: end it here (this process too)
+        import signal
+        os.killpg(os.getpid(), signal.SIGKILL)
+
+
+def _serve(conn, obj) -> None:
+    """Answer (method, args) messages until None (close) or the pool's end of the pipe closes."""
+    while (msg := conn.recv()) is not None:
         method, args = msg
         try:
             out = getattr(obj, method)(*args)
-            conn.send(("ok", out, obj.stats.as_dict()))
-        except BaseException as e:  # noqa: BLE001
-            conn.send(("error", f"{type(e).__name__}: {e}"))
-    if hasattr(obj, "close"):
-        obj.close()
-    conn.close()
+            reply = ("ok", out, obj.stats.as_dict())
+        except Exception as e:  # noqa: BLE001 -- reported to the parent, which raises
+            reply = ("error", f"{type(e).__name__}: {e}")
+        conn.send(reply)
 
 
 class EnginePool:
@@ -105,12 +134,13 @@ class EnginePool:
         ctx = mp.get_context("spawn")
         self.stats = BackendStats()
         self.groups = groups
+        self.closed = False
         self.procs, self.conns = [], []
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
         for g in groups:
             parent, child = ctx.Pipe()
             env = {"CUDA_VISIBLE_DEVICES": child_visible_devices(g, visible)} if g else {}
-            p = ctx.Process(target=_worker, args=(child, target, kwargs, env), daemon=False)
+            p = ctx.Process(target=_worker, args=(child, target, kwargs, env, os.getpid()), daemon=False)
             p.start()
             child.close()
             self.procs.append(p)
@@ -144,6 +174,8 @@ class EnginePool:
     def call(self, method: str, items: Sequence, *args) -> list:
         """`method(chunk, *args, offset)` on every engine at once over contiguous chunks of
         `items`; the results joined in input order."""
+        if self.closed:
+            raise RuntimeError("this engine pool is closed (its processes have ended): build a new backend")
         n = len(self.conns)
         bounds = [round(len(items) * i / n) for i in range(n + 1)]
         busy = []
@@ -168,18 +200,42 @@ class EnginePool:
         return out
 
     def close(self, timeout_s: float = 60) -> None:
-        """Stop every engine process; afterwards none is alive (killed if it does not exit)."""
+        """Stop every engine process and everything it started; afterwards none is alive.
+
+        Each engine is asked to stop (its backend's `close`), given `timeout_s`, and then its
+        whole process group is killed: that ends an engine that did not stop and any engine core
+        or TP worker it left behind (a stopped engine's group is empty by then). The worker is
+        waited for without being reaped (WNOWAIT), so its pid -- the group's id -- cannot be
+        reused by an unrelated process before the group is killed."""
         for c in self.conns:
             try:
                 c.send(None)
-            except (OSError, BrokenPipeError):
+            except OSError:          # BrokenPipeError included: that engine is gone already
                 pass
+        deadline = time.monotonic() + timeout_s
         for p in self.procs:
-            p.join(timeout_s)
-            if p.is_alive():
-                log.warning("engine process %s did not exit in %.0fs: killing it", p.pid, timeout_s)
-                p.kill()
-                p.join()
+            if not _wait_exit(p.pid, deadline - time.monotonic()):
+                log.warning("engine process %s did not exit in %.0fs: killing its process group", p.pid, timeout_s)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(p.pid, signal.SIGKILL)
+            p.join(5)
         for c in self.conns:
             c.close()
         self.procs, self.conns = [], []
+        self.closed = True
+
+
+def _wait_exit(pid: int, timeout_s: float, every_s: float = 0.05) -> bool:
+    """Whether process `pid` (a child of this process) exits within `timeout_s`; it is left
+    unreaped. Polling, not `Process.join`: an engine's grandchildren inherit the pipe behind
+    multiprocessing's exit sentinel, so the sentinel stays open while any of them lives."""
+    end = time.monotonic() + max(0.0, timeout_s)
+    while True:
+        try:
+            if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
+                return True
+        except ChildProcessError:    # already reaped
+            return True
+        if time.monotonic() >= end:
+            return False
+        time.sleep(every_s)
