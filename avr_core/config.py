@@ -138,6 +138,7 @@ class TrainConfig:
     checkpoint_every: int = 50       # optimizer steps between checkpoints in the store
     num_gpus: int = 0                # > 1: the task starts the `deepspeed` launcher as a subprocess
     device: str = "auto"             # reference log-probs: auto | cpu | cuda | cuda:N
+    ref_batch_size: int = 4          # reference log-probs: pairs per forward (no gradients), length-sorted
     seed: int = 0
 
 
@@ -480,6 +481,7 @@ def validate(cfg: DictConfig) -> None:
              "must be sft, dpo, ipo, simpo or rm_margin")
         need(cfg[t].lr > 0, f"{t}.lr", "must be > 0")
         need(cfg[t].micro_batch_size >= 1, f"{t}.micro_batch_size", "must be >= 1")
+        need(cfg[t].ref_batch_size >= 1, f"{t}.ref_batch_size", "must be >= 1")
         need(cfg[t].grad_accum >= 1, f"{t}.grad_accum", "must be >= 1")
         need(cfg[t].zero_stage in (0, 1, 2, 3), f"{t}.zero_stage", "must be 0..3")
         need(cfg[t].max_length > 0, f"{t}.max_length", "must be > 0")

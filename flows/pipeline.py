@@ -11,12 +11,13 @@ from prefect import flow
 from flows import iterations as it
 from flows.evaluate import evaluate, test_time_scaling
 from flows.params import RunParams
-from flows.runs import finish_run, start_run
+from flows.runs import finish_run, release_all_engines, start_run
 from flows.stage1 import learning_signal, stage1
 from flows.stage2 import stage2
 
 
-@flow(name="avr-pipeline", log_prints=True)
+@flow(name="avr-pipeline", log_prints=True, on_completion=[release_all_engines], on_failure=[release_all_engines],
+      on_crashed=[release_all_engines])
 def pipeline(params: RunParams = RunParams()) -> dict:  # noqa: B008 (Prefect parameter: the UI's run form)
     run, cfg = start_run(params)                   # validated, config saved, inputs checked: before any work
     seed, iterations = it.start(cfg, run["prompt_rows"])   # the policy, or the last completed iteration's model

@@ -75,6 +75,15 @@ def _check_store_root(root: str) -> None:
         raise ConfigError(f"key 'store.root': {str(up)!r} is not writable (got {root!r})")
 
 
+def release_all_engines(flow=None, flow_run=None, state=None) -> None:
+    """A run's end, completed, failed or crashed (a Prefect state hook): engines kept from stage to
+    stage (`keep_engine`, the paper preset's layout) end with it, processes and memory, so a
+    long-lived worker process holds nothing between runs."""
+    from avr_core import backends
+
+    backends.clear_cache()
+
+
 def start_run(params: RunParams | dict) -> tuple[dict, dict]:
     """Everything that can reject a run happens here, before any stage runs. `params` are the
     deployment's form (flows/params.py); the run record names the flow and deployment, so the

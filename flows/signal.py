@@ -13,7 +13,7 @@ from __future__ import annotations
 from prefect import flow
 
 from flows.params import RunParams
-from flows.runs import finish_run, start_run
+from flows.runs import finish_run, release_all_engines, start_run
 from flows.stage1 import stage1
 from tasks import scaling as sc, signal as s, synthesis as t
 
@@ -25,7 +25,8 @@ def greedy_heldout(cfg: dict) -> dict:
     return {**cfg, "respond": respond}
 
 
-@flow(name="avr-signal", log_prints=True)
+@flow(name="avr-signal", log_prints=True, on_completion=[release_all_engines], on_failure=[release_all_engines],
+      on_crashed=[release_all_engines])
 def signal(params: RunParams = RunParams(preset="signal")) -> dict:  # noqa: B008 (Prefect parameter)
     run, cfg = start_run(params)
     seed = cfg["policy"]

@@ -121,11 +121,12 @@ def reference_logps(out: Output, cfg: dict, reference: dict, pairs: ArtifactRef,
     from avr_core.training.data import tokenize_pairs
     from avr_core.training.logps import compute_reference_logps
 
+    free_accelerators("reference_logps")
     path = resolve_model_path(reference["path"])
     examples, counts = tokenize_pairs(_pairs_rows(out.store, pairs), AutoTokenizer.from_pretrained(path),
                                       cfg[section]["max_length"])
     device = cfg[section].get("device", "auto")
-    rows = compute_reference_logps(path, examples, batch_size=cfg[section]["micro_batch_size"],
+    rows = compute_reference_logps(path, examples, batch_size=cfg[section]["ref_batch_size"],
                                    dtype=reference["dtype"], device=device, progress=True) if examples else []
     from avr_core.backends.device import place
     out.extra["device"] = {"reference": place(path, reference["dtype"], device, key=f"{section}.device").label}
@@ -174,6 +175,15 @@ def _sweep_work(store: Store) -> None:
                 _rm_remote_work(store, d.name)
 
 
+def free_accelerators(stage_name: str) -> None:
+    """Training and the reference model need the GPUs that sampling stages' kept engines
+    (`keep_engine: true`, the paper preset's layout) still hold: release every engine first."""
+    from avr_core import backends
+
+    if closed := backends.release(keep=False):
+        logger().info("%s: released kept engines (%s) to free the accelerators", stage_name, ", ".join(closed))
+
+
 def _rm_remote_work(store: Store, name: str) -> None:
     if store.remote and store.fs.exists(store.path(".work", name)):
         store.fs.rm(store.path(".work", name), recursive=True)
@@ -187,6 +197,7 @@ def _train(out: Output, cfg, stage_name, base, data: ArtifactRef, rows: list[dic
     from avr_core.training.launch import launch_command, write_spec
 
     store, ref = out.store, out.ref
+    free_accelerators(stage_name)
     _sweep_work(store)
     if not rows:
         raise ValueError(f"{stage_name}: no training rows in {data} (see its manifest counts)")

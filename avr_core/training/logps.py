@@ -72,24 +72,32 @@ def compute_reference_logps(model_path: str, tokenized_pairs: list[dict], batch_
         pad_token_id = cfg.pad_token_id if cfg.pad_token_id is not None else (cfg.eos_token_id or 0)
         if isinstance(pad_token_id, list):
             pad_token_id = pad_token_id[0]
-    out: list[dict] = []
-    starts = range(0, len(tokenized_pairs), batch_size)
+    # Batches of similar length (no gradients: far larger than a training micro-batch fits), so
+    # little of each forward is padding; rows come back in the input order.
+    order = sorted(range(len(tokenized_pairs)), key=lambda i: _pair_len(tokenized_pairs[i]))
+    out: list[dict | None] = [None] * len(tokenized_pairs)
+    starts = range(0, len(order), batch_size)
     if progress:
         from tqdm.auto import tqdm
         starts = tqdm(starts, desc="reference log-probs", unit="batch")
     for s in starts:
-        chunk = tokenized_pairs[s:s + batch_size]
+        idx = order[s:s + batch_size]
+        chunk = [tokenized_pairs[i] for i in idx]
         batch = collate_pairs(chunk, pad_token_id)
         batch = {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in batch.items()}
         lc, lr, nc, nr = pair_logps(model, batch)
         REFERENCE_FORWARDS += 1
-        for i, ex in enumerate(chunk):
-            out.append({"id": ex["id"], "ref_chosen": float(lc[i]), "ref_rejected": float(lr[i]),
-                        "n_chosen": int(nc[i]), "n_rejected": int(nr[i])})
+        for j, (i, ex) in enumerate(zip(idx, chunk)):
+            out[i] = {"id": ex["id"], "ref_chosen": float(lc[j]), "ref_rejected": float(lr[j]),
+                      "n_chosen": int(nc[j]), "n_rejected": int(nr[j])}
     del model
     from avr_core.backends.device import release_accelerator
     release_accelerator()
     return out
+
+
+def _pair_len(ex: dict) -> int:
+    return max(len(ex["chosen_input_ids"]), len(ex["rejected_input_ids"]))
 
 
 def ref_logps_by_id(rows: list[dict]) -> dict:

@@ -91,3 +91,12 @@ def test_ray_actors_without_gpus_refuse_a_backend_that_asks_for_one():
         load_config("tiny", ["scale.engine=ray", "generator.kind=vllm", "generator.gpus=[0]"])
     load_config("tiny", ["scale.engine=ray", "generator.kind=vllm", "generator.gpus=[0]", "scale.gpus_per_worker=1"])
     load_config("tiny", ["scale.engine=ray"])                          # CPU backends on CPU actors: fine
+
+
+def test_paper_keeps_policy_and_reward_model_on_disjoint_gpus():
+    # review C3: stage 2 alternates generator and scorer every round; on shared GPUs each switch
+    # would restart every engine. Disjoint `gpus` + keep_engine keep both resident.
+    c = load_config("paper", [])
+    assert c.generator.keep_engine and c.scorer.keep_engine
+    assert c.generator.gpus and c.scorer.gpus and not set(c.generator.gpus) & set(c.scorer.gpus)
+    assert c.scorer.tensor_parallel_size == 1                # review C7: a 27B RM fits one 80 GB GPU

@@ -25,9 +25,10 @@ def test_reference_logps_one_pass_match_a_single_forward(tiny_llama, tok):
     assert logps.REFERENCE_FORWARDS - before == 2           # ceil(3 / 2) batched forwards
     assert [r["id"] for r in refs] == ["p0", "p1", "p2"]
     model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
-    with torch.no_grad():                                    # pair p2 alone, unpadded
-        lc, lr, nc, nr = logps.pair_logps(model, collate_pairs(pairs[2:], tok.pad_token_id))
-    assert (refs[2]["ref_chosen"], refs[2]["ref_rejected"]) == pytest.approx((float(lc), float(lr)), abs=1e-4)
-    assert (refs[2]["n_chosen"], refs[2]["n_rejected"]) == (int(nc), int(nr))
+    for i in range(3):     # each pair alone, unpadded: batches are length-sorted, rows come back in order
+        with torch.no_grad():
+            lc, lr, nc, nr = logps.pair_logps(model, collate_pairs(pairs[i:i + 1], tok.pad_token_id))
+        assert (refs[i]["ref_chosen"], refs[i]["ref_rejected"]) == pytest.approx((float(lc), float(lr)), abs=1e-4)
+        assert (refs[i]["n_chosen"], refs[i]["n_rejected"]) == (int(nc), int(nr))
     by_id = logps.ref_logps_by_id(refs)
     assert by_id["p0"][:2] == (refs[0]["ref_chosen"], refs[0]["ref_rejected"])
