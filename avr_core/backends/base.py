@@ -60,6 +60,7 @@ class BackendStats:
     tokens_generated: int = 0
     failed_requests: int = 0    # requests that failed for good (dropped and counted)
     retries: int = 0
+    truncated_inputs: int = 0   # reward-model inputs cut at max_length (scored without their end)
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)

@@ -60,7 +60,8 @@ class HFGenerator:
 
         self.tok = _load_tokenizer(path, trust_remote_code)
         self.model, pl = load(AutoModelForCausalLM, path, dtype, device, gpus, "generator.device",
-                              trust_remote_code=trust_remote_code)
+                              trust_remote_code=trust_remote_code,
+                              **attention_kwargs(path, dtype, device, gpus, trust_remote_code))
         self.device, self._in = pl.label, input_device(self.model)   # label: the manifest's; _in: input ids
         self.batch_size = batch_size
         self.stats = BackendStats()
@@ -101,7 +102,8 @@ def _continues(conv: Conversation) -> bool:
 
 class HFRewardScorer:
     """A Bradley-Terry sequence-classification reward model (e.g. Skywork-Reward): the logit of
-    the chat-templated conversation is r(x, y)."""
+    the chat-templated conversation is r(x, y). Inputs longer than `max_length` tokens are cut
+    on the right (the answer's end is not scored) and counted in `stats.truncated_inputs`."""
 
     def __init__(self, path: str, dtype: str = "bfloat16", batch_size: int = 8, max_length: int = 4096,
                  trust_remote_code: bool = False, device: str = "auto", gpus: Sequence[int] = ()):
@@ -111,7 +113,14 @@ class HFRewardScorer:
         self.tok = _load_tokenizer(path, trust_remote_code)
         self.tok.padding_side = "right"
         self.model, pl = load(AutoModelForSequenceClassification, path, dtype, device, gpus, "scorer.device",
-                              num_labels=1, trust_remote_code=trust_remote_code)
+                              num_labels=1, trust_remote_code=trust_remote_code,
+                              **attention_kwargs(path, dtype, device, gpus, trust_remote_code))
+        if self.model.config.pad_token_id is None:
+            # transformers pools the last non-pad token, found through config.pad_token_id, and
+            # refuses batches > 1 without one: use the id the tokenizer pads with.
+            log.warning("%s: the model config has no pad_token_id; using the tokenizer's (%s)", path,
+                        self.tok.pad_token_id)
+            self.model.config.pad_token_id = self.tok.pad_token_id
         self.device, self._in = pl.label, input_device(self.model)
         self.batch_size, self.max_length, self._torch = batch_size, max_length, torch
         self.stats = BackendStats()
@@ -119,17 +128,76 @@ class HFRewardScorer:
     def score(self, conversations: Sequence[Conversation]) -> list[float]:
         torch = self._torch
         self.stats.calls += 1
-        texts = [self.tok.apply_chat_template(inert_control_tokens(c), tokenize=False) for c in conversations]
-        out = [0.0] * len(texts)
-        for batch in tqdm(_by_length(texts, self.batch_size), desc="rm_score", unit="batch", leave=False):
-            enc = self.tok([texts[i] for i in batch], return_tensors="pt", padding=True, truncation=True,
-                           max_length=self.max_length, add_special_tokens=False).to(self._in)
+        ids, cut = rm_token_ids(self.tok, conversations, self.max_length)
+        note_truncated(self, cut)
+        out = [0.0] * len(ids)
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))    # similar lengths: less padding
+        for s in tqdm(range(0, len(order), self.batch_size), desc="rm_score", unit="batch", leave=False):
+            batch = order[s:s + self.batch_size]
+            x, mask = _pad_right([ids[i] for i in batch], self.model.config.pad_token_id, torch)
             with torch.inference_mode():
-                logits = self.model(**enc).logits[:, 0].float().cpu()
+                logits = self.model(input_ids=x.to(self._in), attention_mask=mask.to(self._in)).logits[:, 0]
+            logits = logits.float().cpu()
             for j, i in enumerate(batch):
                 out[i] = float(logits[j])
-        self.stats.requests += len(texts)
+        self.stats.requests += len(ids)
         return out
+
+
+def _pad_right(rows: list[list[int]], pad_id: int, torch):
+    """(input_ids, attention_mask) of `rows` padded on the right to the longest."""
+    width = max(len(r) for r in rows)
+    x = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for j, r in enumerate(rows):
+        x[j, :len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[j, :len(r)] = 1
+    return x, mask
+
+
+def rm_token_ids(tok, conversations: Sequence[Conversation], max_length: int) -> tuple[list[list[int]], int]:
+    """(token ids of each chat-templated conversation cut on the right at `max_length`, how many
+    were cut): a reward model's input, the same for `HFRewardScorer` and `vllm_rm`. No special
+    tokens are added: the template has them."""
+    texts = [tok.apply_chat_template(inert_control_tokens(c), tokenize=False) for c in conversations]
+    full = tok(texts, add_special_tokens=False)["input_ids"]
+    return [list(x[:max_length]) for x in full], sum(len(x) > max_length for x in full)
+
+
+def note_truncated(scorer, n: int) -> None:
+    """Count `n` inputs cut at the scorer's max_length; warn the first time (the score is then of a
+    shorter text: raise `max_length`, or mind `stats.truncated_inputs` in the manifest)."""
+    if not n:
+        return
+    scorer.stats.truncated_inputs += n
+    if not getattr(scorer, "_warned_truncation", False):
+        scorer._warned_truncation = True
+        log.warning("%d reward-model input(s) longer than max_length=%d tokens were cut on the right "
+                    "(counted in stats.truncated_inputs; warned once)", n, scorer.max_length)
+
+
+def attention_kwargs(path: str, dtype: str, device: str, gpus: Sequence[int], trust_remote_code: bool) -> dict:
+    """`attn_implementation` for a model whose attention soft-caps its logits (Gemma-2:
+    `attn_logit_softcapping`). transformers' default, SDPA, has no soft-cap and would silently
+    drop it (the model then scores and generates unlike how it was trained, and unlike vLLM):
+    flash_attention_2 (which applies the cap) on CUDA in 16-bit when flash-attn is installed,
+    else eager. {} for every other model (the default stays)."""
+    import importlib.util
+
+    from transformers import AutoConfig
+
+    from avr_core.backends.device import resolve
+
+    cfg = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    cfg = getattr(cfg, "text_config", None) or cfg
+    if getattr(cfg, "attn_logit_softcapping", None) is None:
+        return {}
+    fa2 = (resolve(device, "device", gpus) != "cpu" and dtype in ("bfloat16", "float16")
+           and importlib.util.find_spec("flash_attn") is not None)
+    impl = "flash_attention_2" if fa2 else "eager"
+    log.info("%s soft-caps attention logits (%s): loading with attn_implementation=%s", path,
+             cfg.attn_logit_softcapping, impl)
+    return {"attn_implementation": impl}
 
 
 class JudgeScorer:
@@ -155,7 +223,8 @@ class JudgeScorer:
 
         self.tok = _load_tokenizer(path, trust_remote_code)
         self.model, pl = load(AutoModelForCausalLM, path, dtype, device, gpus, "scorer.device",
-                              trust_remote_code=trust_remote_code)
+                              trust_remote_code=trust_remote_code,
+                              **attention_kwargs(path, dtype, device, gpus, trust_remote_code))
         self.device, self._in = pl.label, input_device(self.model)
         self.batch_size, self.max_length, self._torch = batch_size, max_length, torch
         self.rating_ids = [self.tok.convert_tokens_to_ids(str(k)) for k in range(1, 10)]

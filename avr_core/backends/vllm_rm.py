@@ -3,11 +3,11 @@ served by vLLM's pooling runner, as the authors scored: offline engine(s), or a 
 OpenAI-compatible server (`base_url`, its `/classify` endpoint).
 
 The conversation is rendered and tokenised HERE with the model's own chat template, exactly as
-`HFRewardScorer` does (same text, no extra special tokens, right truncation at `max_length`),
-and vLLM gets token ids, so both scorers see the same tokens. vLLM's classify task applies a
-sigmoid to a one-label head (0.7223 = sigmoid(0.9540) on a SmolLM2 score head): the request
-switches the activation off (`use_activation=False`), so the score is the raw logit, the same
-number `HFRewardScorer` returns (tests/backends/test_vllm_rm.py: equal to 1e-3).
+`HFRewardScorer` does (same text, no extra special tokens, right truncation at `max_length`,
+counted in `stats.truncated_inputs`), and vLLM gets token ids, so both scorers see the same
+tokens. vLLM's classify task applies a sigmoid to a one-label head (0.7223 = sigmoid(0.9540) on
+a SmolLM2 score head): the request switches the activation off (`use_activation=False`), so the
+score is the raw logit, the same number `HFRewardScorer` returns (tests/backends/test_vllm_rm.py: equal to 1e-3).
 
     >>> rm = VLLMRewardScorer("/models/skywork-rm-27b", dtype="bfloat16",          # doctest: +SKIP
     ...                       tensor_parallel_size=2, data_parallel_size=0)         # every GPU
@@ -21,16 +21,16 @@ import logging
 import os
 from typing import Sequence
 
-from .base import BackendStats, BackendUnavailable, Conversation, inert_control_tokens
+from .base import BackendStats, BackendUnavailable, Conversation
 
 log = logging.getLogger(__name__)
 
 
 def tokenize_for_rm(tok, conversations: Sequence[Conversation], max_length: int) -> list[list[int]]:
     """Token ids of each chat-templated conversation, as `HFRewardScorer` feeds them."""
-    texts = [tok.apply_chat_template(inert_control_tokens(c), tokenize=False) for c in conversations]
-    enc = tok(texts, add_special_tokens=False, truncation=True, max_length=max_length)
-    return [list(ids) for ids in enc["input_ids"]]
+    from .hf import rm_token_ids
+
+    return rm_token_ids(tok, conversations, max_length)[0]
 
 
 class VLLMRewardScorer:
@@ -44,6 +44,7 @@ class VLLMRewardScorer:
         from transformers import AutoTokenizer
 
         self.stats = BackendStats()
+        self.closed = False
         self.max_length, self.batch_size = max_length, batch_size
         self.tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         self.base_url, self.engine, self.pool = base_url, None, None
@@ -68,9 +69,15 @@ class VLLMRewardScorer:
             self.device = self.engine.device
 
     def score(self, conversations: Sequence[Conversation]) -> list[float]:
+        if self.closed:
+            raise RuntimeError("this VLLMRewardScorer is closed (its engine has ended): build a new one "
+                               "(avr_core.backends.make_scorer)")
+        from .hf import note_truncated, rm_token_ids
+
         self.stats.calls += 1
         self.stats.requests += len(conversations)
-        ids = tokenize_for_rm(self.tok, conversations, self.max_length)
+        ids, cut = rm_token_ids(self.tok, conversations, self.max_length)
+        note_truncated(self, cut)
         if self.base_url:
             return self._score_server(ids)
         if self.engine is not None:
@@ -96,6 +103,8 @@ class VLLMRewardScorer:
         return out
 
     def close(self) -> None:
+        """End the engine(s) for good (`closed` is then True; a server is left running)."""
+        self.closed = True
         if self.engine is not None:
             self.engine.close()
             self.engine = None
