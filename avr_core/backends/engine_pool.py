@@ -5,9 +5,11 @@ the Prefect worker keeps accelerator memory until that process ends. So on a GPU
 whenever `data_parallel_size > 1`) a vLLM backend is an `EnginePool`: `size` worker processes,
 worker i seeing only its GPU group through CUDA_VISIBLE_DEVICES (tensor parallel inside a
 group). A round is split into `size` contiguous chunks, run at the same time, and joined in
-input order; each chunk keeps its global index offset, so per-conversation seeds are the same
-as in one engine. No scheduler: a static split of one round, which is what a round of
-same-shaped requests needs.
+input order; each chunk keeps its global index offset, so per-conversation seeds (when requests
+carry them) are the same as in one engine. No scheduler: a static split of one round, which is
+what a round of same-shaped requests needs. Each engine runs in its own session: `close()` ends
+its whole process group (vLLM's EngineCore and TP workers included), and an engine whose pool
+process died ends its group itself.
 
     >>> pool = EnginePool("avr_core.backends.vllm_offline:VLLMGenerator",        # doctest: +SKIP
     ...                   {"model": "/models/llama3-8b", "tensor_parallel_size": 2},
@@ -130,17 +132,20 @@ def _serve(conn, obj) -> None:
 class EnginePool:
     """`len(groups)` processes each holding `target(**kwargs)` (a "module:Class" backend)."""
 
-    def __init__(self, target: str, kwargs: dict, groups: list[list[int]], start_timeout_s: float = 1800):
+    def __init__(self, target: str, kwargs: dict, groups: list[list[int]], start_timeout_s: float = 1800,
+                 per_engine: Sequence[dict] = ()):
+        """`per_engine[i]` (optional) updates `kwargs` for engine i (e.g. a distinct seed)."""
         ctx = mp.get_context("spawn")
         self.stats = BackendStats()
         self.groups = groups
         self.closed = False
         self.procs, self.conns = [], []
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-        for g in groups:
+        for i, g in enumerate(groups):
             parent, child = ctx.Pipe()
             env = {"CUDA_VISIBLE_DEVICES": child_visible_devices(g, visible)} if g else {}
-            p = ctx.Process(target=_worker, args=(child, target, kwargs, env, os.getpid()), daemon=False)
+            kw = {**kwargs, **(per_engine[i] if i < len(per_engine) else {})}
+            p = ctx.Process(target=_worker, args=(child, target, kw, env, os.getpid()), daemon=False)
             p.start()
             child.close()
             self.procs.append(p)

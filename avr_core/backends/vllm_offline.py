@@ -62,9 +62,13 @@ class VLLMGenerator:
         else:
             from .engine_pool import EnginePool
 
+            # Distinct engine seeds: requests carry no seed by default (VLLMEngine), and engines
+            # seeded alike would draw the same noise for different prompts.
+            seed = kwargs.pop("seed", 0)
             self.engine = None
             self.pool = EnginePool(f"{__name__}:VLLMEngine",
-                                   {"model": model, "tensor_parallel_size": tensor_parallel_size, **kwargs}, groups)
+                                   {"model": model, "tensor_parallel_size": tensor_parallel_size, **kwargs}, groups,
+                                   per_engine=[{"seed": seed + i} for i in range(len(groups))])
             self.device = self.pool.device
         self._stats = self.stats
 
@@ -213,6 +217,10 @@ class VLLMEngine:
             results[i] = texts
             self.stats.samples += len(texts)
             self.stats.tokens_generated += sum(len(o.token_ids) for o in out.outputs)
+
+    @property
+    def closed(self) -> bool:
+        return getattr(self, "llm", None) is None
 
     def close(self) -> None:
         """Shut the engine down and give its memory back (the V1 engine-core process ends)."""

@@ -171,6 +171,10 @@ class VLLMRewardEngine:
     def score_ids_at(self, ids: list[list[int]], offset: int = 0) -> list[float]:
         return self.score_ids(ids)
 
+    @property
+    def closed(self) -> bool:
+        return getattr(self, "llm", None) is None
+
     def close(self) -> None:
         from .vllm_offline import shutdown_llm
 

@@ -95,3 +95,21 @@ def test_engine_left_behind_by_a_dead_parent_stops_itself(tmp_path):
         assert _wait_gone([worker, core], within_s=10) == []
     finally:
         p.kill()
+
+
+class FakeSeededEngine:
+    """Answers with the seed it was built with (control flow only)."""
+
+    def __init__(self, seed: int = 0):
+        self.seed, self.stats, self.device = seed, BackendStats(), "fake"
+
+    def generate_at(self, convs, params, offset):
+        return [[str(self.seed)] for _ in convs]
+
+
+def test_per_engine_kwargs_reach_their_engine():
+    pool = EnginePool(f"{__name__}:FakeSeededEngine", {"seed": 5}, groups=[[], []], per_engine=[{"seed": 7}])
+    try:
+        assert [o[0] for o in pool.call("generate_at", [1, 2], SamplingParams())] == ["7", "5"]
+    finally:
+        pool.close()
