@@ -43,6 +43,8 @@ class BackendConfig:
     gpus: list = field(default_factory=list)   # GPU indices this backend may use ([] = all visible);
                                      #   disjoint generator/scorer gpus = both may stay resident
     keep_engine: bool = False        # keep the engine after its stage (respond -> critique -> refine)
+    per_request_seed: bool = False   # vllm: seed every request (samples independent of batching, but it
+                                     #   turns off vLLM's fast FlashInfer sampler; avr_core/backends/vllm_offline.py)
 
 
 @dataclass

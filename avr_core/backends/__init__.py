@@ -76,7 +76,8 @@ def make_generator(model: dict, backend: dict) -> Generator:
                               data_parallel_size=backend.get("data_parallel_size", 1),
                               gpu_memory_utilization=backend["gpu_memory_utilization"],
                               max_model_len=backend["max_model_len"], dtype=model["dtype"],
-                              trust_remote_code=model["trust_remote_code"], **dev)
+                              trust_remote_code=model["trust_remote_code"],
+                              per_request_seed=bool(backend.get("per_request_seed")), **dev)
         _META[key] = {"role": "generator", "keep": bool(backend.get("keep_engine")), "gpus": dev["gpus"]}
     return _use(key)
 

@@ -8,7 +8,7 @@ Request sent for conversation i (worked example, `SamplingParams(n=2, seed=0)`, 
 
     POST {base_url}/chat/completions
     {"model": "smollm2", "messages": [{"role": "user", "content": "2+2?"}],
-     "n": 2, "temperature": 0.7, "top_p": 0.8, "max_tokens": 256, "seed": 3}
+     "n": 2, "temperature": 0.7, "top_p": 0.8, "max_tokens": 256, "seed": 6}
 
 A conversation ending with an assistant message is continued, not answered (vLLM's chat
 extension; other servers ignore the two extra fields)::
@@ -57,7 +57,7 @@ log = logging.getLogger(__name__)
 
 # A retry caused by the *content* (empty / wrong number of samples) re-sends with a shifted
 # seed: the same seed would reproduce the same bad sample. The stride keeps retry seeds
-# clear of the per-conversation seeds of any round smaller than a million prompts.
+# clear of the per-conversation seeds of any round of fewer than a million samples.
 _RETRY_SEED_STRIDE = 1 << 20
 _MAX_RETRY_AFTER_S = 600.0
 
@@ -205,8 +205,10 @@ class OpenAIGenerator:
 
         Raises BackendUnavailable when the server has been down for longer than the budget."""
         stop = stop or threading.Event()
-        # Seed offset per conversation: prompts get different samples, reruns the same ones.
-        base_seed = None if params.seed is None else params.seed + index
+        # Seed offset per conversation: prompts get different samples, reruns the same ones. A
+        # vLLM server seeds sample j of a request with seed + j, so the offset steps by n: no two
+        # samples of a round share a random stream (review B3).
+        base_seed = None if params.seed is None else params.seed + index * params.n
         content_retries = 0
         attempt = 0       # retries charged to this request (and its backoff step)
         tries = 0

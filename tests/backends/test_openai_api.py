@@ -39,7 +39,7 @@ def test_round_preserves_order_n_samples_and_counts(server):
     assert isinstance(gen, Generator)
     out = gen.generate([conv(f"q{i}") for i in range(10)], P)
     # Seeds are offset by the conversation index; choices are re-sorted by their index.
-    assert out == [[f"q{i} #{10 + i}.0", f"q{i} #{10 + i}.1"] for i in range(10)]
+    assert out == [[f"q{i} #{10 + 2 * i}.0", f"q{i} #{10 + 2 * i}.1"] for i in range(10)]
     s = gen.stats
     assert (s.calls, s.requests, s.samples, s.tokens_generated, s.retries, s.failed_requests) == (1, 10, 20, 60, 0, 0)
     b = server.requests[0]["body"]
@@ -86,7 +86,7 @@ def test_failed_for_good_yields_empty_and_is_counted(server):
     server.fail("500", times=3)  # max_retries=2 -> 3 attempts, all fail
     gen = make_gen(server.base_url, max_retries=2, concurrency=1)
     out = gen.generate([conv("a"), conv("b")], P)
-    assert out[0] == [] and out[1] == ["b #11.0", "b #11.1"]
+    assert out[0] == [] and out[1] == ["b #12.0", "b #12.1"]
     assert gen.stats.failed_requests == 1 and gen.stats.retries == 2 and gen.stats.samples == 2
 
 
@@ -166,7 +166,7 @@ def test_server_down_shorter_than_budget_is_waited_out(server):
     server.down()
     threading.Timer(0.5, server.up).start()        # a restart: back within the budget
     out = gen.generate([conv(f"q{i}") for i in range(4)], P)
-    assert out == [[f"q{i} #{10 + i}.0", f"q{i} #{10 + i}.1"] for i in range(4)]   # nothing dropped
+    assert out == [[f"q{i} #{10 + 2 * i}.0", f"q{i} #{10 + 2 * i}.1"] for i in range(4)]   # nothing dropped
     assert gen.stats.failed_requests == 0 and gen.stats.retries >= 4
 
 
