@@ -52,8 +52,17 @@ def source(run: dict) -> str:
 
 
 def previous_run(store: Store, run: dict) -> str | None:
-    """The latest finished run before `run` of the same deployment (None: this is the first)."""
-    before = [r for r in run_ids(store) if r < run["id"]]
+    """The latest finished run before `run` of the same deployment (None: this is the first).
+
+    Ids carry the start time to the second, then a random suffix: two runs started in the same
+    second are ordered by the `started` time their summaries record, not by the suffix."""
+    stamp, mine = run["id"][:15], run.get("started", float("inf"))
+
+    def started(rid: str) -> float:
+        return load_run(store, rid).get("started", 0.0) if rid[:15] == stamp else 0.0
+
+    before = [r for r in run_ids(store) if r != run["id"] and (r[:15] < stamp or (r[:15] == stamp and started(r) < mine))]
+    before.sort(key=lambda r: (r[:15], started(r)))
     for rid in reversed(before):
         if source(load_run(store, rid)) == source(run):
             return rid

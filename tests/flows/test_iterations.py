@@ -145,3 +145,20 @@ def _chain(store):
 def _read(store, rel, binary=False):
     data = store.fs.cat_file(store.path(*rel.split("/")))
     return data if binary else data.decode()
+
+
+def test_runs_started_in_the_same_second_are_ordered_by_their_start(tmp_path):
+    # The id's timestamp has whole seconds and a random suffix: here the later run's suffix sorts
+    # first. "Previous run" must still be the one that started earlier.
+    import json
+
+    from avr_core import compare
+    store = Store(str(tmp_path))
+    runs = {"20261203-103634-ffffff": 1000.25, "20261203-103634-000000": 1000.75, "20261203-103633-aaaaaa": 999.0}
+    for rid, t in runs.items():
+        store.write_atomic(f"{store.path('runs', rid)}/summary.json",
+                           json.dumps({"id": rid, "started": t, "flow": "avr-pipeline"}).encode())
+    load = lambda rid: compare.load_run(store, rid)  # noqa: E731
+    assert compare.previous_run(store, load("20261203-103634-000000")) == "20261203-103634-ffffff"
+    assert compare.previous_run(store, load("20261203-103634-ffffff")) == "20261203-103633-aaaaaa"
+    assert compare.previous_run(store, load("20261203-103633-aaaaaa")) is None

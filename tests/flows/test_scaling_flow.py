@@ -20,9 +20,10 @@ pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 def test_curve_from_one_run(tmp_path, monkeypatch):
     gens, scorers = [], []
-    monkeypatch.setattr(sc, "make_generator", lambda p, b: gens.append(TrainedFake()) or gens[-1])
-    monkeypatch.setattr(sc, "make_scorer",
-                        lambda c: scorers.append(FakeScorer(fn=lambda t: float(len(t)))) or scorers[-1])
+    # one cached backend per kind, as the real factories hand out (the stage asks them on every use)
+    monkeypatch.setattr(sc, "make_generator", lambda p, b: gens[0] if gens else gens.append(TrainedFake()) or gens[0])
+    monkeypatch.setattr(sc, "make_scorer", lambda c: scorers[0] if scorers else
+                        scorers.append(FakeScorer(fn=lambda t: float(len(t)))) or scorers[0])
     cfg = OmegaConf.to_container(load_config("tiny", [f"store.root={tmp_path}", "data.heldout=[0,5]",
                                                       "tts.rounds=3", "shard_size=3"]), resolve=True)
     ref = tts_flow(cfg, cfg["policy"])
