@@ -41,7 +41,7 @@ def render(tok, conv: Conversation) -> str:
     return tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
 
 
-def _by_length(texts: list[str], size: int) -> list[list[int]]:
+def _by_length(texts: Sequence, size: int) -> list[list[int]]:
     """Index batches of similar length: less padding, same outputs in input order."""
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     return [order[i:i + size] for i in range(0, len(order), size)]
@@ -131,9 +131,7 @@ class HFRewardScorer:
         ids, cut = rm_token_ids(self.tok, conversations, self.max_length)
         note_truncated(self, cut)
         out = [0.0] * len(ids)
-        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))    # similar lengths: less padding
-        for s in tqdm(range(0, len(order), self.batch_size), desc="rm_score", unit="batch", leave=False):
-            batch = order[s:s + self.batch_size]
+        for batch in tqdm(_by_length(ids, self.batch_size), desc="rm_score", unit="batch", leave=False):
             x, mask = _pad_right([ids[i] for i in batch], self.model.config.pad_token_id, torch)
             with torch.inference_mode():
                 logits = self.model(input_ids=x.to(self._in), attention_mask=mask.to(self._in)).logits[:, 0]
