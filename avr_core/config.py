@@ -51,14 +51,16 @@ class BackendConfig:
 class SamplingConfig:
     temperature: float = 0.7
     top_p: float = 0.8
-    max_new_tokens: Optional[int] = 512  # null: up to the model's context (all but tts; the authors
-                                         #   set no cap: `resolve_max_new_tokens`)
+    max_new_tokens: Optional[int] = 512  # null: up to the model's context (the authors set no cap:
+                                         #   `resolve_max_new_tokens`)
     seed: int = 0
 
 
 @dataclass
 class RespondConfig:
     use_dataset_answer: bool = True  # a prompt row's final assistant turn is y0
+    keep_empty: bool = False         # an empty / whitespace-only policy answer: dropped, counted (ours) |
+                                     #   kept (authors: only a failed request is dropped)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
 
@@ -76,6 +78,8 @@ class RefineConfig:
     conversation_judge: str = "sampling"  # judge turn of [x, y0, JUDGE, c, REFINE]: sampling (ours: the
                                      #   text c was sampled from) | refine (authors: individual_refine's
                                      #   "Your evaluation" copy)
+    keep_empty: bool = False         # an empty / whitespace-only refinement: dropped, counted (ours) | kept
+                                     #   and scored (authors; stage 1 and the stage-2 search)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
 
@@ -88,6 +92,9 @@ class ScorerConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     batch_size: int = 8
     max_length: int = 4096
+    over_long: str = "truncate"      # hf_rm / vllm_rm input over max_length tokens: truncate (ours: cut on the
+                                     #   right, scored, counted) | skip (authors: not scored, counted; the
+                                     #   answer it carries is dropped)
     device: str = "auto"             # auto | cpu | cuda | cuda:N; a model larger than one GPU: device_map=auto
     gpus: list = field(default_factory=list)   # GPU indices for the scorer ([] = all visible)
     tensor_parallel_size: int = 1    # vllm_rm (hf_rm on vLLM's pooling runner): GPUs per engine
@@ -209,6 +216,8 @@ class EvalConfig:
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=0.0, max_new_tokens=2048))
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     position_bias_n: int = 50        # instructions judged in both fixed orders (0 = skip the check)
+    lc_min_annotations: int = 10     # the offline LC GLM needs this many parsed judgements, else no LC
+                                     #   (ours: a 5-fold fit on fewer is noise) | 0 (alpaca-eval: always fit)
     df_gamed: str = ""               # official LC: a local copy of alpaca-eval's df_gamed.csv, or "hub"
                                      #   (alpaca-eval's own loader; unreachable -> the labelled fallback)
     references: str = "file"         # file: the `output` of eval.prompts | hub: AlpacaEval 2's GPT-4 Turbo
@@ -423,11 +432,8 @@ def validate(cfg: DictConfig) -> None:
         s = f"{stage}.sampling"
         need(0.0 <= cfg[stage].sampling.temperature <= 2.0, f"{s}.temperature", "must be in [0, 2]")
         need(0.0 < cfg[stage].sampling.top_p <= 1.0, f"{s}.top_p", "must be in (0, 1]")
-        cap = cfg[stage].sampling.max_new_tokens
-        if stage in ("respond", "critique", "refine", "thought", "eval"):   # null = up to the model's context
-            need(cap is None or cap > 0, f"{s}.max_new_tokens", "must be > 0 or null (up to the context)")
-        else:
-            need(cap is not None and cap > 0, f"{s}.max_new_tokens", "must be > 0")
+        cap = cfg[stage].sampling.max_new_tokens           # null = up to the model's context
+        need(cap is None or cap > 0, f"{s}.max_new_tokens", "must be > 0 or null (up to the context)")
     need(cfg.refine.conversation_judge in ("sampling", "refine"), "refine.conversation_judge",
          "must be sampling (ours) or refine (the authors' individual_refine text)")
     need(cfg.select.ties in ("first", "authors"), "select.ties", "must be first or authors")
@@ -471,6 +477,10 @@ def validate(cfg: DictConfig) -> None:
     need(cfg.scale.num_nodes >= 0, "scale.num_nodes", "must be >= 0 (0: every node of scale.hostfile)")
     need(cfg.store.lease_s > 0, "store.lease_s", "must be > 0 (seconds)")
     need(cfg.eval.position_bias_n >= 0, "eval.position_bias_n", "must be >= 0")
+    need(cfg.eval.lc_min_annotations >= 0, "eval.lc_min_annotations", "must be >= 0")
+    need(cfg.scorer.over_long in ("truncate", "skip"), "scorer.over_long", "must be truncate or skip")
+    need(cfg.scorer.over_long == "truncate" or cfg.scorer.kind in ("hf_rm", "vllm_rm"), "scorer.over_long",
+         "skip is for reward models (scorer.kind hf_rm or vllm_rm); the others read no token limit")
     need(cfg.thought.s >= 2, "thought.s", "must be >= 2 (pairs need two samples)")
     need(cfg.thought.length_rule in ("pick", "drop"), "thought.length_rule", "must be pick or drop")
     need(cfg.search.start in ("respond", "dataset"), "search.start", "must be respond or dataset")

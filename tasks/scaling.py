@@ -7,6 +7,7 @@ import json
 
 from avr_core.backends import make_generator
 from avr_core.backends.base import SamplingParams
+from avr_core.config import resolve_max_new_tokens
 from avr_core.scaling import plot_scaling, scaling_table, scored_rounds, to_csv, to_markdown
 from avr_core.scorers import make_scorer
 from avr_core.store import ArtifactRef, Store
@@ -26,8 +27,8 @@ def tts_answers(out: Output, cfg: dict, policy: dict, prompts: ArtifactRef) -> N
     gen = Backend(lambda: make_generator(policy, cfg["generator"]))
     scorer = Backend(lambda: make_scorer(cfg["scorer"]))
     s = cfg["tts"]["sampling"]
-    params = SamplingParams(n=1, temperature=s["temperature"], top_p=s["top_p"],
-                            max_new_tokens=s["max_new_tokens"], seed=s["seed"])
+    cap = resolve_max_new_tokens(s["max_new_tokens"], cfg["generator"])    # null: up to the context (paper)
+    params = SamplingParams(n=1, temperature=s["temperature"], top_p=s["top_p"], max_new_tokens=cap, seed=s["seed"])
 
     def work(shard, i):
         records, counts = scored_rounds(shard, gen, scorer, cfg["tts"]["rounds"], params)
