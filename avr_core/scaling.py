@@ -38,14 +38,21 @@ def scored_rounds(records: list[dict], gen: Generator, scorer: Scorer, rounds: i
         {"id": "p1", "messages": [{"role": "user", "content": "2+2?"}], "answers": ["5", "4"],
          "scores": [2.0, 8.0], "trace": [{"critique": "Wrong. Rating: [[2]]", "refinement": "4"}]}
 
-    Counts: ``{"answers_scored": <number of answers scored>}``.
+    Counts: ``{"answers_scored": <number of answers scored>}``, and ``dropped_unscored_prompts``
+    where the scorer returned None for any of a prompt's answers.
     """
     outs = answer_prompts([r["messages"] for r in records], gen, "refine", rounds, params)
     convs = [[*r["messages"], {"role": "assistant", "content": a}] for r, o in zip(records, outs) for a in o["answers"]]
     scores = iter(scorer.score(convs))
     recs = [{"id": r["id"], "messages": r["messages"], "answers": o["answers"],
              "scores": [next(scores) for _ in o["answers"]], "trace": o["trace"]} for r, o in zip(records, outs)]
-    return recs, {"answers_scored": len(convs)}
+    # an answer the scorer would not score (`scorer.over_long=skip`) leaves its prompt out of the
+    # curve: every R must average over the same prompts
+    kept = [r for r in recs if None not in r["scores"]]
+    counts = {"answers_scored": len(convs)}
+    if len(kept) < len(recs):
+        counts["dropped_unscored_prompts"] = len(recs) - len(kept)
+    return kept, counts
 
 
 def scaling_table(records: list[dict]) -> list[dict]:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from avr_core.backends.base import Generator, Scorer
 from avr_core.parsing import is_redundant
+from avr_core.prompts import JUDGE_SAMPLING
 from avr_core.synthesis import Sampling, critique, refine, rm_score
 from avr_core.thought import Thought, format_thought, parse_thought
 
@@ -30,6 +31,8 @@ class SearchConfig:
     max_rounds: int = 5
     max_tries: int = 5
     force_rating: bool = False
+    refine_judge: str = JUDGE_SAMPLING   # the judge turn of the refine conversation (`refine.conversation_judge`)
+    keep_empty: bool = False             # empty refinements kept and scored (`refine.keep_empty`; authors)
 
 
 def search_starts_from_dataset(start: str, respond_use_dataset_answer: bool) -> bool:
@@ -45,8 +48,7 @@ def search_starts_from_dataset(start: str, respond_use_dataset_answer: bool) -> 
 def greedy_search(records: list[dict], gen: Generator, scorer: Scorer, cfg: SearchConfig,
                   crit: Sampling, ref: Sampling, salt: int = 0) -> tuple[list[dict], Counter]:
     """records: {"id", "messages", "answer"} -> traces (see module docstring)."""
-    counts: Counter = Counter()
-    scored, _ = rm_score([{**r, "critiques": []} for r in records], scorer)
+    scored, counts = rm_score([{**r, "critiques": []} for r in records], scorer)   # y0 unscored: no trace
     traces = {r["id"]: {**r, "rounds": [], "final": {"answer": r["answer"], "score": r["answer_score"]}, "stop": None}
               for r in scored}
     for rnd in range(cfg.max_rounds):
@@ -57,10 +59,11 @@ def greedy_search(records: list[dict], gen: Generator, scorer: Scorer, cfg: Sear
                     "answer_score": t["final"]["score"]} for t in active]
         s = salt * 101 + rnd
         crits, c_counts = critique(current, gen, cfg.k, crit, cfg.max_tries, cfg.force_rating, salt=s)
-        refs, r_counts = refine(crits, gen, cfg.m, ref, salt=s)
-        refs, _ = rm_score(refs, scorer)
+        refs, r_counts = refine(crits, gen, cfg.m, ref, salt=s, judge=cfg.refine_judge, keep_empty=cfg.keep_empty)
+        refs, s_counts = rm_score(refs, scorer)
         counts.update(c_counts)
         counts.update(r_counts)
+        counts.update(s_counts)
         by_id = {r["id"]: r for r in refs}
         for t in active:
             _advance(t, by_id.get(t["id"]), counts)

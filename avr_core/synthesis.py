@@ -42,8 +42,12 @@ class Sampling:
 
 
 def respond(records: list[dict], gen: Generator, sampling: Sampling, use_dataset_answer: bool = True,
-            salt: int = 0) -> tuple[list[dict], Counter]:
+            salt: int = 0, keep_empty: bool = False) -> tuple[list[dict], Counter]:
     """y0 for every prompt: the dataset's answer if present and allowed, else the policy's.
+
+    A failed request drops its prompt (`dropped_failed_answer`). An empty or whitespace-only
+    answer is dropped too (`dropped_empty_answer`), unless `keep_empty` (config
+    `respond.keep_empty`; the authors keep it, src/stage1_data_generation.py:18-23).
 
     >>> rows = [{"id": "p1", "messages": [{"role": "user", "content": "2+2?"}], "answer": "4"}]  # doctest: +SKIP
     >>> respond(rows, gen, Sampling())[0]  # doctest: +SKIP
@@ -52,16 +56,19 @@ def respond(records: list[dict], gen: Generator, sampling: Sampling, use_dataset
     counts: Counter = Counter()
     need = [r for r in records if not (use_dataset_answer and r.get("answer"))]
     outs = gen.generate([r["messages"] for r in need], sampling.params(1, salt)) if need else []
-    generated = {r["id"]: (o[0] if o else "") for r, o in zip(need, outs)}
+    generated = {r["id"]: (o[0] if o else None) for r, o in zip(need, outs)}
     result = []
     for r in records:
-        if r["id"] in generated:
-            if not generated[r["id"]].strip():
-                counts["dropped_empty_answer"] += 1
-                continue
-            result.append({**r, "answer": generated[r["id"]], "answer_source": "policy"})
-        else:
+        if r["id"] not in generated:
             result.append({**r, "answer_source": "dataset"})
+            continue
+        text = generated[r["id"]]
+        if text is None:
+            counts["dropped_failed_answer"] += 1
+        elif not text.strip() and not keep_empty:
+            counts["dropped_empty_answer"] += 1
+        else:
+            result.append({**r, "answer": text, "answer_source": "policy"})
     counts["generated_answers"] += len(need)
     return result, counts
 
@@ -129,10 +136,14 @@ def _force_ratings(failing, slots, convs, gen: Generator, counts: Counter) -> No
 
 
 def refine(records: list[dict], gen: Generator, m: int, sampling: Sampling,
-           salt: int = 0, judge: str = JUDGE_SAMPLING) -> tuple[list[dict], Counter]:
+           salt: int = 0, judge: str = JUDGE_SAMPLING, keep_empty: bool = False) -> tuple[list[dict], Counter]:
     """M refinements per critique from [x, y0, JUDGE, c, REFINE], all in one call. `judge`: the judge
     turn's text in that conversation (config `refine.conversation_judge`: ours, the sampling judge
-    the critique came from; the authors', `JUDGE_REFINE_CONVERSATION`)."""
+    the critique came from; the authors', `JUDGE_REFINE_CONVERSATION`).
+
+    A failed request loses its samples (`dropped_failed_refinements`); an empty or whitespace-only
+    refinement is dropped (`dropped_empty_refinements`) unless `keep_empty` (config
+    `refine.keep_empty`; the authors keep and score it, src/cot_data_generation_greedy.py:61-71)."""
     counts: Counter = Counter()
     pairs = [(ri, ci) for ri, r in enumerate(records) for ci in range(len(r["critiques"]))]
     convs = [refine_conversation(records[ri]["messages"], records[ri]["answer"], records[ri]["critiques"][ci]["text"],
@@ -144,16 +155,23 @@ def refine(records: list[dict], gen: Generator, m: int, sampling: Sampling,
         c = result[ri]["critiques"][ci]
         c["refinements"] = []
         for j, t in enumerate(texts):
-            if not t.strip():
+            if not t.strip() and not keep_empty:
                 counts["dropped_empty_refinements"] += 1
                 continue
             c["refinements"].append({"id": f"{c['id']}/r{j}", "text": t})
-        counts["dropped_empty_refinements"] += m - len(texts)
+        counts["dropped_failed_refinements"] += m - len(texts)
     return result, counts
 
 
 def rm_score(records: list[dict], scorer: Scorer) -> tuple[list[dict], Counter]:
-    """r(x, y0) and r(x, y') for every refinement, in one scorer call."""
+    """r(x, y0) and r(x, y') for every refinement, in one scorer call.
+
+    A score of None is an input the scorer would not score (a reward model with
+    `scorer.over_long=skip`: longer than its context; the authors' request fails and returns
+    None, src/servers.py:52-62): that refinement stays unscored, so it is no candidate
+    (`unscored_refinements`; the authors skip it, stage1_data_scoring.py:25-26), and a record
+    whose y0 is unscored is dropped (`dropped_unscored_answer`; theirs raises on it and the
+    record is lost, stage1_data_scoring.py:29)."""
     convs, where = [], []
     for ri, r in enumerate(records):
         convs.append([*r["messages"], {"role": "assistant", "content": r["answer"]}])
@@ -163,10 +181,16 @@ def rm_score(records: list[dict], scorer: Scorer) -> tuple[list[dict], Counter]:
                 convs.append([*r["messages"], {"role": "assistant", "content": f["text"]}])
                 where.append((ri, ci, fi))
     scores = scorer.score(convs) if convs else []
-    result = copy.deepcopy(records)
+    result, counts, unscored = copy.deepcopy(records), Counter(scored=len(scores)), set()
     for (ri, ci, fi), s in zip(where, scores):
-        if ci is None:
+        if s is None and ci is None:
+            unscored.add(ri)
+        elif s is None:
+            counts["unscored_refinements"] += 1
+        elif ci is None:
             result[ri]["answer_score"] = s
         else:
             result[ri]["critiques"][ci]["refinements"][fi]["score"] = s
-    return result, Counter(scored=len(scores))
+    if unscored:
+        counts["dropped_unscored_answer"] += len(unscored)
+    return [r for ri, r in enumerate(result) if ri not in unscored], counts

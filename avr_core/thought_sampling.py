@@ -80,9 +80,17 @@ def sample_thoughts(records: list[dict], gen: Generator, scorer: Scorer, samplin
             convs.append([*r["messages"], {"role": "assistant", "content": r["answer"]}])
         recs.append(rec)
     scores = iter(scorer.score(convs) if convs else [])
-    for rec in recs:
+    for rec in recs:   # None: not scored (`scorer.over_long=skip`): no candidate for a pair, counted
         for t in rec["thoughts"]:
-            t["score"] = next(scores)
+            score = next(scores)
+            if score is None:
+                add("unscored_thoughts")
+            else:
+                t["score"] = score
         if "answer" in rec:
-            rec["answer_score"] = next(scores)
+            score = next(scores)
+            if score is None:
+                add("unscored_answers")
+            else:
+                rec["answer_score"] = score
     return recs, counts

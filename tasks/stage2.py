@@ -8,6 +8,7 @@ import json
 from avr_core import synthesis as core
 from avr_core.backends import make_generator
 from avr_core.config import resolve_max_new_tokens
+from avr_core.prompts import CONVERSATION_JUDGES
 from avr_core.scaling import plot_search_gain, search_gain_table
 from avr_core.scorers import make_scorer
 from avr_core.search import SearchConfig, ThoughtRules, greedy_search, long_thought, search_starts_from_dataset
@@ -39,12 +40,14 @@ def search(out: Output, cfg: dict, policy: dict, prompts: ArtifactRef) -> None:
     scorer = Backend(lambda: make_scorer(cfg["scorer"]))
     s = cfg["search"]
     scfg = SearchConfig(k=s["k"], m=s["m"], max_rounds=s["max_rounds"], max_tries=cfg["critique"]["max_tries"],
-                        force_rating=cfg["critique"]["force_rating"])
+                        force_rating=cfg["critique"]["force_rating"], keep_empty=cfg["refine"]["keep_empty"],
+                        refine_judge=CONVERSATION_JUDGES[cfg["refine"]["conversation_judge"]])
 
     use_dataset = search_starts_from_dataset(s["start"], cfg["respond"]["use_dataset_answer"])
 
     def work(shard, i):
-        answered, counts = core.respond(shard, gen, _sampling(cfg, "respond"), use_dataset, salt=i)
+        answered, counts = core.respond(shard, gen, _sampling(cfg, "respond"), use_dataset, salt=i,
+                                        keep_empty=cfg["respond"]["keep_empty"])
         traces, c2 = greedy_search(answered, gen, scorer, scfg, _sampling(cfg, "critique"),
                                    _sampling(cfg, "refine"), salt=i)
         return {"records": traces}, counts + c2

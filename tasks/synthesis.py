@@ -84,7 +84,7 @@ def respond(out: Output, cfg: dict, policy: dict, prompts: ArtifactRef) -> None:
     """y0 for every prompt (step 1)."""
     s = _sampling(cfg, "respond")
     _generate(out, cfg, policy, prompts, lambda shard, gen, i: core.respond(
-        shard, gen, s, cfg["respond"]["use_dataset_answer"], salt=i))
+        shard, gen, s, cfg["respond"]["use_dataset_answer"], salt=i, keep_empty=cfg["respond"]["keep_empty"]))
 
 
 def critique_spec(cfg, policy, answers):
@@ -109,7 +109,7 @@ def refine(out: Output, cfg: dict, policy: dict, critiques: ArtifactRef) -> None
     s = _sampling(cfg, "refine")
     judge = CONVERSATION_JUDGES[cfg["refine"]["conversation_judge"]]
     _generate(out, cfg, policy, critiques, lambda shard, gen, i: core.refine(
-        shard, gen, cfg["refine"]["m"], s, salt=i, judge=judge))
+        shard, gen, cfg["refine"]["m"], s, salt=i, judge=judge, keep_empty=cfg["refine"]["keep_empty"]))
 
 
 # -- rm_score / select ------------------------------------------------------------------------

@@ -99,6 +99,8 @@ def make_scorer(scorer: dict, frame: Callable[[Conversation], Conversation] | No
         kw = dict(dtype=m["dtype"], batch_size=scorer["batch_size"], max_length=scorer["max_length"],
                   trust_remote_code=m["trust_remote_code"], device=scorer.get("device", "auto"),
                   gpus=tuple(scorer.get("gpus") or ()))
+        if scorer["kind"] in ("hf_rm", "vllm_rm"):    # an input over max_length: cut or not scored
+            kw["over_long"] = scorer.get("over_long", "truncate")
         if scorer["kind"] == "vllm_rm":
             kw.update(tensor_parallel_size=scorer.get("tensor_parallel_size", 1),
                       data_parallel_size=scorer.get("data_parallel_size", 1),

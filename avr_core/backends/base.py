@@ -61,6 +61,7 @@ class BackendStats:
     failed_requests: int = 0    # requests that failed for good (dropped and counted)
     retries: int = 0
     truncated_inputs: int = 0   # reward-model inputs cut at max_length (scored without their end)
+    skipped_inputs: int = 0     # reward-model inputs over max_length not scored (scorer.over_long=skip)
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -83,8 +84,9 @@ class Generator(Protocol):
 class Scorer(Protocol):
     stats: BackendStats
 
-    def score(self, conversations: Sequence[Conversation]) -> list[float]:
-        """One scalar per conversation [x, ..., y]: higher is better."""
+    def score(self, conversations: Sequence[Conversation]) -> list[float | None]:
+        """One scalar per conversation [x, ..., y]: higher is better. None: not scored (a reward
+        model's input over its max_length with `scorer.over_long=skip`); callers drop and count it."""
         ...
 
 

@@ -103,10 +103,12 @@ def _continues(conv: Conversation) -> bool:
 class HFRewardScorer:
     """A Bradley-Terry sequence-classification reward model (e.g. Skywork-Reward): the logit of
     the chat-templated conversation is r(x, y). Inputs longer than `max_length` tokens are cut
-    on the right (the answer's end is not scored) and counted in `stats.truncated_inputs`."""
+    on the right (the answer's end is not scored) or, with `over_long="skip"`, not scored (None):
+    counted either way (`rm_inputs`)."""
 
     def __init__(self, path: str, dtype: str = "bfloat16", batch_size: int = 8, max_length: int = 4096,
-                 trust_remote_code: bool = False, device: str = "auto", gpus: Sequence[int] = ()):
+                 trust_remote_code: bool = False, device: str = "auto", gpus: Sequence[int] = (),
+                 over_long: str = "truncate"):
         import torch
         from transformers import AutoModelForSequenceClassification
 
@@ -123,13 +125,13 @@ class HFRewardScorer:
             self.model.config.pad_token_id = self.tok.pad_token_id
         self.device, self._in = pl.label, input_device(self.model)
         self.batch_size, self.max_length, self._torch = batch_size, max_length, torch
+        self.over_long = over_long
         self.stats = BackendStats()
 
-    def score(self, conversations: Sequence[Conversation]) -> list[float]:
+    def score(self, conversations: Sequence[Conversation]) -> list[float | None]:
         torch = self._torch
         self.stats.calls += 1
-        ids, cut = rm_token_ids(self.tok, conversations, self.max_length)
-        note_truncated(self, cut)
+        ids, keep = rm_inputs(self, conversations)
         out = [0.0] * len(ids)
         for batch in tqdm(_by_length(ids, self.batch_size), desc="rm_score", unit="batch", leave=False):
             x, mask = _pad_right([ids[i] for i in batch], self.model.config.pad_token_id, torch)
@@ -139,7 +141,7 @@ class HFRewardScorer:
             for j, i in enumerate(batch):
                 out[i] = float(logits[j])
         self.stats.requests += len(ids)
-        return out
+        return place(out, keep, len(conversations))
 
 
 def _pad_right(rows: list[list[int]], pad_id: int, torch):
@@ -157,21 +159,47 @@ def rm_token_ids(tok, conversations: Sequence[Conversation], max_length: int) ->
     """(token ids of each chat-templated conversation cut on the right at `max_length`, how many
     were cut): a reward model's input, the same for `HFRewardScorer` and `vllm_rm`. No special
     tokens are added: the template has them."""
-    texts = [tok.apply_chat_template(inert_control_tokens(c), tokenize=False) for c in conversations]
-    full = tok(texts, add_special_tokens=False)["input_ids"]
+    full = rm_full_ids(tok, conversations)
     return [list(x[:max_length]) for x in full], sum(len(x) > max_length for x in full)
 
 
-def note_truncated(scorer, n: int) -> None:
-    """Count `n` inputs cut at the scorer's max_length; warn the first time (the score is then of a
-    shorter text: raise `max_length`, or mind `stats.truncated_inputs` in the manifest)."""
-    if not n:
-        return
-    scorer.stats.truncated_inputs += n
-    if not getattr(scorer, "_warned_truncation", False):
-        scorer._warned_truncation = True
-        log.warning("%d reward-model input(s) longer than max_length=%d tokens were cut on the right "
-                    "(counted in stats.truncated_inputs; warned once)", n, scorer.max_length)
+def rm_full_ids(tok, conversations: Sequence[Conversation]) -> list[list[int]]:
+    """Token ids of each chat-templated conversation, uncut."""
+    texts = [tok.apply_chat_template(inert_control_tokens(c), tokenize=False) for c in conversations]
+    return tok(texts, add_special_tokens=False)["input_ids"]
+
+
+def rm_inputs(scorer, conversations: Sequence[Conversation]) -> tuple[list[list[int]], list[int]]:
+    """(token ids to score, the position of each in `conversations`) for a reward model with
+    `tok`, `max_length`, `over_long` and `stats`. An input over `max_length` tokens is cut on the
+    right and scored (`over_long="truncate"`, counted `stats.truncated_inputs`), or left out
+    (`"skip"`, counted `stats.skipped_inputs`; the caller's score for it is None): the first
+    time either happens, a warning says so."""
+    full = rm_full_ids(scorer.tok, conversations)
+    over = [i for i, x in enumerate(full) if len(x) > scorer.max_length]
+    skip = getattr(scorer, "over_long", "truncate") == "skip"
+    if over:
+        key = "skipped_inputs" if skip else "truncated_inputs"
+        setattr(scorer.stats, key, getattr(scorer.stats, key) + len(over))
+        if not getattr(scorer, "_warned_over_long", False):
+            scorer._warned_over_long = True
+            log.warning("%d reward-model input(s) longer than max_length=%d tokens were %s (scorer.over_long; "
+                        "counted in stats.%s; warned once)", len(over), scorer.max_length,
+                        "not scored" if skip else "cut on the right", key)
+    keep = [i for i in range(len(full)) if not (skip and len(full[i]) > scorer.max_length)]
+    return [list(full[i][:scorer.max_length]) for i in keep], keep
+
+
+def place(scores: Sequence[float], keep: list[int], n: int) -> list[float | None]:
+    """`scores` of the inputs at positions `keep` spread over `n` slots; the others None.
+
+    >>> place([1.0, 2.0], [0, 2], 3)
+    [1.0, None, 2.0]
+    """
+    out: list[float | None] = [None] * n
+    for i, s in zip(keep, scores):
+        out[i] = s
+    return out
 
 
 def attention_kwargs(path: str, dtype: str, device: str, gpus: Sequence[int], trust_remote_code: bool) -> dict:

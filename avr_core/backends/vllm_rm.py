@@ -40,12 +40,12 @@ class VLLMRewardScorer:
                  trust_remote_code: bool = False, device: str = "auto", gpus=(), tensor_parallel_size: int = 1,
                  data_parallel_size: int = 1, gpu_memory_utilization: float = 0.9, base_url: str = "",
                  served_model: str = "", api_key_env: str = "OPENAI_API_KEY", timeout_s: float = 120.0,
-                 enforce_eager: bool = False):
+                 enforce_eager: bool = False, over_long: str = "truncate"):
         from transformers import AutoTokenizer
 
         self.stats = BackendStats()
         self.closed = False
-        self.max_length, self.batch_size = max_length, batch_size
+        self.max_length, self.batch_size, self.over_long = max_length, batch_size, over_long
         self.tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         self.base_url, self.engine, self.pool = base_url, None, None
         if base_url:
@@ -68,21 +68,24 @@ class VLLMRewardScorer:
             self.engine = VLLMRewardEngine(**kw)
             self.device = self.engine.device
 
-    def score(self, conversations: Sequence[Conversation]) -> list[float]:
+    def score(self, conversations: Sequence[Conversation]) -> list[float | None]:
         if self.closed:
             raise RuntimeError("this VLLMRewardScorer is closed (its engine has ended): build a new one "
                                "(avr_core.backends.make_scorer)")
-        from .hf import note_truncated, rm_token_ids
+        from .hf import place, rm_inputs
 
         self.stats.calls += 1
-        self.stats.requests += len(conversations)
-        ids, cut = rm_token_ids(self.tok, conversations, self.max_length)
-        note_truncated(self, cut)
-        if self.base_url:
-            return self._score_server(ids)
-        if self.engine is not None:
-            return self.engine.score_ids(ids)
-        return self.pool.call("score_ids_at", ids)
+        ids, keep = rm_inputs(self, conversations)     # over max_length: cut, or left out (None)
+        self.stats.requests += len(ids)
+        if not ids:
+            scores = []
+        elif self.base_url:
+            scores = self._score_server(ids)
+        elif self.engine is not None:
+            scores = self.engine.score_ids(ids)
+        else:
+            scores = self.pool.call("score_ids_at", ids)
+        return place(scores, keep, len(conversations))
 
     def _score_server(self, ids: list[list[int]]) -> list[float]:
         """POST /classify with token ids, activation off; one request per batch of `batch_size`."""

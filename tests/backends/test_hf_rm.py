@@ -67,6 +67,26 @@ def test_inputs_cut_at_max_length_are_counted_and_warned_once(llama_rm_without_p
     assert cut == long and [x[:cap] for x in full] == ids     # the first `cap` tokens: right truncation
 
 
+def test_over_long_skip_leaves_the_input_unscored_and_counts_it(llama_rm_without_pad, caplog):
+    """`scorer.over_long=skip` (the authors: an over-long request fails, `bt_model` returns None):
+    the over-long input gets None, the others the same scores as with truncation."""
+    from avr_core.backends.hf import HFRewardScorer, rm_token_ids
+
+    cut_rm = HFRewardScorer(llama_rm_without_pad, dtype="float32", batch_size=2, device="cpu")
+    skip_rm = HFRewardScorer(llama_rm_without_pad, dtype="float32", batch_size=2, device="cpu", over_long="skip")
+    full, _ = rm_token_ids(cut_rm.tok, CONVS, 10_000)
+    cut_rm.max_length = skip_rm.max_length = sorted(len(x) for x in full)[1]
+    longest = max(range(3), key=lambda i: len(full[i]))
+    with caplog.at_level(logging.WARNING, logger="avr_core.backends.hf"):
+        skipped, cut = skip_rm.score(CONVS), cut_rm.score(CONVS)
+    assert skipped[longest] is None and cut[longest] is not None
+    assert [s for i, s in enumerate(skipped) if i != longest] == \
+        pytest.approx([s for i, s in enumerate(cut) if i != longest], abs=1e-5)
+    assert (skip_rm.stats.skipped_inputs, skip_rm.stats.truncated_inputs, skip_rm.stats.requests) == (1, 0, 2)
+    assert (cut_rm.stats.skipped_inputs, cut_rm.stats.truncated_inputs) == (0, 1)
+    assert any("were not scored" in r.getMessage() for r in caplog.records)
+
+
 @pytest.fixture(scope="module")
 def gemma2_rm(tok, tmp_path_factory):
     import torch

@@ -139,3 +139,31 @@ def test_classify_contract_against_a_fake_server(rm_dir, monkeypatch):
     assert "<|im_end|>" not in rm.tok.decode(ids[3]).split("cannot answer that")[1].split("question")[0]
     with pytest.raises(Exception, match="one-label"):
         parse_classify_response({"data": [{"index": 0, "probs": [0.1, 0.9]}]}, 1)
+
+
+def test_over_long_skip_sends_only_what_fits(rm_dir, monkeypatch):
+    """`scorer.over_long=skip` (the authors' rule): an input over max_length is never sent and
+    scores None, in its place; the others are scored as before."""
+    import httpx
+
+    from avr_core.backends.vllm_rm import VLLMRewardScorer, tokenize_for_rm
+
+    sent = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        sent.extend(body["input"])
+        data = [{"index": i, "probs": [float(len(ids))]} for i, ids in enumerate(body["input"])]
+        return httpx.Response(200, json={"data": data, "model": body["model"]})
+
+    real_client = httpx.Client
+    monkeypatch.setattr(httpx, "Client", lambda **kw: real_client(transport=httpx.MockTransport(handler), **kw))
+    full = tokenize_for_rm(VLLMRewardScorer(rm_dir, base_url="http://127.0.0.1:9/v1").tok, CONVS, 10_000)
+    cap = sorted(len(x) for x in full)[-2]                           # the longest one does not fit
+    rm = VLLMRewardScorer(rm_dir, max_length=cap, base_url="http://127.0.0.1:9/v1", served_model="rm",
+                          over_long="skip")
+    got = rm.score(CONVS)
+    longest = max(range(len(full)), key=lambda i: len(full[i]))
+    assert got[longest] is None and [g for i, g in enumerate(got) if i != longest] == \
+        [float(len(x)) for i, x in enumerate(full) if i != longest]
+    assert len(sent) == len(CONVS) - 1 and rm.stats.skipped_inputs == 1 and rm.stats.truncated_inputs == 0

@@ -87,8 +87,9 @@ def test_max_new_tokens_null_resolves_to_the_context():
     assert resolve_max_new_tokens(None, {"kind": "openai", "max_model_len": 8192}) is None
     assert load_config("tiny", ["refine.sampling.max_new_tokens=null"]).refine.sampling.max_new_tokens is None
     assert load_config("tiny", ["eval.sampling.max_new_tokens=null"]).eval.sampling.max_new_tokens is None
+    assert load_config("tiny", ["tts.sampling.max_new_tokens=null"]).tts.sampling.max_new_tokens is None
     with pytest.raises(ConfigError, match="tts.sampling.max_new_tokens"):
-        load_config("tiny", ["tts.sampling.max_new_tokens=null"])
+        load_config("tiny", ["tts.sampling.max_new_tokens=0"])
     with pytest.raises(ConfigError, match="data.stage2"):
         load_config("tiny", ["data.stage2=[0,null]"])
     with pytest.raises(ConfigError, match="select.ties"):

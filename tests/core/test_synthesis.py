@@ -79,5 +79,5 @@ def test_a_failed_request_drops_only_its_samples():
     gen = Flaky(critiques=["Bad. Rating: [[2]]"])
     crits, _ = critique(answered()[:2], gen, k=1, sampling=Sampling(), max_tries=1)
     refs, counts = refine(crits, gen, m=2, sampling=Sampling())
-    assert counts["dropped_empty_refinements"] == 2
+    assert counts["dropped_failed_refinements"] == 2 and not counts["dropped_empty_refinements"]
     assert refs[0]["critiques"][0]["refinements"] == [] and len(refs[1]["critiques"][0]["refinements"]) == 2

@@ -71,8 +71,8 @@ def test_thirty_percent_failures_are_retried_dropped_and_counted(tmp_path):
         assert c["backend_retries"] + c["backend_failed_requests"] == injected
         assert c["backend_failed_requests"] > 0
         # a request that failed for good drops its record, counted: nothing silently lost
-        assert c["backend_failed_requests"] == c["dropped_empty_answer"]
-        assert c["input_records"] == 40 == rows + c["dropped_empty_answer"]
+        assert c["backend_failed_requests"] == c["dropped_failed_answer"]
+        assert c["input_records"] == 40 == rows + c["dropped_failed_answer"]
         records = store.read_records(ref)
         assert len(records) == rows and len({r["id"] for r in records}) == rows
         prompts = {p["id"]: p for p in store.read_records(store.list("prompts")[0])}
