@@ -75,11 +75,17 @@ def test_paper_preset_is_the_authors_and_base_tiny_keep_ours():
     assert list(paper.data.stage1_sft) == [0, None] == list(paper.data.stage1_po)         # one run, whole split
     assert list(paper.data.stage2) == [0, 10000]                   # cot_generation.sh:7-8
     assert list(paper.data.stage2_po) == [20000, 25000]            # cot_dpo_generation.sh:7-8
-    for stage in ("respond", "critique", "refine"):                # servers.py:27-32: no max_tokens
+    for stage in ("respond", "critique", "refine", "tts"):         # servers.py:27-32: no max_tokens
         assert paper[stage].sampling.max_new_tokens is None
+    assert (paper.tts.sampling.temperature, paper.tts.sampling.top_p) == (0.7, 0.8)   # servers.py:27-29
+    assert paper.respond.keep_empty and paper.refine.keep_empty    # stage1_data_generation.py:18-23,32
+    assert paper.scorer.over_long == "skip" and paper.scorer.max_length == 8192   # servers.py:52-62
+    assert paper.eval.lc_min_annotations == 0                      # alpaca-eval: no minimum
     for preset in ("base", "tiny"):
         cfg = load_config(preset)
         assert SelectRules(**cfg.select) == SelectRules() and cfg.refine.conversation_judge == "sampling"
+        assert (cfg.respond.keep_empty, cfg.refine.keep_empty, cfg.scorer.over_long) == (False, False, "truncate")
+        assert cfg.eval.lc_min_annotations == 10 and cfg.tts.sampling.temperature == 0.0
 
 
 def test_max_new_tokens_null_resolves_to_the_context():
