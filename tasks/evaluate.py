@@ -113,7 +113,8 @@ def _tokenizer(policy: dict):
 # -- judging ----------------------------------------------------------------------------------
 def judge_spec(cfg, answers, prompts) -> Spec:
     e = cfg["eval"]
-    section = {"judge": e["judge"], "position_bias_n": e["position_bias_n"], "df_gamed": e["df_gamed"]}
+    section = {"judge": e["judge"], "position_bias_n": e["position_bias_n"], "df_gamed": e["df_gamed"],
+               "lc_min_annotations": e["lc_min_annotations"]}
     return Spec("eval_judge", section, (answers, prompts))
 
 
@@ -149,7 +150,7 @@ def judge(out: Output, cfg: dict, answers: ArtifactRef, prompts: ArtifactRef) ->
                         randomize_order=randomize)
     t0 = time.time()
     ann, result = judge_answers(model, reference, annotate_fn, jcfg, cfg["eval"]["position_bias_n"],
-                                cfg["eval"]["df_gamed"])
+                                cfg["eval"]["df_gamed"], lc_min_annotations=cfg["eval"]["lc_min_annotations"])
     # Stage-2 answers: the prompts the authors' eval script would have dropped (we never drop one)
     drop = sum(bool(r.get("authors_would_drop")) for r in answered) if any("tries" in r for r in answered) else None
     result = {**result, "judge_s": round(time.time() - t0, 1), "authors_would_drop": drop}

@@ -12,7 +12,8 @@ randomises the output order, parses the answer and caches annotations. We only
 The API key of an OpenAI-compatible judge is read from the environment by the OpenAI client
 itself (OPENAI_API_KEY, or the variable `api_key_env` names): it is never written to a file.
 
-Annotations (one per instruction, `preference` in [1, 2], 2 = the evaluated model wins)::
+Annotations (one per instruction both sides have, in the reference order; `preference` in [1, 2], 2 = the
+evaluated model wins, 1.5 a draw, None unparsed)::
 
     {"instruction": "...", "output_1": "<reference>", "output_2": "<model>", "generator_1": "example",
      "generator_2": "stage1", "annotator": "weighted_alpaca_eval_gpt4_turbo", "preference": 1.73}
@@ -74,8 +75,8 @@ def write_judge_config(directory: str, judge: dict) -> str:
 def annotate(model_outputs: list[dict], reference_outputs: list[dict], config_path: str, cache_path: str,
              judge: dict, randomize_order: bool = True) -> list[dict]:
     """Pairwise annotations, reference as output_1 and the model as output_2 (alpaca-eval's
-    convention). Rows the judge could not parse come back with preference None (counted
-    by the caller), never silently missing."""
+    convention), in the order `head2head_order` gives. Rows the judge could not parse come back
+    with preference None (counted by the caller), never silently missing."""
     from alpaca_eval.annotators import PairwiseAnnotator
 
     extra = {} if judge["kind"] == "openai" else {"fn_completions": local_completions}
@@ -83,15 +84,42 @@ def annotate(model_outputs: list[dict], reference_outputs: list[dict], config_pa
         ann = PairwiseAnnotator(annotators_config=config_path, caching_path=cache_path, seed=0,
                                 is_randomize_output_order=randomize_order, **extra)
         rows = ann.annotate_head2head(outputs_1=reference_outputs, outputs_2=model_outputs)
-    got = {r["instruction"]: r for r in rows}
+    # the annotator's primary keys (pairwise_evaluator.py:51): one judgement per (instruction, output_1, output_2)
+    got = {(r["instruction"], r["output_1"], r["output_2"]): r for r in rows}
     out = []
-    for m in model_outputs:
-        r = got.get(m["instruction"])
+    for ref, m in head2head_order(model_outputs, reference_outputs):
+        r = got.get((m["instruction"], ref["output"], m["output"]))
         pref = None if r is None or r.get("preference") is None or _nan(r["preference"]) else float(r["preference"])
-        out.append({"instruction": m["instruction"], "output_1": r["output_1"] if r else None, "output_2": m["output"],
-                    "generator_1": reference_outputs[0]["generator"], "generator_2": m["generator"],
+        out.append({"instruction": m["instruction"], "output_1": ref["output"], "output_2": m["output"],
+                    "generator_1": ref["generator"], "generator_2": m["generator"],
                     "annotator": Path(config_path).parent.name, "preference": pref})
     return out
+
+
+def head2head_order(model_outputs: list[dict], reference_outputs: list[dict]) -> list[tuple[dict, dict]]:
+    """(reference, model) pairs in the order `main.evaluate` scores them: `annotate_head2head` is an
+    inner `pd.merge(outputs_1=reference, outputs_2=model, on="instruction")` (pairwise_evaluator.py:212-217),
+    which keeps the reference (left) order and each instruction's model rows in their order, drops
+    instructions missing on either side, then exact duplicate pairs (:228). The order matters: the
+    official LC reads a row's position as its instruction id (glm_winrate.py:230-238).
+
+    >>> ref = [{"instruction": i, "output": "r"} for i in "abc"]
+    >>> [(r["instruction"], m["output"]) for r, m in head2head_order(
+    ...     [{"instruction": "c", "output": "1"}, {"instruction": "x", "output": "2"},
+    ...      {"instruction": "a", "output": "3"}, {"instruction": "c", "output": "4"}], ref)]
+    [('a', '3'), ('c', '1'), ('c', '4')]
+    """
+    by_instruction: dict[str, list[dict]] = {}
+    for m in model_outputs:
+        by_instruction.setdefault(m["instruction"], []).append(m)
+    seen, pairs = set(), []
+    for ref in reference_outputs:
+        for m in by_instruction.get(ref["instruction"], []):
+            key = repr((sorted(ref.items()), sorted(m.items())))
+            if key not in seen:
+                seen.add(key)
+                pairs.append((ref, m))
+    return pairs
 
 
 # -- judging a model's answers: the method around `annotate` -----------------------------------
@@ -130,7 +158,7 @@ def position_bias(model: list[dict], reference: list[dict], n: int,
     ...                       for o in o2]          # a judge with no position bias: the model always wins
     >>> position_bias([{"instruction": "a", "generator": "m"}, {"instruction": "b", "generator": "m"}],
     ...               [{"instruction": "a", "generator": "ref"}, {"instruction": "b", "generator": "ref"}], 1, fwd)
-    {'n': 1, 'agreement': 1.0, 'model_wins_forward': 1, 'model_wins_swapped': 1}
+    {'n': 1, 'agreement': 1.0, 'model_wins_forward': 1, 'model_wins_swapped': 1, 'draws_forward': 0, 'draws_swapped': 0}
     """
     sub = model[:n]
     if not sub:
@@ -146,11 +174,12 @@ def judge_label(judge: dict) -> str:
 
 
 def judge_answers(model: list[dict], reference: list[dict], annotate_fn: Annotate, judge: dict,
-                  position_bias_n: int, df_gamed: str | None) -> tuple[list[dict], dict]:
+                  position_bias_n: int, df_gamed: str | None, lc_min_annotations: int = 10) -> tuple[list[dict], dict]:
     """Judge `model` against `reference` (alpaca-eval outputs, see `model_outputs` /
     `reference_outputs`): ONE randomised-order pass `annotate_fn(model, reference, True)`, a
     position-bias check on the first `position_bias_n` instructions in fixed orders
-    (`annotate_fn(..., False)`), then win rate ± se, LC win rate, mean length. Returns
+    (`annotate_fn(..., False)`), then win rate ± se, LC win rate (`metrics.lc_win_rate`: the
+    official one needs all 805 instructions; `lc_min_annotations` = `eval.lc_min_annotations`), mean length. Returns
     (annotations, result). `annotate_fn(outputs_2, outputs_1, randomize_order)` is `annotate`
     with the judge config and a cache bound (a fake in tests).
 
@@ -168,7 +197,9 @@ def judge_answers(model: list[dict], reference: list[dict], annotate_fn: Annotat
     """
     ann = annotate_fn(model, reference, True)
     bias = position_bias(model, reference, position_bias_n, lambda o2, o1: annotate_fn(o2, o1, False))
-    result = {**win_rate(ann), **lc_win_rate(ann, full_evalset=len(model) == FULL_EVALSET, df_gamed=df_gamed or None),
+    full = len(model) == len(ann) == FULL_EVALSET      # every instruction paired: positions are the canonical ids
+    result = {**win_rate(ann), **lc_win_rate(ann, full_evalset=full, df_gamed=df_gamed or None,
+                                             min_annotations=lc_min_annotations),
               "avg_len_chars": sum(len(m["output"]) for m in model) / max(1, len(model)),
               "model": model[0]["generator"] if model else None, "reference": reference[0]["generator"],
               "annotator": judge_label(judge), "position_bias": bias}

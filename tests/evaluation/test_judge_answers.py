@@ -25,6 +25,7 @@ class FakeAnnotate:
             pref = 2.0 if self.second_wins or o["generator"] == "seed" else 1.0
             out.append({"instruction": o["instruction"], "output_2": o["output"],
                         "output_1": next(r["output"] for r in outputs_1 if r["instruction"] == o["instruction"]),
+                        "generator_1": outputs_1[0]["generator"], "generator_2": o["generator"],
                         "preference": None if o["instruction"] == "q3" else pref})
         return out
 
@@ -41,14 +42,16 @@ def test_one_randomised_pass_then_both_fixed_orders_on_the_first_n():
     assert result["lc_kind"] == "unavailable" and result["lc_win_rate"] is None
     assert result["avg_len_chars"] == 2.5 and (result["model"], result["reference"]) == ("seed", "gpt4_turbo")
     assert result["annotator"] == "weighted_alpaca_eval_gpt4_turbo"
-    assert result["position_bias"] == {"n": 2, "agreement": 1.0, "model_wins_forward": 2, "model_wins_swapped": 2}
+    assert result["position_bias"] == {"n": 2, "agreement": 1.0, "model_wins_forward": 2, "model_wins_swapped": 2,
+                                       "draws_forward": 0, "draws_swapped": 0}
     assert list(result)[-3:] == ["reference", "annotator", "position_bias"]   # the task appends judge_s last
 
 
 def test_a_judge_that_prefers_the_second_output_disagrees_with_itself():
     bias = position_bias(model_outputs(ANSWERS), reference_outputs(PROMPTS), 3,
                          lambda o2, o1: FakeAnnotate(True)(o2, o1, False))
-    assert bias == {"n": 3, "agreement": 0.0, "model_wins_forward": 3, "model_wins_swapped": 0}
+    assert bias == {"n": 3, "agreement": 0.0, "model_wins_forward": 3, "model_wins_swapped": 0,
+                    "draws_forward": 0, "draws_swapped": 0}
 
 
 def test_no_position_check_when_n_is_zero():
@@ -62,3 +65,25 @@ def test_labels_and_reference_rows():
     dup = PROMPTS + [{**PROMPTS[0], "reference": "newer"}]
     refs = reference_outputs(dup)
     assert len(refs) == 4 and refs[0]["output"] == "newer"        # one per instruction, as before
+
+
+
+def test_lc_min_annotations_reaches_the_lc_and_the_stage_key():
+    """`eval.lc_min_annotations`: judge_answers hands it to the LC (counting parsed judgements), and
+    the judge stage's cache key holds it, so changing it re-runs the stage."""
+    from omegaconf import OmegaConf
+
+    import tasks.evaluate as ev
+    from avr_core.config import load_config
+
+    prompts = [{**PROMPTS[0], "instruction": f"q{i}"} for i in range(12)]
+    answers = [{**ANSWERS[0], "instruction": f"q{i}", "output": "x" * (7 * i % 11 + 1)} for i in range(12)]
+    model, reference = model_outputs(answers), reference_outputs(prompts)
+    _, fits = judge_answers(model, reference, FakeAnnotate(second_wins=True), JUDGE, 0, "", lc_min_annotations=11)
+    _, short = judge_answers(model, reference, FakeAnnotate(second_wins=True), JUDGE, 0, "", lc_min_annotations=12)
+    assert fits["lc_kind"] == "minimal-offline" and fits["lc_win_rate"] is not None      # q3 unparsed: 11 parsed
+    assert short["lc_kind"] == "unavailable" and short["lc_win_rate"] is None
+    assert "11 parsed judgement(s), fewer than eval.lc_min_annotations = 12" in short["lc_note"]
+    spec = [ev.judge_spec(OmegaConf.to_container(load_config("tiny", [f"eval.lc_min_annotations={n}"]), resolve=True),
+                          None, None) for n in (0, 10)]
+    assert [s.config["lc_min_annotations"] for s in spec] == [0, 10]
