@@ -11,7 +11,7 @@ import pytest
 from avr_core.backends.base import SamplingParams
 from avr_core.config import load_config
 from avr_core.evaluation import evalset as es
-from avr_core.evaluation.metrics import _prefs, lc_win_rate
+from avr_core.evaluation.metrics import _frame, _prefs, lc_win_rate
 from avr_core.inference import eval_answers
 from avr_core.inputs import InputError
 from avr_core.prompts import THOUGHT_END
@@ -265,6 +265,10 @@ def test_official_lc_offline_keeps_the_labelled_fallback(monkeypatch):
 
 
 def test_unparsed_judgements_keep_the_instruction_index():
-    # alpaca-eval's LC reads the frame's index as the instruction id (glm_winrate._get_featurized_data)
-    df, unparsed = _prefs([{"preference": 2.0}, {"preference": None}, {"preference": 1.0}])
+    # the win rate scores the parsed rows, counting the others; the LC gets every row (_frame): its
+    # index is the instruction id (glm_winrate._get_featurized_data), unparsed rows NaN
+    ann = [{"preference": 2.0}, {"preference": None}, {"preference": 1.0}]
+    df, unparsed = _prefs(ann)
     assert list(df.index) == [0, 2] and unparsed == 1
+    full = _frame(ann)
+    assert list(full.index) == [0, 1, 2] and full["preference"].isna().tolist() == [False, True, False]
