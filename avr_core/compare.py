@@ -61,7 +61,8 @@ def previous_run(store: Store, run: dict) -> str | None:
     def started(rid: str) -> float:
         return load_run(store, rid).get("started", 0.0) if rid[:15] == stamp else 0.0
 
-    before = [r for r in run_ids(store) if r != run["id"] and (r[:15] < stamp or (r[:15] == stamp and started(r) < mine))]
+    before = [r for r in run_ids(store)
+              if r != run["id"] and (r[:15] < stamp or (r[:15] == stamp and started(r) < mine))]
     before.sort(key=lambda r: (r[:15], started(r)))
     for rid in reversed(before):
         if source(load_run(store, rid)) == source(run):

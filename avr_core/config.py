@@ -43,6 +43,10 @@ class BackendConfig:
     gpus: list = field(default_factory=list)   # GPU indices this backend may use ([] = all visible);
                                      #   disjoint generator/scorer gpus = both may stay resident
     keep_engine: bool = False        # keep the engine after its stage (respond -> critique -> refine)
+    enforce_eager: bool = False      # vllm: no torch.compile / graph capture (an engine starts in ~25 s
+                                     #   on 2 CPU cores instead of 60-90 s; slower steps on GPUs)
+    kv_cache_gb: float = 2.0         # vllm on CPU: KV cache per engine, GiB (VLLM_CPU_KVCACHE_SPACE);
+                                     #   GPUs size it by gpu_memory_utilization
     per_request_seed: bool = False   # vllm: seed every request (samples independent of batching, but it
                                      #   turns off vLLM's fast FlashInfer sampler; avr_core/backends/vllm_offline.py)
 
@@ -100,6 +104,8 @@ class ScorerConfig:
     tensor_parallel_size: int = 1    # vllm_rm (hf_rm on vLLM's pooling runner): GPUs per engine
     data_parallel_size: int = 1      # vllm_rm: engines; 0 = as many as the allowed GPUs hold
     gpu_memory_utilization: float = 0.9   # vllm_rm
+    enforce_eager: bool = False      # vllm_rm: as generator.enforce_eager
+    kv_cache_gb: float = 2.0         # vllm_rm on CPU: as generator.kv_cache_gb
     base_url: str = ""               # vllm_rm: a running vLLM server (its /classify) instead of an engine here
     served_model: str = ""           # vllm_rm with base_url: the server's model name
     keep_engine: bool = False

@@ -77,7 +77,9 @@ def make_generator(model: dict, backend: dict) -> Generator:
                               gpu_memory_utilization=backend["gpu_memory_utilization"],
                               max_model_len=backend["max_model_len"], dtype=model["dtype"],
                               trust_remote_code=model["trust_remote_code"],
-                              per_request_seed=bool(backend.get("per_request_seed")), **dev)
+                              per_request_seed=bool(backend.get("per_request_seed")),
+                              enforce_eager=bool(backend.get("enforce_eager")),
+                              kv_cache_gb=backend.get("kv_cache_gb"), **dev)
         _META[key] = {"role": "generator", "keep": bool(backend.get("keep_engine")), "gpus": dev["gpus"]}
     return _use(key)
 
@@ -105,7 +107,8 @@ def make_scorer(scorer: dict, frame: Callable[[Conversation], Conversation] | No
             kw.update(tensor_parallel_size=scorer.get("tensor_parallel_size", 1),
                       data_parallel_size=scorer.get("data_parallel_size", 1),
                       gpu_memory_utilization=scorer.get("gpu_memory_utilization", 0.9),
-                      base_url=scorer.get("base_url", ""), served_model=scorer.get("served_model", ""))
+                      base_url=scorer.get("base_url", ""), served_model=scorer.get("served_model", ""),
+                      enforce_eager=bool(scorer.get("enforce_eager")), kv_cache_gb=scorer.get("kv_cache_gb"))
         _CACHE[key] = cls(path, frame=frame, **kw) if scorer["kind"] == "judge" else cls(path, **kw)
         _META[key] = {"role": "scorer", "keep": bool(scorer.get("keep_engine")), "gpus": kw["gpus"]}
     return _use(key)

