@@ -41,7 +41,8 @@ class BackendConfig:
     max_model_len: int = 4096
     device: str = "auto"             # hf, vllm: auto (CUDA if present) | cpu | cuda | cuda:N (docs/SCALING.md)
     gpus: list = field(default_factory=list)   # GPU indices this backend may use ([] = all visible);
-                                     #   disjoint generator/scorer gpus = both may stay resident
+                                     #   disjoint generator/scorer gpus (or both on the CPU) = both may
+                                     #   stay resident
     keep_engine: bool = False        # keep the engine after its stage (respond -> critique -> refine)
     enforce_eager: bool = False      # vllm: no torch.compile / graph capture (an engine starts in ~25 s
                                      #   on 2 CPU cores instead of 60-90 s; slower steps on GPUs)

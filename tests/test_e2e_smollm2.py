@@ -1,7 +1,8 @@
 """End to end on the real embedded model, on the path GPU nodes run (issue 22): SmolLM2-135M-Instruct
 through the `vllm` generator (vLLM's CPU build, an engine in this process) and the hf judge
 scorer, under Prefect. One kept engine serves respond, critique (with its forced-rating
-continuations) and refine; building the scorer releases it and its EngineCore process. The hf
+continuations) and refine, stays beside the scorer (host memory: nothing to make room for) and
+ends with the run, its EngineCore process too. The hf
 generator runs the same stages on the same model in tests/test_e2e_pipeline.py. The only addition
 to the product is a counter on the real engine class. (~2 min: an engine start is ~25 s eager.)"""
 import os
@@ -17,6 +18,7 @@ from avr_core.backends import vllm_offline  # noqa: E402
 from avr_core.backends.vllm_server import vllm_env_python  # noqa: E402
 from avr_core.config import load_config  # noqa: E402
 from avr_core.store import Store  # noqa: E402
+from flows.runs import release_all_engines  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm, pytest.mark.usefixtures("prefect_harness"),
               pytest.mark.skipif(vllm_env_python() is None, reason="vLLM not installed (bash scripts/install.sh)")]
@@ -47,7 +49,8 @@ def test_real_stage1_synthesis_on_smollm2_with_vllm(tmp_path, monkeypatch):
     for stage in ("respond", "critique", "refine"):
         m = store.manifest(store.list(stage)[0])
         assert m["device"]["generator"] == "cpu (vllm)" and m["counts"]["backend_tokens_generated"] > 0
-    assert engine_processes() == [], "building the scorer released the engine and its process"
+    # on a CPU the kept engine stays beside the (CPU) scorer, as beside a scorer on disjoint GPUs
+    assert len(engine_processes()) == 1 and len(backends._CACHE) == 1
     records = store.read_records(store.list("rm_score")[0])
     assert len(records) == 2
     for r in records:
@@ -68,3 +71,5 @@ def test_real_stage1_synthesis_on_smollm2_with_vllm(tmp_path, monkeypatch):
     monkeypatch.setattr(t, "make_generator", lambda *a: calls.append(a) or orig(*a))
     assert synthesis(cfg, cfg["policy"], "stage1_sft") == ref
     assert calls == [] and starts == [True]
+    release_all_engines()                    # the run's end (a Prefect state hook of the run flows)
+    assert engine_processes() == [] and not backends._CACHE, "the engine process ends with the run"

@@ -61,7 +61,7 @@ def make_generator(model: dict, backend: dict) -> Generator:
     if key not in _CACHE:
         kind = backend["kind"]
         cls = _load(GENERATORS, kind, "generator")
-        _make_room(key, backend)
+        _make_room(key, backend, "generator")
         path = resolve_model_path(model["path"])
         dev = dict(device=backend.get("device", "auto"), gpus=tuple(backend.get("gpus") or ()))
         if kind == "hf":
@@ -80,7 +80,8 @@ def make_generator(model: dict, backend: dict) -> Generator:
                               per_request_seed=bool(backend.get("per_request_seed")),
                               enforce_eager=bool(backend.get("enforce_eager")),
                               kv_cache_gb=backend.get("kv_cache_gb"), **dev)
-        _META[key] = {"role": "generator", "keep": bool(backend.get("keep_engine")), "gpus": dev["gpus"]}
+        _META[key] = {"role": "generator", "keep": bool(backend.get("keep_engine")), "gpus": dev["gpus"],
+                      "cpu": _on_cpu(backend)}
     return _use(key)
 
 
@@ -95,7 +96,7 @@ def make_scorer(scorer: dict, frame: Callable[[Conversation], Conversation] | No
             _CACHE[key] = cls(scorer["constraints"])
             _META[key] = {"role": "scorer", "keep": False, "gpus": ()}
             return _use(key)
-        _make_room(key, scorer)
+        _make_room(key, scorer, "scorer")
         m = scorer["model"]
         path = resolve_model_path(m["path"])
         kw = dict(dtype=m["dtype"], batch_size=scorer["batch_size"], max_length=scorer["max_length"],
@@ -110,7 +111,8 @@ def make_scorer(scorer: dict, frame: Callable[[Conversation], Conversation] | No
                       base_url=scorer.get("base_url", ""), served_model=scorer.get("served_model", ""),
                       enforce_eager=bool(scorer.get("enforce_eager")), kv_cache_gb=scorer.get("kv_cache_gb"))
         _CACHE[key] = cls(path, frame=frame, **kw) if scorer["kind"] == "judge" else cls(path, **kw)
-        _META[key] = {"role": "scorer", "keep": bool(scorer.get("keep_engine")), "gpus": kw["gpus"]}
+        _META[key] = {"role": "scorer", "keep": bool(scorer.get("keep_engine")), "gpus": kw["gpus"],
+                      "cpu": _on_cpu(scorer)}
     return _use(key)
 
 
@@ -120,14 +122,35 @@ def _use(key: str):
     return obj
 
 
-def _make_room(key: str, section: dict) -> None:
+def _make_room(key: str, section: dict, role: str) -> None:
     """Before a new backend is built: close every cached one it may not share the accelerator
-    with. Two backends stay together only when both name `gpus` and those sets are disjoint."""
+    with. Two backends stay together when both name `gpus` and those sets are disjoint, or when
+    both run on the CPU and the cached one is kept (`keep_engine`) in another role: host memory
+    is not an accelerator, and a kept vLLM engine there holds only its `kv_cache_gb`, so the
+    policy's engine survives the scorer's build as it does on a node with disjoint GPUs. A new
+    backend in the same role (another policy) always replaces the old one."""
     mine = set(section.get("gpus") or ())
+    cpu = _on_cpu(section)
     for k in list(_CACHE):
-        theirs = set(_META.get(k, {}).get("gpus") or ())
-        if k != key and not (mine and theirs and not mine & theirs):
-            _close(k)
+        meta = _META.get(k, {})
+        theirs = set(meta.get("gpus") or ())
+        if k == key or (mine and theirs and not mine & theirs):
+            continue
+        if cpu and meta.get("cpu") and meta.get("keep") and meta.get("role") != role:
+            continue
+        _close(k)
+
+
+def _on_cpu(section: dict) -> bool:
+    """Whether the backend this section builds runs on the CPU (no accelerator to share)."""
+    from .device import resolve
+
+    if section.get("kind") == "openai" or section.get("base_url"):
+        return True                         # an HTTP client: its server holds the memory
+    try:
+        return resolve(section.get("device", "auto"), "device", tuple(section.get("gpus") or ())) == "cpu"
+    except Exception:                       # an impossible device fails where it is built, with its own message
+        return False
 
 
 def _close(key: str) -> None:

@@ -235,18 +235,29 @@ def test_stage_end_releases_models_and_records_their_device(tiny_llama, tmp_path
     _stage("fake_keep").fn({**base, "x": 2, "build": [("generator", {**gen, "keep_engine": True})]})
     gc.collect()
     assert HELD[1]() is not None and len(backends._CACHE) == 1
-    # ... until a stage builds a model that may not share the accelerator with it
+    # ... until a stage builds a model that may not share the accelerator with it (CUDA); on a
+    # CPU (host memory) the kept generator stays beside the scorer, which goes with its stage
     ref = _stage("fake_score").fn({**base, "x": 3, "build": [("scorer", scorer)]})
     gc.collect()
-    assert HELD[1]() is None and HELD[2]() is None and not backends._CACHE
-    assert Store(str(tmp_path)).manifest(ref)["device"] == {"scorer": "cuda:0" if HAS_CUDA else "cpu"}
+    assert HELD[2]() is None and Store(str(tmp_path)).manifest(ref)["device"] == {"scorer": "cuda:0" if HAS_CUDA
+                                                                                  else "cpu"}
+    if HAS_CUDA:
+        assert HELD[1]() is None and not backends._CACHE
+    else:
+        assert HELD[1]() is not None and len(backends._CACHE) == 1
+        # another policy's generator (here: other settings) replaces the kept one: same role
+        _stage("fake_keep2").fn({**base, "x": 4, "build": [("generator", {**gen, "keep_engine": True,
+                                                                            "batch_size": 2})]})
+        gc.collect()
+        assert HELD[1]() is None and HELD[3]() is not None and len(backends._CACHE) == 1
+        backends.clear_cache()
 
     # disjoint gpus: the config says both fit, so the kept generator stays beside the scorer
     backends._META["k"] = {"role": "generator", "keep": True, "gpus": (0, 1)}
     backends._CACHE["k"] = marker = type("M", (), {"closed": False, "close": lambda s: setattr(s, "closed", True)})()
-    backends._make_room("other", {"gpus": [2, 3]})
+    backends._make_room("other", {"gpus": [2, 3]}, "scorer")
     assert "k" in backends._CACHE
-    backends._make_room("other", {"gpus": [1, 2]})
+    backends._make_room("other", {"gpus": [1, 2]}, "scorer")
     assert "k" not in backends._CACHE and marker.closed
 
 
