@@ -92,10 +92,24 @@ def page(ui):
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         pg = browser.new_page(viewport={"width": 1400, "height": 2200})   # the whole form in one screenshot
         pg.set_default_timeout(60_000)
+        # what the UI's own API calls got back: a failed submit ("Oops. Something went wrong.")
+        # names its request, status and body in the test's failure, not only in a screenshot
+        pg.failed_api = []
+        pg.on("response", lambda r: "/api/" in r.url and r.status >= 400 and pg.failed_api.append(
+            f"{r.request.method} {r.url} -> {r.status} {_body(r)[:500]}"))
+        pg.on("requestfailed", lambda r: "/api/" in r.url and pg.failed_api.append(
+            f"{r.method} {r.url} -> failed: {r.failure}"))
         try:
             yield pg
         finally:
             browser.close()
+
+
+def _body(response) -> str:
+    try:
+        return response.text()
+    except Exception as e:          # a body already gone: say so instead
+        return f"(no body: {e})"
 
 
 def shot(page, name: str, full: bool = True) -> Path:
@@ -151,9 +165,10 @@ def submit_and_open_run(page) -> str:
     try:
         page.wait_for_url("**/deployments/deployment/**tab=Runs**", wait_until="commit")
         page.get_by_role("link", name=name, exact=True).first.click()
-    except Exception:
+    except Exception as e:
         shot(page, "submit-failed")
-        raise
+        raise AssertionError(f"the submit did not open the deployment's runs; the UI's failed API calls: "
+                             f"{page.failed_api or 'none'}") from e
     page.wait_for_url("**/runs/flow-run/**")
     page.get_by_text(name, exact=True).first.wait_for()                 # this run's page, not an earlier run's
     return name
