@@ -91,6 +91,7 @@ class RefineConfig:
 @dataclass
 class ScorerConfig:
     kind: str = "judge"              # hf_rm (Bradley-Terry reward model) | judge (expected rating)
+                                     #   | vllm_rm, vllm_judge (the same two, served by vLLM)
                                      #   | rules (fraction of the prompt's verifiable constraints met)
     constraints: str = ""            # rules: the prompt file whose rows carry `constraints` (usually
                                      #   ${data.prompts}); avr_core/backends/rules.py
@@ -102,11 +103,11 @@ class ScorerConfig:
                                      #   answer it carries is dropped)
     device: str = "auto"             # auto | cpu | cuda | cuda:N; a model larger than one GPU: device_map=auto
     gpus: list = field(default_factory=list)   # GPU indices for the scorer ([] = all visible)
-    tensor_parallel_size: int = 1    # vllm_rm (hf_rm on vLLM's pooling runner): GPUs per engine
-    data_parallel_size: int = 1      # vllm_rm: engines; 0 = as many as the allowed GPUs hold
-    gpu_memory_utilization: float = 0.9   # vllm_rm
-    enforce_eager: bool = False      # vllm_rm: as generator.enforce_eager
-    kv_cache_gb: float = 2.0         # vllm_rm on CPU: as generator.kv_cache_gb
+    tensor_parallel_size: int = 1    # vllm_rm (hf_rm on vLLM's pooling runner), vllm_judge: GPUs per engine
+    data_parallel_size: int = 1      # vllm_rm, vllm_judge: engines; 0 = as many as the allowed GPUs hold
+    gpu_memory_utilization: float = 0.9   # vllm_rm, vllm_judge
+    enforce_eager: bool = False      # vllm_rm, vllm_judge: as generator.enforce_eager
+    kv_cache_gb: float = 2.0         # vllm_rm, vllm_judge on CPU: as generator.kv_cache_gb
     base_url: str = ""               # vllm_rm: a running vLLM server (its /classify) instead of an engine here
     served_model: str = ""           # vllm_rm with base_url: the server's model name
     keep_engine: bool = False
@@ -420,8 +421,8 @@ def validate(cfg: DictConfig) -> None:
 
     need(cfg.generator.kind in ("hf", "vllm", "openai"), "generator.kind", "must be hf, vllm or openai")
     check_device_settings(cfg, need)
-    need(cfg.scorer.kind in ("hf_rm", "vllm_rm", "judge", "rules"), "scorer.kind",
-         "must be hf_rm, vllm_rm, judge or rules")
+    need(cfg.scorer.kind in ("hf_rm", "vllm_rm", "judge", "vllm_judge", "rules"), "scorer.kind",
+         "must be hf_rm, vllm_rm, judge, vllm_judge or rules")
     need(cfg.scorer.kind != "rules" or bool(cfg.scorer.constraints), "scorer.constraints",
          "required when scorer.kind=rules: the prompt file whose rows carry `constraints`")
     need(cfg.flow in ("pipeline", "signal"), "flow", "must be pipeline or signal")

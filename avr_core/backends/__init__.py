@@ -32,9 +32,11 @@ GENERATORS = {"hf": "avr_core.backends.hf:HFGenerator",
               "vllm": "avr_core.backends.vllm_offline:VLLMGenerator"}
 SCORERS = {"hf_rm": "avr_core.backends.hf:HFRewardScorer",
            "judge": "avr_core.backends.hf:JudgeScorer",
+           "vllm_judge": "avr_core.backends.vllm_judge:VLLMJudgeScorer",
            "vllm_rm": "avr_core.backends.vllm_rm:VLLMRewardScorer",
            "rules": "avr_core.backends.rules:RulesScorer"}
 
+JUDGES = ("judge", "vllm_judge")     # scorers that read a rating off a judge prompt (they need a `frame`)
 
 # (factory, config section, registry): a stage whose code reaches a factory gets the class its
 # config's `kind` selects added to its code version (tasks/common.py, stage_code).
@@ -88,7 +90,7 @@ def make_generator(model: dict, backend: dict) -> Generator:
 def make_scorer(scorer: dict, frame: Callable[[Conversation], Conversation] | None = None) -> Scorer:
     """`scorer` = the scorer config section. `frame`: the judge prompt of a `judge` scorer (the
     method's, `avr_core.scorers.make_scorer` passes it; without one its `score` refuses)."""
-    frame = frame if scorer["kind"] == "judge" else None
+    frame = frame if scorer["kind"] in JUDGES else None
     key = _key("score", scorer, None if frame is None else f"{frame.__module__}.{frame.__qualname__}")
     if key not in _CACHE:
         cls = _load(SCORERS, scorer["kind"], "scorer")
@@ -104,13 +106,14 @@ def make_scorer(scorer: dict, frame: Callable[[Conversation], Conversation] | No
                   gpus=tuple(scorer.get("gpus") or ()))
         if scorer["kind"] in ("hf_rm", "vllm_rm"):    # an input over max_length: cut or not scored
             kw["over_long"] = scorer.get("over_long", "truncate")
-        if scorer["kind"] == "vllm_rm":
+        if scorer["kind"] in ("vllm_rm", "vllm_judge"):
             kw.update(tensor_parallel_size=scorer.get("tensor_parallel_size", 1),
                       data_parallel_size=scorer.get("data_parallel_size", 1),
                       gpu_memory_utilization=scorer.get("gpu_memory_utilization", 0.9),
-                      base_url=scorer.get("base_url", ""), served_model=scorer.get("served_model", ""),
                       enforce_eager=bool(scorer.get("enforce_eager")), kv_cache_gb=scorer.get("kv_cache_gb"))
-        _CACHE[key] = cls(path, frame=frame, **kw) if scorer["kind"] == "judge" else cls(path, **kw)
+        if scorer["kind"] == "vllm_rm":
+            kw.update(base_url=scorer.get("base_url", ""), served_model=scorer.get("served_model", ""))
+        _CACHE[key] = cls(path, frame=frame, **kw) if scorer["kind"] in JUDGES else cls(path, **kw)
         _META[key] = {"role": "scorer", "keep": bool(scorer.get("keep_engine")), "gpus": kw["gpus"],
                       "cpu": _on_cpu(scorer)}
     return _use(key)

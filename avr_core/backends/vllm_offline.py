@@ -218,6 +218,21 @@ class VLLMEngine:
             self.stats.samples += len(texts)
             self.stats.tokens_generated += sum(len(o.token_ids) for o in out.outputs)
 
+    def next_token_logprobs_at(self, prompts: list[list[int]], token_ids: list[int],
+                               offset: int = 0) -> list[list[float]]:
+        """log p(next token = t | prompt) for each t of `token_ids`, per prompt (token ids, each
+        shorter than `max_model_len`): one prefill per prompt and nothing sampled that is kept
+        (vLLM's `logprob_token_ids`, the full-vocabulary log-softmax). A judge's rating."""
+        self.stats.calls += 1
+        self.stats.requests += len(prompts)
+        params = self._vllm.SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=list(token_ids))
+        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=self.progress)
+        rows = []
+        for out in outs:
+            got = out.outputs[0].logprobs[0]
+            rows.append([got[t].logprob if t in got else float("-inf") for t in token_ids])
+        return rows
+
     @property
     def closed(self) -> bool:
         return getattr(self, "llm", None) is None
