@@ -163,24 +163,31 @@ def _compare_with_previous(store: Store, summary: dict) -> str | None:
 
 
 def wall_time_table(log: list[dict], wall_s: float) -> str:
-    """Markdown: one row per stage call in run order, then the run's total and what the stages
-    do not account for (Prefect flow bookkeeping, config and input checks).
+    """Markdown: one row per stage call in run order, with the models it loaded (vLLM engines
+    started, HF models loaded) and their seconds, then the run's total and what the stages do
+    not account for (Prefect flow bookkeeping, config and input checks).
 
-    >>> print(wall_time_table([{"task": "respond", "artifact": "respond/ab", "cached": False, "wall_s": 3.0,
-    ...                         "why": "changed config"}], 4.5))
-    | stage | artifact | status | wall s |
-    |---|---|---|---|
-    | respond | respond/ab | computed (changed config) | 3.0 |
-    | (outside stages) | | | 1.5 |
-    | **total** | | 1 computed, 0 cached | **4.5** |
+    >>> print(wall_time_table([{"task": "respond", "artifact": "respond/ab", "cached": False, "wall_s": 30.0,
+    ...                         "why": "changed config", "loads": 1, "load_s": 25.0}], 31.5))
+    | stage | artifact | status | wall s | model loads (s) |
+    |---|---|---|---|---|
+    | respond | respond/ab | computed (changed config) | 30.0 | 1 (25.0) |
+    | (outside stages) | | | 1.5 | |
+    | **total** | | 1 computed, 0 cached | **31.5** | **1 (25.0)** |
     <BLANKLINE>
     """
     def status(r):
         return "cached" if r["cached"] else f"computed ({r['why']})" if r.get("why") else "computed"
-    lines = ["| stage | artifact | status | wall s |", "|---|---|---|---|"]
-    lines += [f"| {r['task']} | {r['artifact']} | {status(r)} | {r['wall_s']:.1f} |" for r in log]
+
+    def loads(n, s):
+        return f"{n} ({s:.1f})" if n else ""
+    lines = ["| stage | artifact | status | wall s | model loads (s) |", "|---|---|---|---|---|"]
+    lines += [f"| {r['task']} | {r['artifact']} | {status(r)} | {r['wall_s']:.1f} | "
+              f"{loads(r.get('loads', 0), r.get('load_s', 0.0))} |" for r in log]
     inside = sum(r["wall_s"] for r in log)
     n_cached = sum(r["cached"] for r in log)
-    lines.append(f"| (outside stages) | | | {max(0.0, wall_s - inside):.1f} |")
-    lines.append(f"| **total** | | {len(log) - n_cached} computed, {n_cached} cached | **{wall_s:.1f}** |")
+    n_loads, load_s = sum(r.get("loads", 0) for r in log), sum(r.get("load_s", 0.0) for r in log)
+    lines.append(f"| (outside stages) | | | {max(0.0, wall_s - inside):.1f} | |")
+    lines.append(f"| **total** | | {len(log) - n_cached} computed, {n_cached} cached | **{wall_s:.1f}** | "
+                 f"**{n_loads} ({load_s:.1f})** |")
     return "\n".join(lines) + "\n"

@@ -23,6 +23,7 @@ from prefect.logging import get_run_logger
 from prefect.utilities.callables import get_call_parameters
 from tqdm.auto import tqdm
 
+from avr_core import backends
 from avr_core.codeversion import CodeVersion, code_version, reached_definitions
 from avr_core.store import ArtifactRef, Store, cache_key
 
@@ -260,6 +261,7 @@ class StageTask(Task):
         ref = self.resolve(params).ref
         store = store_of(params["cfg"])
         t0 = time.perf_counter()
+        built = len(backends.builds())
         cached = False
         try:
             # one process computes an artifact, any other one running the same stage with the same
@@ -268,8 +270,10 @@ class StageTask(Task):
                 cached = store.exists(ref)
                 return super().__call__(*args, **kwargs)
         finally:
+            loads = backends.builds()[built:]       # models loaded / engines started by this stage
             STAGE_LOG.append({"task": self.name, "artifact": str(ref), "cached": cached,
-                              "wall_s": round(time.perf_counter() - t0, 2)})
+                              "wall_s": round(time.perf_counter() - t0, 2), "loads": len(loads),
+                              "load_s": round(sum(b["seconds"] for b in loads), 2)})
 
 
 def stage(spec_fn: Callable[..., Spec], *, retries: int = 2, timeout_s: float = 6 * 3600,

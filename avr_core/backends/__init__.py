@@ -12,6 +12,7 @@ stages' models are resident together only when the config says they fit (docs/SC
 from __future__ import annotations
 
 import json
+import time
 from typing import Any, Callable
 
 from avr_core.backends.base import BackendStats, BackendUnavailable, Conversation, Generator, SamplingParams, Scorer
@@ -24,6 +25,7 @@ _CACHE: dict[str, Any] = {}
 _META: dict[str, dict] = {}      # key -> {"role", "keep", "gpus"}
 _USED: dict[str, str] = {}       # role -> device label, since the last `used()`
 _HOOKS: list[Callable[[], None]] = []   # releases of models held outside this cache (the local judge)
+_BUILDS: list[dict] = []         # every backend built by this process, in order: {"role", "kind", "seconds"}
 
 # kind -> "module:class". Strings on purpose: a stage's code version (avr_core/codeversion.py)
 # then covers the backend its config selects, not every backend.
@@ -66,6 +68,7 @@ def make_generator(model: dict, backend: dict) -> Generator:
         _make_room(key, backend, "generator")
         path = resolve_model_path(model["path"])
         dev = dict(device=backend.get("device", "auto"), gpus=tuple(backend.get("gpus") or ()))
+        t0 = time.perf_counter()
         if kind == "hf":
             _CACHE[key] = cls(path, model["dtype"], backend["batch_size"], model["trust_remote_code"], **dev)
         elif kind == "openai":
@@ -84,6 +87,7 @@ def make_generator(model: dict, backend: dict) -> Generator:
                               kv_cache_gb=backend.get("kv_cache_gb"), **dev)
         _META[key] = {"role": "generator", "keep": bool(backend.get("keep_engine")), "gpus": dev["gpus"],
                       "cpu": _on_cpu(backend)}
+        _BUILDS.append({"role": "generator", "kind": kind, "seconds": round(time.perf_counter() - t0, 2)})
     return _use(key)
 
 
@@ -113,7 +117,9 @@ def make_scorer(scorer: dict, frame: Callable[[Conversation], Conversation] | No
                       enforce_eager=bool(scorer.get("enforce_eager")), kv_cache_gb=scorer.get("kv_cache_gb"))
         if scorer["kind"] == "vllm_rm":
             kw.update(base_url=scorer.get("base_url", ""), served_model=scorer.get("served_model", ""))
+        t0 = time.perf_counter()
         _CACHE[key] = cls(path, frame=frame, **kw) if scorer["kind"] in JUDGES else cls(path, **kw)
+        _BUILDS.append({"role": "scorer", "kind": scorer["kind"], "seconds": round(time.perf_counter() - t0, 2)})
         _META[key] = {"role": "scorer", "keep": bool(scorer.get("keep_engine")), "gpus": kw["gpus"],
                       "cpu": _on_cpu(scorer)}
     return _use(key)
@@ -170,6 +176,13 @@ def note_used(role: str, device: str, release_fn: Callable[[], None] | None = No
     _USED[role] = device
     if release_fn is not None and release_fn not in _HOOKS:
         _HOOKS.append(release_fn)
+
+
+def builds() -> list[dict]:
+    """Every model backend this process has built, in order ({"role", "kind", "seconds"}: a
+    vLLM engine's start, an HF model's load). A run's start-up cost: what kept engines
+    (`keep_engine`) save shows as fewer builds (tasks/common.py logs them per stage)."""
+    return list(_BUILDS)
 
 
 def used() -> dict[str, str]:
