@@ -87,6 +87,24 @@ class Spec:
     inputs: tuple = ()
     models: tuple = ()
 
+    def __post_init__(self):
+        object.__setattr__(self, "config", lifetime_free(self.config))
+
+
+def lifetime_free(config: Any) -> Any:
+    """`config` with every `keep_engine` set to false: how long an engine lives (kept from stage
+    to stage, or released after each) is not what it computes, so persistence never changes a key,
+    and the keys of runs that never kept engines stay what they were.
+
+    >>> lifetime_free({"generator": {"kind": "vllm", "keep_engine": True}, "k": [1]})
+    {'generator': {'kind': 'vllm', 'keep_engine': False}, 'k': [1]}
+    """
+    if isinstance(config, dict):
+        return {k: False if k == "keep_engine" else lifetime_free(v) for k, v in config.items()}
+    if isinstance(config, list):
+        return [lifetime_free(v) for v in config]
+    return config
+
 
 def stage_code(entry: str, cfg: dict, root: str | None = None, body: Callable | None = None) -> CodeVersion:
     """The code version of the stage whose task body is `entry` ("module:function"): every

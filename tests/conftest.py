@@ -15,7 +15,7 @@ os.environ.setdefault("AVR_RETRY_DELAY_S", "0")
 # `pytest -m system`; CI runs both. Listed here, by file, so the lane is visible in one place.
 SYSTEM_TESTS = (
     "tests/test_chaos.py", "tests/test_e2e_pipeline.py", "tests/test_e2e_pipeline_s3.py",
-    "tests/test_e2e_smollm2.py", "tests/backends/test_vllm_cpu.py", "tests/backends/test_vllm_rm.py",
+    "tests/backends/test_vllm_cpu.py", "tests/backends/test_vllm_rm.py",
     "tests/backends/test_vllm_judge.py",
     "tests/ui/", "tests/flows/test_scale_out.py", "tests/flows/test_deployments.py",
     "tests/training/test_multirank.py", "tests/training/test_multinode.py", "tests/training/test_launcher.py",

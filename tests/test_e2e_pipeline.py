@@ -1,18 +1,26 @@
-"""The README's main job, shrunk: the whole pipeline on the real SmolLM2 with DeepSpeed on CPU --
+"""The README's main job, shrunk, on the path GPU nodes run (issue 22): the whole pipeline on the
+real SmolLM2, sampled by the `vllm` generator and scored by the `vllm_judge` scorer (vLLM's CPU
+build, engines in this process, kept from stage to stage) with DeepSpeed training on CPU --
 stage 1 (synthesis, RSFT, synthesis with the RSFT policy, reference log-probs, DPO), the learning
 signal, stage 2 (greedy search, thoughts, CoT RSFT, sampled thoughts, thought pairs, DPO) and
 test-time scaling and the AlpacaEval evaluation of all four models by the local judge -- then a
-rerun that is a full cache hit and appends its rows to the leaderboard."""
+rerun that is a full cache hit, loads no model and appends its rows to the leaderboard. The
+engines go through the factory's cache, the generator<->scorer switches of search, thought
+sampling and test-time scaling, the release at training and at the run's end (no EngineCore
+process outlives the run). The HF generator runs the whole pipeline in tests/test_e2e_pipeline_s3.py
+(evaluation answers) and every stage in tests/flows on small models."""
 import json
 import os
 
+import psutil
 import pytest
 
 os.environ["AVR_RETRY_DELAY_S"] = "0"
 
 from avr_core.store import Store  # noqa: E402
 
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
+pytestmark = [pytest.mark.slow, pytest.mark.vllm, pytest.mark.usefixtures("prefect_harness")]
+VLLM = ["generator.kind=vllm", "scorer.kind=vllm_judge"]   # tiny.yaml keeps both engines, eager, 1 GiB KV each
 
 SMALL = ["data.stage1_sft=[0,3]", "data.stage1_po=[3,6]", "data.heldout=[40,42]", "shard_size=3",
          "critique.max_tries=1", "respond.sampling.max_new_tokens=24", "critique.sampling.max_new_tokens=24",
@@ -30,13 +38,29 @@ SMALL = ["data.stage1_sft=[0,3]", "data.stage1_po=[3,6]", "data.heldout=[40,42]"
          "eval.slice=[0,2]", "eval.sampling.max_new_tokens=24", "eval.position_bias_n=1"]
 
 
-def test_pipeline_on_smollm2(tmp_path):
+def engine_processes() -> list[int]:
+    return [p.pid for p in psutil.Process().children(recursive=True) if "EngineCore" in p.name()]
+
+
+def test_pipeline_on_smollm2_on_the_vllm_path(tmp_path):
     from transformers import AutoModelForCausalLM
 
     from flows.pipeline import pipeline
 
-    summary = pipeline({"preset": "tiny", "overrides": [f"store.root={tmp_path}", *SMALL]})
+    params = {"preset": "tiny", "overrides": [f"store.root={tmp_path}", *SMALL, *VLLM]}
+    summary = pipeline(params)
     store = Store(str(tmp_path))
+    assert engine_processes() == [], "the run's end ends every engine it kept"
+    for stage in ("respond", "critique", "refine", "search", "thought_samples", "tts_answers", "eval_answers"):
+        for r in store.list(stage):
+            assert store.manifest(r)["device"]["generator"] == "cpu (vllm)", (stage, store.manifest(r)["device"])
+    for stage in ("rm_score", "search", "thought_samples", "tts_answers"):
+        for r in store.list(stage):
+            assert store.manifest(r)["device"]["scorer"] == "cpu (vllm)", (stage, store.manifest(r)["device"])
+    rows = summary["stages"]
+    first = {r["task"]: r for r in rows[:6]}                    # the seed's synthesis: one engine for three stages
+    assert [first[t]["loads"] for t in ("respond", "critique", "refine", "rm_score")] == [1, 0, 0, 1]
+    assert any(r["task"] == "rm_score" and r["loads"] == 0 for r in rows), "a kept scorer engine is reused"
     model = [store.ref("po", summary["outputs"]["stage1_model"]["ref"].split("/")[1])]
     assert len(store.list("po")) == 1 and len(store.list("rsft")) == 1 and len(store.list("ref_logps")) == 2
     assert len(store.list("cot_sft")) == 1 and len(store.list("cot_po")) == 1
@@ -74,7 +98,8 @@ def test_pipeline_on_smollm2(tmp_path):
     assert all(0 <= r["win_rate"] <= 100 and r["lc_kind"] == "unavailable" for r in rows)
     assert [r["R"] for r in rows] == [0, 0, 1, 0]
 
-    again = pipeline({"preset": "tiny", "overrides": [f"store.root={tmp_path}", *SMALL]})
+    again = pipeline(params)
     assert again["outputs"]["stage1_model"]["ref"] == summary["outputs"]["stage1_model"]["ref"]
     assert all(r["cached"] for r in again["stages"])          # a full cache hit: nothing recomputed
+    assert sum(r["loads"] for r in again["stages"]) == 0      # ... and no model loaded
     assert len(read_leaderboard(str(tmp_path))) == 8          # a nightly rerun appends its rows
