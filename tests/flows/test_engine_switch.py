@@ -34,7 +34,9 @@ def model(tmp_path_factory):
 def cfg_for(tmp_path, model, url, *more):
     over = [f"store.root={tmp_path}", f"policy.path={model}", "generator.kind=openai", f"generator.base_url={url}",
             "generator.served_model=fake", "generator.timeout_s=10", f"scorer.model.path={model}",
-            "data.stage2=[0,4]", "search.max_rounds=2", "tts.rounds=2", *more]
+            "data.stage2=[0,4]", "search.max_rounds=2", "tts.rounds=2",
+            # engines released after each use: the layout where every switch closes the other role
+            "generator.keep_engine=false", "scorer.keep_engine=false", *more]
     return OmegaConf.to_container(load_config("tiny", over), resolve=True)
 
 
