@@ -6,11 +6,8 @@ Skipped where vLLM is not installed. Slow-ish: each engine start takes ~25 s on
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
-import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -31,7 +28,6 @@ def real(fn):
         fn = m(fn)
     return fn
 
-REPO = Path(__file__).resolve().parents[2]
 PROMPTS = [("What is 2+2?", "2+2 is 5."),
            ("Name a primary colour.", "Blue."),
            ("What is the capital of France?", "Paris is the capital of France.")]
@@ -79,41 +75,6 @@ def test_continue_final_assistant_message(server):
     assert len(out[0]) == 2 and all(out[0])
     # A continuation, not a fresh answer: it does not repeat the prefix or start a new turn.
     assert not any(t.startswith("The answer is correct") for t in out[0])
-
-
-_OFFLINE_SCRIPT = textwrap.dedent("""
-    import json, sys
-    from avr_core.backends.base import BackendUnavailable, SamplingParams
-    from avr_core.backends.vllm_offline import VLLMGenerator
-
-    if __name__ == "__main__":  # vLLM's CPU engine spawns workers that re-import this file
-        gen = VLLMGenerator(sys.argv[1], max_model_len=2048, enforce_eager=True)
-        convs = [[{"role": "user", "content": "Name a primary colour."}],
-                 [{"role": "user", "content": "What is 2+2?"},
-                  {"role": "assistant", "content": "The answer is"}]]
-        out = gen.generate(convs, SamplingParams(n=2, max_new_tokens=16, seed=0))
-        print("RESULT " + json.dumps({"out": out, "stats": gen.stats.as_dict()}))
-""")
-
-
-@real
-@pytest.mark.slow
-def test_offline_engine_in_vllm_env(model_dir, tmp_path):
-    script = tmp_path / "offline.py"
-    script.write_text(_OFFLINE_SCRIPT)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "VLLM_CPU_KVCACHE_SPACE": "1",
-           "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}
-    env.pop("VIRTUAL_ENV", None)
-    p = subprocess.run([str(vllm_env_python()), str(script), model_dir], env=env, cwd=tmp_path,
-                       capture_output=True, text=True, timeout=600)
-    lines = [l for l in p.stdout.splitlines() if l.startswith("RESULT ")]
-    assert p.returncode == 0 and lines, p.stderr[-3000:]
-    res = json.loads(lines[-1][len("RESULT "):])
-    assert [len(o) for o in res["out"]] == [2, 2] and all(t for o in res["out"] for t in o)
-    st = res["stats"]
-    assert (st["calls"], st["requests"], st["samples"], st["failed_requests"]) == (1, 2, 4, 0)
-    assert st["tokens_generated"] > 0
-    sys.stdout.write(json.dumps(res["out"]) + "\n")
 
 
 # -- error paths, no vLLM needed: a fake "python" stands in for the env's interpreter -----
