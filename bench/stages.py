@@ -48,7 +48,6 @@ round R times (and repeats the HF round R times), keeping each one's fastest rep
 from __future__ import annotations
 
 import json
-import struct
 import time
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -69,18 +68,10 @@ class StageRow(Row):
 # -- the compute bound ---------------------------------------------------------------------------
 
 def count_params(model_dir: str) -> int:
-    """Parameters of a safetensors checkpoint, from its headers (nothing loaded; tied weights once)."""
-    total = 0
-    for f in sorted(Path(model_dir).glob("*.safetensors")):
-        with open(f, "rb") as fh:
-            header = json.loads(fh.read(struct.unpack("<Q", fh.read(8))[0]))
-        for name, t in header.items():
-            if name != "__metadata__":
-                n = 1
-                for d in t["shape"]:
-                    n *= d
-                total += n
-    return total
+    """Parameters of a safetensors checkpoint, from its headers (nothing loaded)."""
+    from avr_core.backends.device import param_count
+
+    return param_count(model_dir) or 0
 
 
 def matmul_gflops(dtype, m: int, k: int, n: int, seconds: float) -> float:

@@ -94,6 +94,13 @@ class Placement:
 def weight_bytes(path: str | os.PathLike, dtype: str) -> int | None:
     """Bytes of a local model's weights in `dtype`, from the safetensors headers (parameter
     counts, no tensor is read); None when unknown (a hub id, .bin files)."""
+    n = param_count(path)
+    return None if n is None else n * DTYPE_BYTES.get(dtype, 4)
+
+
+def param_count(path: str | os.PathLike) -> int | None:
+    """Parameters of a local safetensors checkpoint, from its headers (no tensor is read);
+    None when unknown (a hub id, .bin files)."""
     p = Path(path)
     files = sorted(p.glob("*.safetensors")) if p.is_dir() else []
     if not files:
@@ -109,7 +116,7 @@ def weight_bytes(path: str | os.PathLike, dtype: str) -> int | None:
                 for d in t["shape"]:
                     k *= d
                 params += k
-    return params * DTYPE_BYTES.get(dtype, 4)
+    return params
 
 
 def _free_bytes(i: int) -> int:
