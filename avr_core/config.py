@@ -295,6 +295,8 @@ class StoreConfig:
                                      #   without renewal (its holder renews it every lease_s / 3)
     lock_timeout_s: float = 0        # wait at most this long for another process computing the
                                      # same artifact, then fail naming it (0: as long as it runs)
+    stall_s: float = 7200            # object stores: a holder that writes nothing (no shard, no
+                                     #   checkpoint, no training CPU time) this long gives its lease up
 
 
 @dataclass
@@ -484,6 +486,7 @@ def validate(cfg: DictConfig) -> None:
     need(cfg.scale.retries >= 0 and cfg.scale.max_restarts >= 0, "scale.retries", "retries and max_restarts >= 0")
     need(cfg.scale.num_nodes >= 0, "scale.num_nodes", "must be >= 0 (0: every node of scale.hostfile)")
     need(cfg.store.lease_s > 0, "store.lease_s", "must be > 0 (seconds)")
+    need(cfg.store.stall_s >= 0, "store.stall_s", "must be >= 0 (seconds; 0: never give up the lease)")
     need(cfg.eval.position_bias_n >= 0, "eval.position_bias_n", "must be >= 0")
     need(cfg.eval.lc_min_annotations >= 0, "eval.lc_min_annotations", "must be >= 0")
     need(cfg.scorer.over_long in ("truncate", "skip"), "scorer.over_long", "must be truncate or skip")

@@ -71,8 +71,9 @@ def verify(store: Store, ref: ArtifactRef | None = None) -> list[str]:
     problems = []
     refs = [ref] if ref else store.list()
     for r in refs:
-        for rel, meta in store.manifest(r)["files"].items():
-            path = store.path(r, rel)
+        m = store.manifest(r)
+        for rel, meta in m["files"].items():
+            path = store.object_path(r, rel, m)
             if not store.fs.exists(path):
                 problems.append(f"{r}: {rel}: missing")
                 continue

@@ -65,7 +65,7 @@ def run(tmp: Path, name: str, engine: str, workers: int, shards: int, shard_s: f
     store = Store(cfg["store"]["root"])
     m = store.manifest(ref)
     calls = [json.loads(x) for x in log.read_text().splitlines()]
-    data = {rel: store.fs.cat_file(store.path(ref, rel)) for rel in m["files"]}
+    data = {rel: store.read_file(ref, rel, m) for rel in m["files"]}
     return {"name": name, "key": ref.key, "wall_s": wall, "compute_s": m["compute_s"], "calls": calls,
             "workers": m.get("workers", {"driver": len(calls)}), "data": data}
 

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from avr_core import backends
 from avr_core.codeversion import CodeVersion, code_version, reached_definitions
-from avr_core.store import ArtifactRef, Store, cache_key
+from avr_core.store import ArtifactRef, LeaseLost, Store, cache_key, sweep
 
 log = logging.getLogger("avr")
 RETRY_DELAY_S = float(os.environ.get("AVR_RETRY_DELAY_S", "10"))
@@ -38,7 +38,7 @@ def policy_identity(policy: dict) -> dict:
 
 
 def store_of(cfg: dict) -> Store:
-    return Store(cfg["store"]["root"], lease_s=cfg["store"].get("lease_s"))
+    return Store(cfg["store"]["root"], lease_s=cfg["store"].get("lease_s"), stall_s=cfg["store"].get("stall_s"))
 
 
 def lock_timeout(cfg: dict) -> float | None:
@@ -162,6 +162,10 @@ class Output:
     def write_file(self, relpath: str, data: bytes) -> None:
         self.writer.write_file(relpath, data)
 
+    def upload(self, local_dir: str, relpath: str) -> int:
+        """A directory of files (a trained model) into the artifact at `relpath` (one fenced PUT each)."""
+        return self.writer.upload(local_dir, relpath)
+
     def commit(self, outputs: dict[str, list[dict]], counts: dict | None = None, index: int = 0) -> None:
         self.writer.commit_shard(index, outputs, dict(counts or {}))
 
@@ -204,35 +208,61 @@ class Output:
 
 
 def run_stage(task: "StageTask", params: dict, body: Callable[..., None]) -> ArtifactRef:
-    """THE stage skeleton: cache check -> input verification -> writer -> body -> manifest ->
-    publish. Every stage runs through here (the lock is taken around it, in StageTask)."""
+    """THE stage skeleton: lock -> cache check -> input verification -> writer -> body -> manifest
+    -> publish. Every stage runs through here.
+
+    The lock (`Store.lock`) is held from the cache check to the manifest: the ONE place that makes
+    concurrent runs of any stage (sharded or not, training included) compute an artifact once.
+    It is taken inside the task, so a Prefect retry takes a fresh one. On an object store the lease
+    can be lost (its holder paused past it): then this attempt stops writing, waits for the taker
+    and uses what it committed, and computes again only if nobody did."""
     r = task.resolve(params)
-    store, ref, spec = r.store, r.ref, r.spec
-    if store.exists(ref):
-        logger().info("%s: cache hit (%s)", ref.stage, ref.path)
+    store, ref = r.store, r.ref
+    for tries in range(2):
+        try:
+            with store.lock(ref, timeout=lock_timeout(params["cfg"]), logger=logger()):
+                _build(task, r, params, body)
+            break
+        except LeaseLost as e:
+            logger().error("%s; waiting for the process that took it over, to use its artifact", e)
     else:
-        check_inputs(store, ref, [*spec.inputs, *spec.models])   # before any work and before anything is written
-        out = Output(store, ref, store.writer(ref.stage, ref.key, spec.config, list(spec.inputs), r.code.version),
-                     scale=params["cfg"].get("scale") if hasattr(params["cfg"], "get") else None)
-        try:
-            body(out, **params)
-        finally:
-            release_engines(out)
-        out.writer.finalize(extra={**out.extra, "code_files": r.code.files}, counts=out.counts or None)
-        for fn in out.after:
-            fn()
-        m = store.manifest(ref)
-        logger().info("%s: wrote %s rows=%s counts=%s", ref.stage, ref.path, m["rows"], m["counts"])
-        try:
-            publish_stage(store, ref, m)
-        except Exception as e:  # showing a stage must never fail it: the store is the record
-            logger().warning("%s: could not publish Prefect artifacts: %s", ref, e)
+        raise LeaseLost(f"{ref}: lost the lease twice; stopping (rerun to compute it)")
+    if tries and store.exists(ref):    # the taker committed: what this attempt wrote is garbage
+        sweep(store, ref)
     if task.publish_fn is not None:     # a stage's own view (a plot), cached or computed
         try:
             task.publish_fn(store, ref)
         except Exception as e:
             logger().warning("%s: could not publish Prefect artifacts: %s", ref, e)
     return ref
+
+
+COMPUTED: set[str] = set()   # artifacts this process computed (not cache hits): for STAGE_LOG
+
+
+def _build(task: "StageTask", r: "Resolved", params: dict, body: Callable[..., None]) -> None:
+    """Under the lock: a cache hit, or compute the artifact and commit its manifest."""
+    store, ref, spec = r.store, r.ref, r.spec
+    if store.exists(ref):
+        logger().info("%s: cache hit (%s)", ref.stage, ref.path)
+        return
+    check_inputs(store, ref, [*spec.inputs, *spec.models])   # before any work and before anything is written
+    out = Output(store, ref, store.writer(ref.stage, ref.key, spec.config, list(spec.inputs), r.code.version),
+                 scale=params["cfg"].get("scale") if hasattr(params["cfg"], "get") else None)
+    try:
+        body(out, **params)
+    finally:
+        release_engines(out)
+    out.writer.finalize(extra={**out.extra, "code_files": r.code.files}, counts=out.counts or None)
+    COMPUTED.add(str(ref))
+    for fn in out.after:
+        fn()
+    m = store.manifest(ref)
+    logger().info("%s: wrote %s rows=%s counts=%s", ref.stage, ref.path, m["rows"], m["counts"])
+    try:
+        publish_stage(store, ref, m)
+    except Exception as e:  # showing a stage must never fail it: the store is the record
+        logger().warning("%s: could not publish Prefect artifacts: %s", ref, e)
 
 
 def release_engines(out: "Output") -> None:
@@ -251,10 +281,8 @@ def release_engines(out: "Output") -> None:
 class StageTask(Task):
     """A Prefect task that also logs (stage, key, cached or computed, wall time) per call.
     The wall time includes Prefect's own overhead and the cache lookup, as a user waits it.
-
-    Every call holds its artifact's lock (`Store.lock`) from the cache check to the manifest:
-    the ONE place that makes concurrent runs of any stage (sharded or not, training included)
-    compute an artifact once. Flows call stages one at a time, so a process never holds two."""
+    The body holds its artifact's lock (`run_stage`); flows call stages one at a time, so a
+    process never holds two."""
 
     spec_fn: Callable[..., Spec]
     body: Callable[..., None]
@@ -277,18 +305,14 @@ class StageTask(Task):
             raise RuntimeError(f"injected failure in stage {self.name!r} (AVR_FAIL_TASK)")
         params = get_call_parameters(self.fn, args, kwargs)
         ref = self.resolve(params).ref
-        store = store_of(params["cfg"])
         t0 = time.perf_counter()
         built = len(backends.builds())
-        cached = False
+        COMPUTED.discard(str(ref))
         try:
-            # one process computes an artifact, any other one running the same stage with the same
-            # config waits here, then finds the manifest (Prefect's cache or the skeleton's `exists`)
-            with store.lock(ref, timeout=lock_timeout(params["cfg"]), logger=logger()):
-                cached = store.exists(ref)
-                return super().__call__(*args, **kwargs)
+            return super().__call__(*args, **kwargs)
         finally:
             loads = backends.builds()[built:]       # models loaded / engines started by this stage
+            cached = str(ref) not in COMPUTED and store_of(params["cfg"]).exists(ref)
             STAGE_LOG.append({"task": self.name, "artifact": str(ref), "cached": cached,
                               "wall_s": round(time.perf_counter() - t0, 2), "loads": len(loads),
                               "load_s": round(sum(b["seconds"] for b in loads), 2)})
@@ -435,7 +459,7 @@ def publish_stage(store: Store, ref: ArtifactRef, manifest: dict) -> None:
     first = next((f for f in sorted(manifest["files"]) if names and f.startswith(f"data/{names[0]}-")), None)
     recs: list[dict] = []
     if first:   # three records from the first data file: never the whole (possibly huge) artifact
-        with store.fs.open(store.path(ref, first), "r", encoding="utf-8") as f:
+        with store.fs.open(store.object_path(ref, first, manifest), "r", encoding="utf-8") as f:
             recs = [json.loads(line) for _, line in zip(range(3), f)]
     sample = sample_markdown(recs)
     publish(ref, ref.stage.replace("_", "-"), table=table,

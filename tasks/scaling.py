@@ -43,7 +43,7 @@ def tts_curve_spec(cfg, answers, label="stage-1 model") -> Spec:
 def _publish_curve(store: Store, ref: ArtifactRef) -> None:
     rows = store.manifest(ref)["result"]
     logger().info("test-time scaling:\n%s", to_markdown(rows))
-    publish_plot(ref, "tts-curve", store.fs.cat_file(store.path(ref, "scaling.png")), rows, "test-time scaling",
+    publish_plot(ref, "tts-curve", store.read_file(ref, "scaling.png"), rows, "test-time scaling",
                  to_markdown(rows))
 
 

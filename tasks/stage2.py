@@ -27,10 +27,10 @@ def search_spec(cfg, policy, prompts) -> Spec:
 
 def _publish_gain(store: Store, ref: ArtifactRef) -> None:
     """The score gain per round (written beside the traces) as a plot on the Prefect run."""
-    png = store.path(ref, "score_gain.png")
-    if store.fs.exists(png):
-        rows = json.loads(store.fs.cat_file(store.path(ref, "score_gain.json")))
-        publish_plot(ref, "search-score-gain", store.fs.cat_file(png), rows, "score gain per round")
+    m = store.manifest(ref)
+    if "score_gain.png" in m["files"]:
+        rows = json.loads(store.read_file(ref, "score_gain.json", m))
+        publish_plot(ref, "search-score-gain", store.read_file(ref, "score_gain.png", m), rows, "score gain per round")
 
 
 @stage(search_spec, publish=_publish_gain)

@@ -1,6 +1,6 @@
 """A real S3-protocol server on 127.0.0.1 for the object-store tests: moto's standalone server
 (`moto.server.ThreadedMotoServer`), a bucket created with boto3, and the environment a process
-needs to reach it (`AWS_ENDPOINT_URL` and dummy credentials; see avr_core/store.py
+needs to reach it (`AWS_ENDPOINT_URL` and dummy credentials; see avr_core/store/objects.py
 `storage_options`). moto is a test double of S3's protocol, not storage: docs/RELIABILITY.md
 "Object stores" lists what we rely on that AWS S3 and MinIO must also do."""
 from __future__ import annotations

@@ -7,7 +7,7 @@ What counts as a reference, and when it resolves:
 
 1. A repository path: a token whose first component is a top-level directory of this
    repository (derived from the tracked files: avr_core, tasks, flows, conf, tests, docs,
-   ...), e.g. `avr_core/store.py` or `tests/core/`. It resolves if it is a tracked file or a
+   ...), e.g. `avr_core/store/leases.py` or `tests/core/`. It resolves if it is a tracked file or a
    directory holding tracked files. A path followed by `::name` (the notation docs/DESIGN.md
    uses) must also define `name` in that Python file (a def, class or assignment).
 2. A bare Markdown file name (`README.md`, `RELIABILITY.md`, not preceded by a slash). It
@@ -178,7 +178,7 @@ def test_a_planted_dead_reference_is_caught():
     dead_md = "NO_SUCH_NOTES" + ".md"
     dead_member = "tasks/synthesis.py::" + "no_such_function"
     text = (f"see {dead_file}, {dead_md} and {dead_member}.\n"
-            "fine: avr_core/store.py::cache_key, tests/core/, README.md, RELIABILITY.md, docs/DESIGN.md\n"
+            "fine: avr_core/store/__init__.py::cache_key, tests/core/, README.md, RELIABILITY.md, docs/DESIGN.md\n"
             "not ours: src/actions.py of the authors, https://example.org/avr_core/" + "gone.py, "
             "tasks/<file>.py, tests/*.py, artifacts/select/<key>/, scaling.md, "
             "the authors' scripts/" + "stage1_generation.sh\n")

@@ -5,6 +5,7 @@ past its lease by renewing it; a killed holder's lease is taken over), the local
 artifacts, and `avr artifacts list/show/lineage/verify`."""
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -53,15 +54,20 @@ def test_shards_manifest_and_readback_on_s3(store):
     assert not [p for p in store.fs.find(store.path(ref)) if ".tmp-" in p]    # one PUT per file, no renames
 
 
-def test_of_two_writers_racing_on_one_manifest_exactly_one_commits(store, caplog):
-    from avr_core.store import put_exclusive
+def test_of_two_writers_racing_on_one_manifest_exactly_one_commits(store):
+    from avr_core.inspect import verify
+    from avr_core.store import LeaseLost, put_exclusive
 
     a, b = _artifact(store), _artifact(store)
     a.finalize(extra={"writer": "a"})
-    with caplog.at_level(logging.WARNING, logger="avr"):
+    with pytest.raises(LeaseLost, match="another attempt committed this artifact first"):
         b.finalize(extra={"writer": "b"})
-    assert store.manifest(store.ref("respond", "k1"))["writer"] == "a"
-    assert "another writer committed this artifact first" in caplog.text
+    ref = store.ref("respond", "k1")
+    m = store.manifest(ref)
+    assert m["writer"] == "a" and m["attempt"] == a.attempt
+    assert {meta["object"].split("/")[1] for meta in m["files"].values()} == {a.attempt}   # one attempt's files
+    assert store.fs.ls(store.path(ref, "attempts"), detail=False)[0].endswith(a.attempt)   # b's files swept
+    assert verify(store, ref) == []
     path = store.path("x", "once.json")
     assert [put_exclusive(store.fs, path, b"1"), put_exclusive(store.fs, path, b"2")] == [True, False]
     assert store.fs.cat_file(path) == b"1"
@@ -133,14 +139,14 @@ def test_fetch_caches_by_key_and_checksum_and_refuses_a_damaged_copy(store, tmp_
     (model / "sub").mkdir(parents=True)
     (model / "config.json").write_text("{}")
     (model / "sub" / "w.bin").write_bytes(os.urandom(2048))
-    assert store.upload(str(model), w.ref, "model") == 2
+    assert w.upload(str(model), "model") == 2
     ref = w.finalize()
     cache = tmp_path / "cache"
     local = Path(store.fetch(ref, cache_dir=str(cache)))
     assert local.parent == cache / "rsft" and local.name.startswith("m1-")
     assert (local / "model" / "sub" / "w.bin").read_bytes() == (model / "sub" / "w.bin").read_bytes()
     assert store.fetch(ref, cache_dir=str(cache)) == str(local)        # second time: the cache
-    store.fs.pipe_file(store.path(ref, "model", "config.json"), b"{ }")   # damaged in the store
+    store.fs.pipe_file(store.object_path(ref, "model/config.json"), b"{ }")   # damaged in the store
     with pytest.raises(OSError, match="does not match its manifest"):
         store.fetch(ref, cache_dir=str(tmp_path / "other"))
     assert not list((tmp_path / "other" / "rsft").iterdir())            # nothing half-cached
@@ -153,8 +159,11 @@ def test_a_multipart_upload_is_one_object_in_the_manifest_and_fetched_whole(stor
     fetched back byte for byte."""
     w = store.writer("rsft", "mp", {}, [], "v1")
     blob = os.urandom(12 * 2**20 + 123)
-    (tmp_path / "w.bin").write_bytes(blob)
-    store.fs.put_file(str(tmp_path / "w.bin"), store.path(w.ref, "model", "w.bin"), chunksize=5 * 2**20)
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "w.bin").write_bytes(blob)
+    store.fs.put_file = functools.partial(store.fs.put_file, chunksize=5 * 2**20)   # what w.upload calls
+    w.upload(str(tmp_path / "model"), "model")
+    del store.fs.put_file
     ref = w.finalize()
     assert store.manifest(ref)["files"]["model/w.bin"]["bytes"] == len(blob)
     assert (Path(store.fetch(ref, cache_dir=str(tmp_path / "cache"))) / "model" / "w.bin").read_bytes() == blob
@@ -178,6 +187,6 @@ def test_avr_artifacts_commands_read_an_s3_store(store):
     lin = avr("lineage", "c1")
     assert lin.returncode == 0 and "respond/a1" in lin.stdout
     assert avr("verify").returncode == 0
-    store.fs.pipe_file(store.path(a, "data", "records-00000.jsonl"), b'{"id": "forged"}\n')
+    store.fs.pipe_file(store.object_path(a, "data/records-00000.jsonl"), b'{"id": "forged"}\n')
     bad = avr("verify")
     assert bad.returncode != 0 and "respond/a1" in bad.stdout + bad.stderr
