@@ -142,10 +142,9 @@ def _flat(d: dict) -> dict:
 
 def leaderboard_deltas(store: Store, a_id: str, b_id: str) -> list[dict]:
     """Per (iteration, model) of either run: win rate and average length in A and B and the change."""
-    from avr_core.evaluation.leaderboard import from_csv
+    from avr_core.evaluation.leaderboard import read
 
-    path = store.path("leaderboard", "leaderboard.csv")
-    rows = from_csv(store.fs.cat_file(path).decode()) if store.fs.exists(path) else []
+    rows = read(store)
     by = {run: {(int(r.get("iteration") or 0), r["model"]): r for r in rows if r["run"] == run} for run in (a_id, b_id)}
     out = []
     for key in sorted(set(by[a_id]) | set(by[b_id])):

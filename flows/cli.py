@@ -219,13 +219,13 @@ def _artifacts(args) -> int:
 
 def _eval(args) -> int:
     from avr_core.evaluation import leaderboard as lb
-    from tasks.evaluate import read_leaderboard
+    from avr_core.store import Store
 
     root = args.store or os.environ.get("AVR_STORE") or "./artifacts"
     try:
-        rows = read_leaderboard(root)
-    except ValueError as e:   # a damaged leaderboard.csv: its line and column
-        print(f"avr: error: {root}/leaderboard/leaderboard.csv: {e}", file=sys.stderr)
+        rows = lb.read(Store(root))
+    except ValueError as e:   # a damaged row file or legacy leaderboard.csv: the file, its line/row and field
+        print(f"avr: error: {e}", file=sys.stderr)
         return 2
     if args.model:
         rows = [r for r in rows if r["model"] == args.model]

@@ -168,16 +168,15 @@ def judge(out: Output, cfg: dict, answers: ArtifactRef, prompts: ArtifactRef) ->
 def read_leaderboard(store_root: str) -> list[dict]:
     from avr_core.store import Store
 
-    s = Store(store_root)
-    path = s.path("leaderboard", "leaderboard.csv")
-    return lb.from_csv(s.fs.cat_file(path).decode()) if s.fs.exists(path) else []
+    return lb.read(Store(store_root))      # the row files (append-only), never the CSV view
 
 
 @task(name="leaderboard", retries=0)
 def leaderboard(cfg: dict, run_id: str, judged: dict[str, ArtifactRef], stages: dict[str, tuple],
                 iteration: int = 0) -> str:
-    """Append this run's rows (one per evaluated model) to `<store>/leaderboard/` (CSV + markdown),
-    publish the table on the Prefect run, and return the markdown."""
+    """Append this run's rows (one per evaluated model) to `<store>/leaderboard/` (one new row file;
+    the CSV and markdown views are rewritten), publish the table on the Prefect run, and return
+    the markdown."""
     store = store_of(cfg)
     new = []
     for name, ref in judged.items():
@@ -188,6 +187,6 @@ def leaderboard(cfg: dict, run_id: str, judged: dict[str, ArtifactRef], stages: 
                     "lc": r["lc_win_rate"], "lc_kind": r["lc_kind"], "avg_len": r["avg_len_chars"],
                     "judge": r["annotator"], "evalset": cfg["eval"]["prompts"].rsplit("/", 1)[-1],
                     "artifact": str(ref)})
-    md = lb.append(store, new, SMOKE_TITLE if cfg["eval"]["smoke"] else None)   # locked: no row lost
+    md = lb.append(store, new, SMOKE_TITLE if cfg["eval"]["smoke"] else None)   # append-only: no row lost
     publish(store.ref("leaderboard", "leaderboard.csv"), "avr-leaderboard", table=new, markdown=md)
     return md

@@ -9,11 +9,34 @@ regression shows as a drop between consecutive rows of the same model.
 
 `iteration` is the AvR iteration the model came from (0: the first; README "Iterations"); a
 leaderboard written before that column existed reads as iteration 0.
+
+Storage (append-only; docs/RELIABILITY.md "The leaderboard: append-only")::
+
+    <root>/leaderboard/rows/<UTC time>-<run>-<random>.json   the rows of one `append`: THE TRUTH
+    <root>/leaderboard/leaderboard.csv, leaderboard.md       views for people, derived from the rows
+
+Every `append` creates one new object under `rows/` with a conditional create and never
+rewrites or deletes one, so no writer -- however stale, paused or slow -- can remove or change
+another's rows, and no lock is needed. `read` lists `rows/`, reads every file in name order and
+`merge`s them (a later file replaces the earlier rows of the same (run, artifact)). A store from
+before `rows/` existed has only `leaderboard.csv`; it is read as it is, and the first `append`
+copies it into `rows/` under a name that sorts first (`LEGACY`).
 """
 from __future__ import annotations
 
 import csv
 import io
+import json
+import os
+import re
+import secrets
+import time
+import uuid
+
+from avr_core.store import put_exclusive
+
+DIR, ROWS = "leaderboard", "rows"
+LEGACY = "00000000T000000.000000Z-legacy.json"    # the migrated leaderboard.csv: sorts before every row file
 
 COLUMNS = ["date", "run", "iteration", "model", "stage", "R", "n", "win_rate", "se", "lc", "lc_kind", "avg_len",
            "judge", "evalset", "artifact"]
@@ -70,14 +93,129 @@ def to_markdown(rows: list[dict], title: str | None = None) -> str:
     return (f"{title}\n\n" if title else "") + head + body
 
 
+def _shown(store, *parts: str) -> str:
+    """A store path as the user wrote the root (`s3://b/avr/leaderboard/...`), for messages."""
+    return "/".join([store.root.rstrip("/"), *parts])
+
+
+def _row_names(store) -> list[str]:
+    """Names of the row files, in name (= creation time) order; temporary files are not rows."""
+    try:
+        paths = store.fs.ls(store.path(DIR, ROWS), detail=False)
+    except FileNotFoundError:
+        return []
+    return sorted(n for n in (p.rstrip("/").rsplit("/", 1)[-1] for p in paths)
+                  if n.endswith(".json") and not n.startswith("."))
+
+
+def _row_file(text: str, name: str) -> list[dict]:
+    """The rows of one row file; a damaged one is a ValueError of one line naming what is wrong."""
+    try:
+        doc = json.loads(text)
+    except ValueError as e:
+        raise ValueError(f"not valid JSON ({e})") from None
+    rows = doc.get("rows") if isinstance(doc, dict) else None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise ValueError("not a leaderboard row file (expected {\"rows\": [{...}, ...]})")
+    for i, r in enumerate(rows, 1):
+        for k in ("run", "artifact"):
+            if not isinstance(r.get(k), str) or not r[k]:
+                raise ValueError(f"row {i}: field '{k}': missing or not a string")
+        for k in ("win_rate", "se", "lc", "avg_len", "R", "n", "iteration"):
+            if r.get(k) is not None and (isinstance(r[k], bool) or not isinstance(r[k], (int, float))):
+                raise ValueError(f"row {i}: field '{k}': not a number ({r[k]!r})")
+    return [{**{c: r.get(c) for c in COLUMNS}, "iteration": r.get("iteration") or 0} for r in rows]
+
+
+def _legacy(store) -> list[dict] | None:
+    """The rows of a `leaderboard.csv` written before `rows/` existed (None: there is none)."""
+    path = store.path(DIR, "leaderboard.csv")
+    if not store.fs.exists(path):
+        return None
+    try:
+        return from_csv(store.fs.cat_file(path).decode())
+    except ValueError as e:
+        raise ValueError(f"{_shown(store, DIR, 'leaderboard.csv')}: {e}") from None
+
+
+def read(store) -> list[dict]:
+    """Every row, from the row files in name order (`merge`: a rerun's rows replace the earlier
+    ones of the same (run, artifact)). A store with no row file yet: its legacy `leaderboard.csv`.
+    A damaged row file is a ValueError of one line naming the file. Never reads the views."""
+    names = _row_names(store)
+    if not names:
+        return _legacy(store) or []
+    paths = [store.path(DIR, ROWS, n) for n in names]
+    blobs = store.fs.cat(paths)      # one dict; on S3 the GETs run concurrently
+    rows: list[dict] = []
+    for n, p in zip(names, paths):
+        try:
+            rows = merge(rows, _row_file(blobs[p].decode(), n))
+        except ValueError as e:      # UnicodeDecodeError is one too
+            raise ValueError(f"{_shown(store, DIR, ROWS, n)}: {e}") from None
+    return rows
+
+
+def _create(store, name: str, data: bytes) -> bool:
+    """Create `rows/<name>` only if it does not exist: True if this call created it. On S3 one
+    conditional PUT (`put_exclusive`). Locally `put_exclusive` (O_EXCL) would show a reader the
+    file before its bytes are in it, so the bytes go to a temporary name first and a hard link,
+    which fails if the name exists, publishes them whole."""
+    path = store.path(DIR, ROWS, name)
+    if store.remote:
+        return put_exclusive(store.fs, path, data)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = os.path.join(os.path.dirname(path), f".tmp-{uuid.uuid4().hex}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+    try:
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    except OSError:                  # a filesystem without hard links: O_EXCL
+        return put_exclusive(store.fs, path, data)
+    finally:
+        os.unlink(tmp)
+
+
+def _dump(rows: list[dict]) -> bytes:
+    return json.dumps({"rows": rows}, indent=1, default=str).encode()
+
+
+def _migrate(store) -> None:
+    """Copy a legacy `leaderboard.csv` into `rows/` (as `LEGACY`) if no row file exists yet. The
+    CSV is read BEFORE `rows/` is listed again: a view is only ever written after some row file
+    exists, so a CSV read while `rows/` was still empty is the legacy table, not a view. Of two
+    migrating writers exactly one creates `LEGACY` (with the same content)."""
+    if _row_names(store):
+        return
+    legacy = _legacy(store)
+    if legacy and not _row_names(store):
+        _create(store, LEGACY, _dump(legacy))
+
+
 def append(store, new: list[dict], title: str | None = None) -> str:
-    """Add `new` to `<store>/leaderboard/leaderboard.{csv,md}` and return the markdown. A
-    read-modify-write, so it holds the store's "leaderboard" lock (`Store.lock`): two runs that
-    finish at once both keep their rows, and readers see whole files (atomic writes)."""
-    csv_path, md_path = store.path("leaderboard", "leaderboard.csv"), store.path("leaderboard", "leaderboard.md")
-    with store.lock("leaderboard"):
-        rows = merge(from_csv(store.fs.cat_file(csv_path).decode()) if store.fs.exists(csv_path) else [], new)
-        md = to_markdown(rows, title)
-        store.write_atomic(csv_path, to_csv(rows).encode())
-        store.write_atomic(md_path, md.encode())
+    """Add `new` to the leaderboard as ONE new immutable row file and return the markdown of all
+    rows. Append-only: no lock, nothing read-modify-written, so of any number of concurrent,
+    stalled or resumed writers every one keeps its rows (module docstring)."""
+    if new:
+        _migrate(store)
+        run = re.sub(r"[^A-Za-z0-9._-]+", "_", str(new[0].get("run") or "run"))[:80]
+        data = _dump(merge([], new))
+        for _ in range(20):          # a name collision (same microsecond, run and 32 random bits): retry
+            t = time.time()
+            stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(t)) + f".{int(t * 1e6) % 10**6:06d}Z"
+            if _create(store, f"{stamp}-{run}-{secrets.token_hex(4)}.json", data):
+                break
+        else:
+            raise RuntimeError(f"{_shown(store, DIR, ROWS)}: could not create a new row file in 20 tries")
+    rows = read(store)
+    md = to_markdown(rows, title)
+    # The views are DERIVED from the rows, for people; code never reads them (`read` does not).
+    # Writers are not serialised, so a stale writer (one paused between `read` and here) may
+    # write a view without rows added meanwhile; it loses nothing -- the rows are intact -- and
+    # the next `append` rewrites both views from all rows.
+    store.write_atomic(store.path(DIR, "leaderboard.csv"), to_csv(rows).encode())
+    store.write_atomic(store.path(DIR, "leaderboard.md"), md.encode())
     return md

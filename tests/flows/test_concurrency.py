@@ -7,7 +7,7 @@ file, so the tests can count who computed what. Control flow only; no model is i
 1. the same stage and config in two processes at once: one computes, the other waits (and says
    so), then reuses the very same artifact; the store verifies;
 2. two configs side by side: neither waits for the other, both artifacts are right;
-3. N processes appending to the leaderboard at once lose no row;
+3. N processes appending to the (append-only) leaderboard at once lose no row;
 4. a lock holder killed with SIGKILL mid-stage does not block the next process, which resumes.
 """
 from __future__ import annotations
@@ -201,13 +201,16 @@ def test_two_configs_run_side_by_side_without_waiting_for_each_other(tmp_path, e
 @pytest.mark.slow
 def test_concurrent_leaderboard_appends_lose_no_row(tmp_path, env):
     from avr_core.evaluation import leaderboard as lb
+    from avr_core.store import Store
 
-    root, n, k = tmp_path / "store", 4, 20       # every release removes the lock file: contended
+    root, n, k = tmp_path / "store", 4, 20       # append-only: one new row file per append, no lock
     kids = [Child(env, tmp_path / f"lb{w}.log", "leaderboard", str(root), f"w{w}", str(k)) for w in range(n)]
     for kid in kids:
         assert kid.p.wait(60) == 0, kid.text()
-    rows = lb.from_csv((root / "leaderboard" / "leaderboard.csv").read_text())
+    rows = lb.read(Store(str(root)))
     assert sorted(r["run"] for r in rows) == sorted(f"w{w}-{i}" for w in range(n) for i in range(k))
+    assert len(list((root / "leaderboard" / "rows").glob("*.json"))) == n * k
+    lb.append(Store(str(root)), [])          # the views are derived: the next append rewrites them from all rows
     assert len((root / "leaderboard" / "leaderboard.md").read_text().splitlines()) == 2 + n * k
 
 

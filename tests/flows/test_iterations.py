@@ -81,7 +81,7 @@ def test_iterations_continue_from_the_last_model_on_fresh_prompts(tmp_path, fake
     chain = it.completed(store, _chain(store))
     assert [r["iteration"] for r in chain] == [0, 1]
     assert s1["seed"] == chain[0]["stage1_model"] == chain[0]["next_model"]     # t+1 starts from t's Stage-1 model
-    assert {(r["iteration"], r["model"]) for r in lb.from_csv(_read(store, "leaderboard/leaderboard.csv"))} == \
+    assert {(r["iteration"], r["model"]) for r in lb.read(store)} == \
         {(t, m) for t in (0, 1) for m in ("seed", "rsft", "stage1", "stage2")}
     table = json.loads(_read(store, f"iterations/{_chain(store)}/iterations.json"))
     assert [(r["iteration"], r["wr_stage1"], r["score_stage1"]) for r in table] == [(0, 40.0, 6.5), (1, 50.0, 7.5)]
