@@ -10,12 +10,12 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from avr_core import compare
+from avr_core import compare, identity
 from avr_core.config import ConfigError, load_config, to_yaml
 from avr_core.models import model_ref_problem
 from avr_core.store import ArtifactRef, Store
 from flows.params import RunParams, as_params
-from tasks.common import STAGE_LOG, publish, publish_plot
+from tasks.common import STAGE_LOG, policy_identity, publish, publish_plot, scorer_identity
 from tasks.evaluate import validate_evalset
 from tasks.synthesis import validate_prompts
 
@@ -23,7 +23,8 @@ from tasks.synthesis import validate_prompts
 def preflight(cfg: dict) -> int:
     """The checks of a validated config against this machine, before any work: the prompt and
     eval files (InputError: file, line, field), the model paths and the store root (ConfigError:
-    the key). Returns the number of prompts. Nothing is loaded or written."""
+    the key), and what each model given by name is (`check_identities`). Returns the number of
+    prompts. No model is loaded, nothing is written (but the embedded model's one-off conversion)."""
     from avr_core.backends.device import DeviceError, check_devices
 
     try:
@@ -42,7 +43,23 @@ def preflight(cfg: dict) -> int:
             raise ConfigError(f"key '{key}': {problem} (got {ref!r})")
     _check_store_root(cfg["store"]["root"])
     check_schedule(cfg)
+    check_identities(cfg)                              # last: it may convert the embedded model (seconds, once)
     return n
+
+
+def check_identities(cfg: dict) -> None:
+    """Resolve the revision or content digest of every model given by name, as the stages' keys
+    will (avr_core/identity.py): an offline hub without the snapshot fails the run here, in one
+    line, and each identity is computed once for the run (memoised; `start_run` forgets the last
+    run's). The embedded model is converted here on its first use on this machine."""
+    from avr_core.identity import IdentityError
+
+    for key, keyed in (("policy.path", lambda: policy_identity(cfg["policy"], cfg["generator"])),
+                       ("scorer.model.path", lambda: scorer_identity(cfg["scorer"]))):
+        try:
+            keyed()
+        except IdentityError as e:
+            raise ConfigError(f"key '{key}': {e}") from None
 
 
 def check_schedule(cfg: dict) -> None:
@@ -92,6 +109,7 @@ def start_run(params: RunParams | dict) -> tuple[dict, dict]:
     preset, overrides = params.preset, params.to_overrides()
     cfg_obj = load_config(preset, overrides)
     cfg = OmegaConf.to_container(cfg_obj, resolve=True)
+    identity.forget()                              # a re-pointed path or a new snapshot counts from this run on
     n = preflight(cfg)
     store = Store(cfg["store"]["root"])
     STAGE_LOG.clear()                              # this run's wall-time table starts here

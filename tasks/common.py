@@ -7,6 +7,7 @@ cache record: the task then runs and finds (or rebuilds) it in the store.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import inspect
 import json
@@ -25,16 +26,37 @@ from tqdm.auto import tqdm
 
 from avr_core import backends
 from avr_core.codeversion import CodeVersion, code_version, reached_definitions
+from avr_core.identity import model_identity
 from avr_core.store import ArtifactRef, LeaseLost, Store, cache_key, sweep
 
 log = logging.getLogger("avr")
 RETRY_DELAY_S = float(os.environ.get("AVR_RETRY_DELAY_S", "10"))
 
 
-def policy_identity(policy: dict) -> dict:
+def policy_identity(policy: dict, backend: dict | None = None) -> dict:
     """What a policy contributes to a cache key: a trained model is identified by its artifact
-    key, not by its path, so moving the store does not invalidate everything downstream."""
-    return {k: v for k, v in policy.items() if not (k == "path" and "artifact" in policy)}
+    key, not by its path, so moving the store does not invalidate everything downstream. A model
+    given by name (hub id, local directory, `embedded:`) also carries its `identity`: revision or
+    content digest (avr_core/identity.py), so a new snapshot or a re-pointed path is a new key.
+    `backend`: the section that loads it; a model on someone else's server (`openai`, a
+    `vllm_rm` with a `base_url`) cannot be looked into and is keyed by its name, said so."""
+    if "artifact" in policy:
+        return {k: v for k, v in policy.items() if k != "path"}
+    if served_elsewhere(backend):
+        return {**policy, "identity": "served:name-only"}
+    return {**policy, "identity": model_identity(policy["path"], policy.get("revision"))}
+
+
+def scorer_identity(scorer: dict) -> dict:
+    """The scorer section for a cache key: its model with `policy_identity` (rules: no model)."""
+    if scorer.get("kind") == "rules":
+        return scorer
+    return {**scorer, "model": policy_identity(scorer["model"], scorer)}
+
+
+def served_elsewhere(backend: dict | None) -> bool:
+    kind = (backend or {}).get("kind")
+    return kind == "openai" or (kind == "vllm_rm" and bool(backend.get("base_url")))
 
 
 def store_of(cfg: dict) -> Store:
@@ -148,9 +170,10 @@ class Output:
     files (`write_file`) and may add manifest fields (`extra`, `counts`); the skeleton
     (`run_stage`) writes the manifest after it returns."""
 
-    def __init__(self, store: Store, ref: ArtifactRef, writer, scale: Any = None):
+    def __init__(self, store: Store, ref: ArtifactRef, writer, scale: Any = None, expect: Any = None):
         self.store, self.ref, self.writer = store, ref, writer
         self.scale = scale           # cfg.scale: where shards run (never part of a key; tasks/scale.py)
+        self.expect = expect         # what Ray workers must match (tasks/scale.py, Expect)
         self.extra: dict = {}
         self.counts: dict = {}
         self.after: list[Callable[[], None]] = []   # run once the manifest exists (clean-ups)
@@ -197,7 +220,7 @@ class Output:
         from tasks.scale import run_on_ray, settings
         scale = settings(self.scale)      # validated: scale.engine is local or ray
         if scale["engine"] == "ray" and len(pending) > 1:   # many workers; the driver commits (tasks/scale.py)
-            self.extra["workers"] = run_on_ray(shards, pending, work, stats, scale, commit, logger())
+            self.extra["workers"] = run_on_ray(shards, pending, work, stats, scale, commit, logger(), self.expect)
         else:                             # one after another, here (also a single pending shard on ray)
             for i in tqdm(pending, desc=self.ref.stage, unit="shard"):
                 before = stats() if stats else {}  # the first call builds the backend: only on a real miss
@@ -247,8 +270,10 @@ def _build(task: "StageTask", r: "Resolved", params: dict, body: Callable[..., N
         logger().info("%s: cache hit (%s)", ref.stage, ref.path)
         return
     check_inputs(store, ref, [*spec.inputs, *spec.models])   # before any work and before anything is written
+    expect = expectation(task, params["cfg"], spec)
     out = Output(store, ref, store.writer(ref.stage, ref.key, spec.config, list(spec.inputs), r.code.version),
-                 scale=params["cfg"].get("scale") if hasattr(params["cfg"], "get") else None)
+                 scale=params["cfg"].get("scale") if hasattr(params["cfg"], "get") else None, expect=expect)
+    out.extra["environment"] = expect.driver     # code, torch/transformers/vllm, models: W-4
     try:
         body(out, **params)
     finally:
@@ -263,6 +288,28 @@ def _build(task: "StageTask", r: "Resolved", params: dict, body: Callable[..., N
         publish_stage(store, ref, m)
     except Exception as e:  # showing a stage must never fail it: the store is the record
         logger().warning("%s: could not publish Prefect artifacts: %s", ref, e)
+
+
+def expectation(task: "StageTask", cfg: dict, spec: Spec):
+    """The driver's `Expect` for this stage call: its code version, package versions and the
+    identities of the models it loads by name (computed here, once; workers recompute theirs)."""
+    from tasks.scale import Expect, environment
+
+    expect = Expect(task.entry, cfg, task.body, tuple(named_models(spec.config)))
+    return dataclasses.replace(expect, driver=environment(expect))
+
+
+def named_models(config: Any) -> list[tuple[str, str | None]]:
+    """(path, revision) of every model in a spec's config keyed by `policy_identity` (not the
+    ones on someone else's server: no worker loads those)."""
+    if isinstance(config, list):
+        return [m for v in config for m in named_models(v)]
+    if not hasattr(config, "items"):
+        return []
+    identity = config.get("identity")
+    own = isinstance(identity, str) and not identity.startswith("served:") and "path" in config
+    found = [(config["path"], config.get("revision"))] if own else []
+    return found + [m for v in config.values() for m in named_models(v)]
 
 
 def release_engines(out: "Output") -> None:
@@ -288,10 +335,14 @@ class StageTask(Task):
     body: Callable[..., None]
     publish_fn: Callable[[Store, ArtifactRef], None] | None = None
 
+    @property
+    def entry(self) -> str:
+        return f"{self.body.__module__}:{self.body.__name__}"
+
     def resolve(self, params: dict) -> Resolved:
         spec = self.spec_fn(**params)
         cfg = params["cfg"]
-        code = stage_code(f"{self.body.__module__}:{self.body.__name__}", cfg, body=self.body)
+        code = stage_code(self.entry, cfg, body=self.body)
         store = store_of(cfg)
         key = cache_key(spec.stage, spec.config, [str(i) for i in spec.inputs], code.version)
         return Resolved(spec, code, store, store.ref(spec.stage, key))

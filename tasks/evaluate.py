@@ -66,8 +66,9 @@ def eval_prompts(out: Output, cfg: dict) -> None:
 # -- answers ----------------------------------------------------------------------------------
 def eval_answers_spec(cfg, policy, name, mode, rounds, prompts) -> Spec:
     e = cfg["eval"]
-    section = {"model": name, "mode": mode, "rounds": rounds, "policy": policy_identity(policy),
-               "sampling": e["sampling"], "generator": cfg["generator"], "shard_size": cfg["shard_size"],
+    section = {"model": name, "mode": mode, "rounds": rounds,
+               "policy": policy_identity(policy, cfg["generator"]), "sampling": e["sampling"],
+               "generator": cfg["generator"], "shard_size": cfg["shard_size"],
                **({"extract": e["extract"], "final_answer_tries": e["final_answer_tries"]}
                   if mode == "thought" else {})}
     return Spec("eval_answers", section, (prompts,), tuple(model_artifacts(cfg, policy)))

@@ -11,12 +11,22 @@ from avr_core.config import resolve_max_new_tokens
 from avr_core.scaling import plot_scaling, scaling_table, scored_rounds, to_csv, to_markdown
 from avr_core.scorers import make_scorer
 from avr_core.store import ArtifactRef, Store
-from tasks.common import Backend, Output, Spec, logger, model_artifacts, policy_identity, publish_plot, stage
+from tasks.common import (
+    Backend,
+    Output,
+    Spec,
+    logger,
+    model_artifacts,
+    policy_identity,
+    publish_plot,
+    scorer_identity,
+    stage,
+)
 
 
 def tts_answers_spec(cfg, policy, prompts) -> Spec:
-    section = {"tts": cfg["tts"], "policy": policy_identity(policy), "generator": cfg["generator"],
-               "scorer": cfg["scorer"], "shard_size": cfg["shard_size"]}
+    section = {"tts": cfg["tts"], "policy": policy_identity(policy, cfg["generator"]),
+               "generator": cfg["generator"], "scorer": scorer_identity(cfg["scorer"]), "shard_size": cfg["shard_size"]}
     return Spec("tts_answers", section, (prompts,), tuple(model_artifacts(cfg, policy)))
 
 

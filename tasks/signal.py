@@ -5,7 +5,7 @@ import json
 
 from avr_core.signal import paired_difference
 from avr_core.store import ArtifactRef
-from tasks.common import Output, Spec, logger, stage, store_of
+from tasks.common import Output, Spec, logger, scorer_identity, stage, store_of
 
 
 def learning_signal_spec(cfg: dict, base: ArtifactRef, trained: ArtifactRef) -> Spec:
@@ -27,8 +27,8 @@ def learning_signal(out: Output, cfg: dict, base: ArtifactRef, trained: Artifact
 def signal_report_spec(cfg: dict, comparisons: dict, tts_answers: ArtifactRef, heldout: dict,
                        synthesis: dict) -> Spec:
     refs = (*comparisons.values(), tts_answers, *heldout.values(), *(r for pair in synthesis.values() for r in pair))
-    return Spec("signal_report", {"scorer": cfg["scorer"], "names": [list(comparisons), list(heldout),
-                                                                     list(synthesis)]}, refs)
+    names = [list(comparisons), list(heldout), list(synthesis)]
+    return Spec("signal_report", {"scorer": scorer_identity(cfg["scorer"]), "names": names}, refs)
 
 
 @stage(signal_report_spec, retries=0, timeout_s=1800)

@@ -15,13 +15,13 @@ from avr_core.search import SearchConfig, ThoughtRules, greedy_search, long_thou
 from avr_core.selection import ThoughtPairRules, thought_pairs as pair_thoughts
 from avr_core.store import ArtifactRef, Store
 from avr_core.thought_sampling import sample_thoughts as sample_thoughts_core
-from tasks.common import Backend, Output, Spec, model_artifacts, policy_identity, publish_plot, stage
+from tasks.common import Backend, Output, Spec, model_artifacts, policy_identity, publish_plot, scorer_identity, stage
 
 
 def search_spec(cfg, policy, prompts) -> Spec:
     section = {"search": cfg["search"], "critique": cfg["critique"], "refine": cfg["refine"],
-               "respond": cfg["respond"], "policy": policy_identity(policy), "generator": cfg["generator"],
-               "scorer": cfg["scorer"], "shard_size": cfg["shard_size"]}
+               "respond": cfg["respond"], "policy": policy_identity(policy, cfg["generator"]),
+               "generator": cfg["generator"], "scorer": scorer_identity(cfg["scorer"]), "shard_size": cfg["shard_size"]}
     return Spec("search", section, (prompts,), tuple(model_artifacts(cfg, policy)))
 
 
@@ -76,8 +76,8 @@ def thoughts(out: Output, cfg: dict, traces: ArtifactRef) -> None:
 
 
 def sample_thoughts_spec(cfg, policy, prompts) -> Spec:
-    section = {"thought": cfg["thought"], "policy": policy_identity(policy), "generator": cfg["generator"],
-               "scorer": cfg["scorer"], "shard_size": cfg["shard_size"]}
+    section = {"thought": cfg["thought"], "policy": policy_identity(policy, cfg["generator"]),
+               "generator": cfg["generator"], "scorer": scorer_identity(cfg["scorer"]), "shard_size": cfg["shard_size"]}
     return Spec("thought_samples", section, (prompts,), tuple(model_artifacts(cfg, policy)))
 
 

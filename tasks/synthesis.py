@@ -11,12 +11,13 @@ from pathlib import Path
 from avr_core import synthesis as core
 from avr_core.backends import make_generator
 from avr_core.config import resolve_max_new_tokens
+from avr_core.identity import dataset_identity
 from avr_core.inputs import HUB_PREFIX, load_prompts
 from avr_core.prompts import CONVERSATION_JUDGES
 from avr_core.scorers import make_scorer
 from avr_core.selection import SelectRules, rsft_mix, select as select_records
 from avr_core.store import ArtifactRef, file_digest
-from tasks.common import Backend, Lazy, Output, Spec, model_artifacts, policy_identity, stage
+from tasks.common import Backend, Lazy, Output, Spec, model_artifacts, policy_identity, scorer_identity, stage
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -32,8 +33,14 @@ def resolve_data_path(p: str) -> str:
 # -- prompts ----------------------------------------------------------------------------------
 def prompts_spec(cfg: dict, split: str) -> Spec:
     path = resolve_data_path(cfg["data"]["prompts"])
-    digest = path if path.startswith(HUB_PREFIX) else file_digest(path)[:16]   # hf://: the dataset's name
+    digest = hub_prompts_identity(path) if path.startswith(HUB_PREFIX) else file_digest(path)[:16]
     return Spec("prompts", {"file_sha256": digest, "split": split, "slice": list(cfg["data"][split])})
+
+
+def hub_prompts_identity(path: str) -> str:
+    """`hf://<dataset>:<split>` keyed by the dataset's name AND its resolved commit: a new
+    upstream snapshot is new prompts (avr_core/identity.py)."""
+    return f"{path}@{dataset_identity(path[len(HUB_PREFIX):].partition(':')[0])}"
 
 
 def validate_prompts(cfg: dict) -> int:
@@ -53,8 +60,8 @@ def prompts(out: Output, cfg: dict, split: str) -> None:
 
 # -- respond / critique / refine --------------------------------------------------------------
 def _gen_spec(cfg: dict, policy: dict, stage_name: str, inp: ArtifactRef) -> Spec:
-    section = {stage_name: cfg[stage_name], "policy": policy_identity(policy), "generator": cfg["generator"],
-               "shard_size": cfg["shard_size"]}
+    section = {stage_name: cfg[stage_name], "policy": policy_identity(policy, cfg["generator"]),
+               "generator": cfg["generator"], "shard_size": cfg["shard_size"]}
     return Spec(stage_name, section, (inp,), tuple(model_artifacts(cfg, policy)))
 
 
@@ -114,7 +121,8 @@ def refine(out: Output, cfg: dict, policy: dict, critiques: ArtifactRef) -> None
 
 # -- rm_score / select ------------------------------------------------------------------------
 def rm_score_spec(cfg, refinements):
-    return Spec("rm_score", {"scorer": cfg["scorer"], "shard_size": cfg["shard_size"]}, (refinements,))
+    section = {"scorer": scorer_identity(cfg["scorer"]), "shard_size": cfg["shard_size"]}
+    return Spec("rm_score", section, (refinements,))
 
 
 @stage(rm_score_spec)

@@ -47,7 +47,8 @@ def setup(tmp_path):
 def calls(cfg, data, model, answers, prompts):
     policy = tr.policy_of(cfg, model)
     return {
-        "train_sft (data)": (lambda: tr.train_sft.fn(cfg, {"path": "unused"}, data), data, "data/rsft-00000.jsonl"),
+        "train_sft (data)": (lambda: tr.train_sft.fn(cfg, {"path": "embedded:smollm2-135m-instruct"}, data), data,
+                             "data/rsft-00000.jsonl"),   # a model given by name: keyed by its content
         "train_po (base model)": (lambda: tr.train_po.fn(cfg, policy, data, answers), model, "model/model.safetensors"),
         "reference_logps (reference model)": (lambda: tr.reference_logps.fn(cfg, policy, data), model,
                                               "model/model.safetensors"),
