@@ -241,16 +241,18 @@ def run_stage(task: "StageTask", params: dict, body: Callable[..., None]) -> Art
     and uses what it committed, and computes again only if nobody did."""
     r = task.resolve(params)
     store, ref = r.store, r.ref
-    for tries in range(2):
+    lost = 0
+    while True:
         try:
             with store.lock(ref, timeout=lock_timeout(params["cfg"]), logger=logger()):
                 _build(task, r, params, body)
             break
         except LeaseLost as e:
+            lost += 1
+            if lost == 2:
+                raise LeaseLost(f"{ref}: lost the lease twice; stopping (rerun to compute it)") from e
             logger().error("%s; waiting for the process that took it over, to use its artifact", e)
-    else:
-        raise LeaseLost(f"{ref}: lost the lease twice; stopping (rerun to compute it)")
-    if tries and store.exists(ref):    # the taker committed: what this attempt wrote is garbage
+    if lost and store.exists(ref):    # the taker committed: what this attempt wrote is garbage
         sweep(store, ref)
     if task.publish_fn is not None:     # a stage's own view (a plot), cached or computed
         try:

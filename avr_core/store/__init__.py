@@ -37,10 +37,27 @@ from typing import Any, Iterable
 import fsspec
 
 from avr_core.store.attempts import ATTEMPTS, FORMAT_VERSION, MANIFEST, ArtifactWriter, sweep
-from avr_core.store.leases import (LOCKS, ArtifactLockTimeout, LeaseLost, assert_lease, flock, held_state, lease,
-                                   note_progress, worker_id)
-from avr_core.store.objects import (IntegrityError, check_conditional_create, checked_bytes, file_digest,
-                                    parse_jsonl, protocols, put_exclusive, storage_options)
+from avr_core.store.leases import (
+    LOCKS,
+    ArtifactLockTimeout,
+    LeaseLost,
+    assert_lease,
+    flock,
+    held_state,
+    lease,
+    note_progress,
+    worker_id,
+)
+from avr_core.store.objects import (
+    IntegrityError,
+    check_conditional_create,
+    checked_bytes,
+    file_digest,
+    parse_jsonl,
+    protocols,
+    put_exclusive,
+    storage_options,
+)
 
 __all__ = ["ATTEMPTS", "FORMAT_VERSION", "LOCKS", "MANIFEST", "ArtifactLockTimeout", "ArtifactRef", "ArtifactWriter",
            "IntegrityError", "LeaseLost", "Store", "artifact_cache_dir", "assert_lease", "cache_key", "fetch_url",
@@ -197,7 +214,8 @@ class Store:
                 local.parent.mkdir(parents=True, exist_ok=True)
                 self.fs.get_file(self.object_path(ref, rel, manifest), str(local))
                 if file_digest(str(local)) != meta["sha256"]:
-                    raise IntegrityError(f"{ref}: {rel} does not match its manifest (sha256); the store copy is damaged")
+                    raise IntegrityError(f"{ref}: {rel} does not match its manifest (sha256); "
+                                         "the store copy is damaged")
                 _fsync(local)
             (tmp / MANIFEST).write_bytes(raw)
             if dest.is_dir():         # a damaged cache entry (sizes differ): replaced whole

@@ -28,8 +28,17 @@ from pathlib import Path
 from typing import Any
 
 from avr_core.store.leases import LeaseLost, assert_lease, note_progress
-from avr_core.store.objects import (checked_bytes, digest, file_digest, files_under, jsonl, local_file_meta,
-                                    parse_jsonl, put_exclusive, remove_tree)
+from avr_core.store.objects import (
+    checked_bytes,
+    digest,
+    file_digest,
+    files_under,
+    jsonl,
+    local_file_meta,
+    parse_jsonl,
+    put_exclusive,
+    remove_tree,
+)
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -99,7 +108,8 @@ class ArtifactWriter:
         files = {f"data/{name}-{index:05d}.jsonl": self._put(f"data/{name}-{index:05d}.jsonl", jsonl(records))
                  for name, records in outputs.items()}
         marker = {"index": index, "counts": counts, "rows": {n: len(r) for n, r in outputs.items()},
-                  "time": time.time(), "attempt": self.attempt, "files": files, **({"worker": worker} if worker else {})}
+                  "time": time.time(), "attempt": self.attempt, "files": files,
+                  **({"worker": worker} if worker else {})}
         self._put(f"shards/{index:05d}.json", json.dumps(marker).encode())
         self.markers[index] = marker
 
@@ -129,8 +139,8 @@ class ArtifactWriter:
             rel = f"data/{name}-{i:05d}.jsonl"
             meta = self.markers[i]["files"].get(rel)
             if meta is not None:
-                out.extend(parse_jsonl(checked_bytes(self.store.fs, f"{self.dir}/{meta['object']}", meta,
-                                                     f"{self.ref}: {rel}")))
+                path = f"{self.dir}/{meta['object']}"
+                out.extend(parse_jsonl(checked_bytes(self.store.fs, path, meta, f"{self.ref}: {rel}")))
         return out
 
     def shard_counts(self) -> tuple[dict[str, int], dict[str, int]]:
@@ -182,7 +192,7 @@ class ArtifactWriter:
         """Every committed shard's files, as this attempt's: adopted ones are copied under its name
         first (server-side on S3), so the manifest names one attempt."""
         files: dict[str, dict] = {}
-        for i, m in sorted(self.markers.items()):
+        for _, m in sorted(self.markers.items()):
             for rel, meta in m["files"].items():
                 if self.store.remote and m.get("attempt") != self.attempt:
                     assert_lease(self.store, self.ref)

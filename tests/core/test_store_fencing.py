@@ -13,8 +13,7 @@ import time
 import fsspec
 import pytest
 
-from avr_core.store import IntegrityError, LeaseLost, Store, put_exclusive
-from avr_core.store import leases
+from avr_core.store import IntegrityError, LeaseLost, Store, leases, put_exclusive
 from avr_core.store.objects import check_conditional_create
 
 
