@@ -20,6 +20,7 @@ import pytest
 
 from tests.s3server import BUCKET, moto_s3
 
+pytestmark = pytest.mark.slow     # child processes frozen past a lease: about 70 s for the file
 ROOT = Path(__file__).resolve().parents[2]
 SHARDS = 5
 CHILD = r"""
