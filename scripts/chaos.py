@@ -359,7 +359,7 @@ def compare(ref_root: Path, chaos_root: Path, events: list[dict] | None = None) 
         for name, n in cm["rows"].items():
             try:
                 recs = cs.read_records(r, name)
-            except (ValueError, UnicodeDecodeError) as e:
+            except (ValueError, UnicodeDecodeError, OSError) as e:   # OSError: IntegrityError, a checked read
                 problems.append(f"{r}: {name}: unreadable records ({e})")
                 continue
             ids = [x.get("id") for x in recs]
