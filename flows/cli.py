@@ -78,9 +78,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "artifacts":
         return _artifacts(args)
     if args.cmd == "resume":
+        from flows import supervisor
+        if not supervisor.is_worker():   # stops promptly on SIGTERM / Ctrl-C, as `avr run` does
+            return supervisor.supervise(sys.argv[1:] if argv is None else list(argv))
         from flows.deploy import resume
         try:
-            resume(args.flow_run_id)
+            with supervisor.worker():
+                resume(args.flow_run_id)
         except ValueError as e:
             print(f"avr: error: {e}", file=sys.stderr)
             return 2
@@ -125,12 +129,18 @@ def main(argv: list[str] | None = None) -> int:
         from flows.runs import preflight
         cfg = load_config(params.preset, overrides)
         preflight(OmegaConf.to_container(cfg, resolve=True))
-        if cfg.flow == "signal":       # stage 1 + learning signal + test-time scaling (conf/signal.yaml)
-            from flows.signal import signal
-            signal(params=params)
-            return 0
-        from flows.pipeline import pipeline
-        pipeline(params=params)
+        # The run goes on in a worker process that SIGTERM or Ctrl-C stops in seconds, leaving
+        # nothing behind; this process waits for it (flows/supervisor.py says why).
+        from flows import supervisor
+        if not supervisor.is_worker():
+            return supervisor.supervise(sys.argv[1:] if argv is None else list(argv))
+        with supervisor.worker():
+            if cfg.flow == "signal":       # stage 1 + learning signal + test-time scaling (conf/signal.yaml)
+                from flows.signal import signal
+                signal(params=params)
+                return 0
+            from flows.pipeline import pipeline
+            pipeline(params=params)
         return 0
     except ValidationError as e:
         print(f"avr: error: {validation_message(e)}", file=sys.stderr)

@@ -14,6 +14,7 @@ from avr_core import compare, identity
 from avr_core.config import ConfigError, load_config, to_yaml
 from avr_core.models import model_ref_problem
 from avr_core.store import ArtifactRef, Store
+from flows import supervisor
 from flows.params import RunParams, as_params
 from tasks.common import STAGE_LOG, policy_identity, publish, publish_plot, scorer_identity
 from tasks.evaluate import validate_evalset
@@ -116,8 +117,10 @@ def start_run(params: RunParams | dict) -> tuple[dict, dict]:
     run_id = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
     store.write_atomic(f"{store.path('runs', run_id)}/config.yaml", to_yaml(cfg_obj).encode())
     print(f"run {run_id}: preset={preset} overrides={overrides} prompts={n} store={cfg['store']['root']}")
+    origin = _origin()
+    supervisor.record_run(origin["flow_run_id"])   # what `avr` names if the run is stopped
     return {"id": run_id, "started": time.time(), "preset": preset, "overrides": overrides,
-            "params": params.model_dump(), "prompt_rows": n, **_origin()}, cfg
+            "params": params.model_dump(), "prompt_rows": n, **origin}, cfg
 
 
 def _origin() -> dict:
