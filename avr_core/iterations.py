@@ -15,6 +15,7 @@ import json
 from avr_core.config import ConfigError
 
 TRAIN_SLICES = ("stage1_sft", "stage1_po", "stage2", "stage2_po")
+ALL_SLICES = (*TRAIN_SLICES, "heldout")
 
 
 def stride(data: dict, prompt_stride: int) -> int:
@@ -49,9 +50,12 @@ def shifted(data: dict, t: int, rows: int) -> dict:
     return out
 
 
-def check_slices(data: dict, n_rows: int, iterations: range, rows: int) -> None:
-    """Every iteration this run will do has its training slices inside the prompt file and clear
-    of `data.heldout`; otherwise a ConfigError naming the key, before any work.
+def check_slices(data: dict, n_rows: int, iterations: range, rows: int, used: tuple = ALL_SLICES,
+                 source: str = "the prompt file") -> None:
+    """Every slice in `used` (the slices the flow reads) of every iteration this run will do,
+    iteration 0 included, is non-empty and inside the prompt file (`source`, `n_rows` prompts),
+    and the moved training slices stay clear of `data.heldout`; otherwise a ConfigError naming
+    the key, before any work.
 
     >>> d = {"stage1_sft": [0, 4], "stage1_po": [6, 10], "stage2": [12, 16], "stage2_po": [20, 24], "heldout": [40, 44]}
     >>> check_slices(d, 48, range(0, 2), 24)
@@ -60,20 +64,29 @@ def check_slices(data: dict, n_rows: int, iterations: range, rows: int) -> None:
     ... except ConfigError as e:
     ...     print(str(e)[:83])
     key 'iterate.count': iteration 2 would use data.stage1_sft = [48, 52], past the end
+    >>> try:
+    ...     check_slices(d, 10, range(0, 1), 0, source="my_prompts.jsonl")
+    ... except ConfigError as e:
+    ...     print(str(e)[:78])
+    key 'data.stage2': [12, 16] runs past the end of my_prompts.jsonl (10 prompts)
     """
     h0, h1 = data["heldout"]
     for t in iterations:
-        if t == 0:
-            continue
-        d = shifted(data, t, rows)
-        for s in TRAIN_SLICES:
+        d = shifted(data, t, rows)                       # iteration 0: the config's own slices
+        for s in used:
             a, b = d[s]
             end = n_rows if b is None else b
             if end > n_rows or a >= n_rows:
+                if t == 0 or s == "heldout":               # the config itself, not the iterations, is at fault
+                    raise ConfigError(f"key 'data.{s}': {d[s]} runs past the end of {source} ({n_rows} prompts): "
+                                      "move or shrink the slice, or use a longer prompt file")
                 raise ConfigError(f"key 'iterate.count': iteration {t} would use data.{s} = {d[s]}, past the end of "
                                   f"the prompt file ({n_rows} rows): fewer iterations, a smaller "
                                   "iterate.prompt_stride, or more prompts")
-            if a < h1 and h0 < end:
+            if end <= a:                                 # e.g. [12, 12]: the stage would run on no prompts
+                raise ConfigError(f"key 'data.{s}': {d[s]} is empty: this run reads it, so give it at least one "
+                                  "prompt")
+            if t and s != "heldout" and a < h1 and h0 < end:
                 raise ConfigError(f"key 'iterate.prompt_stride': iteration {t} would use data.{s} = {d[s]}, which "
                                   f"overlaps data.heldout = {[h0, h1]} (the prompts every iteration is measured on)")
 
@@ -113,8 +126,8 @@ def table(records: list[dict], leaderboard: list[dict]) -> list[dict]:
     return rows
 
 
-def to_markdown(rows: list[dict]) -> str:
-    """The per-iteration table.
+def to_markdown(rows: list[dict], title: str | None = None) -> str:
+    """The per-iteration table, under `title` (the smoke-run banner) when given.
 
     >>> print(to_markdown([{"iteration": 0, "run": "r1", "start": "embedded:m", "stage1_model": "po/a",
     ...                     "score_start": 5.0, "score_stage1": 5.5, "score_gain": 0.5, "score_gain_se": 0.1,
@@ -132,12 +145,13 @@ def to_markdown(rows: list[dict]) -> str:
         lines.append(f"| {r['iteration']} | {r['run']} | {r['start']} | {f(r['score_start'])} → {f(r['score_stage1'])} "
                      f"| {f(r['score_gain'])} ± {f(r['score_gain_se'])} | {f(r.get('wr_seed'))} | "
                      f"{f(r.get('wr_stage1'))} | {f(r.get('wr_stage2'))} |")
-    return "\n".join(lines) + "\n"
+    return (f"{title}\n\n" if title else "") + "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict]) -> bytes:
+def plot(rows: list[dict], title: str | None = None) -> bytes:
     """PNG: win rate per evaluated model (left) and the scorer's mean held-out score of each
-    iteration's starting and Stage-1 model (right), against the iteration."""
+    iteration's starting and Stage-1 model (right), against the iteration; `title` above both
+    (the smoke-run label) when given."""
     from avr_core.scaling import _png, _pyplot
 
     plt = _pyplot()
@@ -155,4 +169,6 @@ def plot(rows: list[dict]) -> bytes:
         ax.set_xticks(its)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
     return _png(fig)

@@ -77,10 +77,12 @@ def scaling_table(records: list[dict]) -> list[dict]:
     return rows
 
 
-def to_markdown(rows: list[dict]) -> str:
-    """The table as GitHub markdown (what the Prefect artifact and `scaling.md` show)."""
+def to_markdown(rows: list[dict], title: str | None = None) -> str:
+    """The table as GitHub markdown (what the Prefect artifact and `scaling.md` show), under
+    `title` (the smoke-run banner) when given."""
     head = "| " + " | ".join(COLUMNS) + " |\n|" + "---|" * len(COLUMNS) + "\n"
-    return head + "".join("| " + " | ".join(str(r[c]) for c in COLUMNS) + " |\n" for r in rows)
+    return (f"{title}\n\n" if title else "") + head + "".join(
+        "| " + " | ".join(str(r[c]) for c in COLUMNS) + " |\n" for r in rows)
 
 
 def to_csv(rows: list[dict]) -> str:

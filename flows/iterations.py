@@ -43,8 +43,9 @@ def start(cfg: dict, prompt_rows: int) -> tuple[dict, range]:
                               f"the store any more; rebuild it or set iterate.continue_last=false")
         seed, first = policy_of(cfg, ref), last["iteration"] + 1
     todo = range(first, first + it["count"])
-    if todo.stop > 1:
-        core.check_slices(cfg["data"], prompt_rows, todo, core.stride(cfg["data"], it["prompt_stride"]))
+    if todo.stop > 1:                              # iteration 0 alone: preflight (flows/runs.py) checked it
+        core.check_slices(cfg["data"], prompt_rows, todo, core.stride(cfg["data"], it["prompt_stride"]),
+                          source=cfg["data"]["prompts"])
     print(f"iterations {list(todo)} of chain {core.chain_id(cfg)}, starting from "
           f"{seed.get('artifact') or seed['path']}")
     return seed, todo
@@ -65,7 +66,7 @@ def next_seed(cfg: dict, stage1: dict, stage2: dict) -> dict:
 def record(cfg: dict, run: dict, t: int, seed: dict, stage1: dict, stage2: dict, signal: ArtifactRef) -> str:
     """Write iteration t's record, then the chain's per-iteration table and plot (store + a
     Prefect artifact); returns the table as markdown."""
-    from tasks.evaluate import read_leaderboard
+    from tasks.evaluate import SMOKE_LABEL, read_leaderboard, smoke_title
 
     store, chain = Store(cfg["store"]["root"]), core.chain_id(cfg)
     nxt = next_seed(cfg, stage1, stage2)
@@ -76,7 +77,8 @@ def record(cfg: dict, run: dict, t: int, seed: dict, stage1: dict, stage2: dict,
            "signal_artifact": str(signal), "signal": store.manifest(signal).get("result")}
     store.write_atomic(store.path(ITER, chain, f"iter-{t:04d}.json"), json.dumps(rec, indent=2).encode())
     rows = core.table(completed(store, chain), read_leaderboard(cfg["store"]["root"]))
-    md, png = core.to_markdown(rows), core.plot(rows)
+    md = core.to_markdown(rows, smoke_title(cfg))   # the leaderboard's rule: tiny numbers say they are a smoke run
+    png = core.plot(rows, SMOKE_LABEL if smoke_title(cfg) else None)
     for name, data in (("iterations.json", json.dumps(rows, indent=2).encode()), ("iterations.md", md.encode()),
                        ("iterations.png", png)):
         store.write_atomic(store.path(ITER, chain, name), data)

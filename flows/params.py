@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from avr_core.config import CONF_DIR, ConfigError, load_config
 
-PRESETS = tuple(sorted(p.stem for p in CONF_DIR.glob("*.yaml")))   # the shipped presets: base, paper, tiny
+PRESETS = tuple(sorted(p.stem for p in CONF_DIR.glob("*.yaml")))   # the shipped presets: base, paper, signal, tiny
 
 
 class RunParams(BaseModel):
@@ -25,8 +25,11 @@ class RunParams(BaseModel):
 
     preset: str = Field("tiny", title="Preset", json_schema_extra={"enum": list(PRESETS)},
                         description="The config preset (`conf/<preset>.yaml` over `conf/base.yaml`): tiny = "
-                                    "SmolLM2-135M on CPU in minutes, paper = LLaMA-3-8B on GPUs, base = the method's "
-                                    "defaults. `avr run --preset` also takes a path to a YAML file.")
+                                    "SmolLM2-135M on CPU in minutes, signal = stage 1 on CPU scored by an exact "
+                                    "reward, then the learning signal and test-time scaling (no stage 2; about an "
+                                    "hour), "
+                                    "paper = LLaMA-3-8B on GPUs, base = the method's defaults. `avr run --preset` "
+                                    "also takes a path to a YAML file.")
     prompts: str = Field("", title="Prompt file", description=(
         "`data.prompts`: JSONL, JSON, Parquet, a saved HF dataset directory or `hf://<dataset>:<split>`, each row "
         "`{\"prompt\": ...}` or `{\"messages\": [...]}`. Empty: the preset's."))

@@ -3,6 +3,9 @@
 
     avr run --preset tiny
     avr run --preset tiny --iterations 2          # iterative AvR
+
+A preset with `flow: signal` (conf/signal.yaml) runs flows/signal.py instead, as `avr run` does:
+the UI form offers every shipped preset on the pipeline deployment.
 """
 from __future__ import annotations
 
@@ -10,8 +13,9 @@ from prefect import flow
 
 from flows import iterations as it
 from flows.evaluate import evaluate, test_time_scaling
-from flows.params import RunParams
+from flows.params import RunParams, as_params
 from flows.runs import finish_run, release_all_engines, start_run
+from flows.signal import signal as signal_flow
 from flows.stage1 import learning_signal, stage1
 from flows.stage2 import stage2
 
@@ -19,6 +23,9 @@ from flows.stage2 import stage2
 @flow(name="avr-pipeline", log_prints=True, on_completion=[release_all_engines], on_failure=[release_all_engines],
       on_crashed=[release_all_engines])
 def pipeline(params: RunParams = RunParams()) -> dict:  # noqa: B008 (Prefect parameter: the UI's run form)
+    params = as_params(params)
+    if params.config().flow == "signal":           # stage 1 + learning signal + test-time scaling, no stage 2
+        return signal_flow(params)                 # (a subflow run: its artifacts are on the avr-signal run)
     run, cfg = start_run(params)                   # validated, config saved, inputs checked: before any work
     seed, iterations = it.start(cfg, run["prompt_rows"])   # the policy, or the last completed iteration's model
     for t in iterations:

@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 
 from avr_core import compare, identity
 from avr_core.config import ConfigError, load_config, to_yaml
+from avr_core.iterations import ALL_SLICES, check_slices
 from avr_core.models import model_ref_problem
 from avr_core.store import ArtifactRef, Store
 from flows import supervisor
@@ -20,19 +21,28 @@ from tasks.common import STAGE_LOG, policy_identity, publish, publish_plot, scor
 from tasks.evaluate import validate_evalset
 from tasks.synthesis import validate_prompts
 
+# The prompt slices `data.<split>` each `flow:` reads; a slice a flow never reads is not checked
+# (conf/signal.yaml has no stage 2: its stage2 slices are empty on purpose).
+SLICES_READ = {"pipeline": ALL_SLICES, "signal": ("stage1_sft", "stage1_po", "heldout")}
 
-def preflight(cfg: dict) -> int:
+
+def preflight(cfg: dict, slices: tuple | None = None) -> int:
     """The checks of a validated config against this machine, before any work: the prompt and
-    eval files (InputError: file, line, field), the model paths and the store root (ConfigError:
-    the key), and what each model given by name is (`check_identities`). Returns the number of
-    prompts. No model is loaded, nothing is written (but the embedded model's one-off conversion)."""
+    eval files (InputError: file, line, field), the prompt slices the run reads (`slices`, default
+    those of the config's `flow`: each non-empty and inside the prompt file), the model paths and
+    the store root (ConfigError: the key), and what each model given by name is
+    (`check_identities`). Returns the number of prompts. No model is loaded, nothing is written
+    (but the embedded model's one-off conversion)."""
     from avr_core.backends.device import DeviceError, check_devices
 
     try:
         check_devices(cfg)                             # e.g. scorer.device=cuda on a machine without CUDA
     except DeviceError as e:
         raise ConfigError(str(e)) from None
-    n = validate_prompts(cfg)
+    n = validate_prompts(cfg)                          # hf://: loads the dataset (or its cache), so n is known
+    # iteration 0 here; flows/iterations.py checks the later ones (their slices move)
+    check_slices(cfg["data"], n, range(1), 0, SLICES_READ[cfg["flow"]] if slices is None else slices,
+                 cfg["data"]["prompts"])
     validate_evalset(cfg)
     models = [("scorer.model.path", cfg["scorer"]["model"]["path"])]
     if cfg["generator"]["kind"] != "openai":          # there, the path may be the server's model name
@@ -102,16 +112,17 @@ def release_all_engines(flow=None, flow_run=None, state=None) -> None:
     backends.clear_cache()
 
 
-def start_run(params: RunParams | dict) -> tuple[dict, dict]:
+def start_run(params: RunParams | dict, slices: tuple | None = None) -> tuple[dict, dict]:
     """Everything that can reject a run happens here, before any stage runs. `params` are the
-    deployment's form (flows/params.py); the run record names the flow and deployment, so the
-    run can be compared with the previous run of the same deployment at its end."""
+    deployment's form (flows/params.py); `slices` the prompt slices this flow reads (default: those
+    of the config's `flow`). The run record names the flow and deployment, so the run can be
+    compared with the previous run of the same deployment at its end."""
     params = as_params(params)
     preset, overrides = params.preset, params.to_overrides()
     cfg_obj = load_config(preset, overrides)
     cfg = OmegaConf.to_container(cfg_obj, resolve=True)
     identity.forget()                              # a re-pointed path or a new snapshot counts from this run on
-    n = preflight(cfg)
+    n = preflight(cfg, slices)
     store = Store(cfg["store"]["root"])
     STAGE_LOG.clear()                              # this run's wall-time table starts here
     run_id = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]

@@ -27,6 +27,13 @@ from tasks.synthesis import resolve_data_path
 
 SMOKE_TITLE = ("SMOKE RUN (tiny preset): 135M models judged by a 135M local judge -- shows the machinery "
                "works end to end; NOT a benchmark result")
+SMOKE_LABEL = "SMOKE RUN (tiny preset): NOT a benchmark result"   # where the banner must be short: plot titles
+
+
+def smoke_title(cfg: dict) -> str | None:
+    """The banner over every table of a smoke run's numbers (`eval.smoke`: the tiny preset): the
+    leaderboard, test-time scaling, the per-iteration table. None for a real run."""
+    return SMOKE_TITLE if cfg["eval"]["smoke"] else None
 
 
 def _evalset(cfg: dict, fetch: bool = False) -> tuple[str, str]:
@@ -188,6 +195,6 @@ def leaderboard(cfg: dict, run_id: str, judged: dict[str, ArtifactRef], stages: 
                     "lc": r["lc_win_rate"], "lc_kind": r["lc_kind"], "avg_len": r["avg_len_chars"],
                     "judge": r["annotator"], "evalset": cfg["eval"]["prompts"].rsplit("/", 1)[-1],
                     "artifact": str(ref)})
-    md = lb.append(store, new, SMOKE_TITLE if cfg["eval"]["smoke"] else None)   # append-only: no row lost
+    md = lb.append(store, new, smoke_title(cfg))   # append-only: no row lost
     publish(store.ref("leaderboard", "leaderboard.csv"), "avr-leaderboard", table=new, markdown=md)
     return md

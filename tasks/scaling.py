@@ -22,6 +22,7 @@ from tasks.common import (
     scorer_identity,
     stage,
 )
+from tasks.evaluate import SMOKE_LABEL, smoke_title
 
 
 def tts_answers_spec(cfg, policy, prompts) -> Spec:
@@ -47,14 +48,15 @@ def tts_answers(out: Output, cfg: dict, policy: dict, prompts: ArtifactRef) -> N
 
 
 def tts_curve_spec(cfg, answers, label="stage-1 model") -> Spec:
-    return Spec("tts_curve", {"label": label}, (answers,))
+    return Spec("tts_curve", {"label": label, "smoke": cfg["eval"]["smoke"]}, (answers,))   # smoke: the banner
 
 
 def _publish_curve(store: Store, ref: ArtifactRef) -> None:
     rows = store.manifest(ref)["result"]
-    logger().info("test-time scaling:\n%s", to_markdown(rows))
-    publish_plot(ref, "tts-curve", store.read_file(ref, "scaling.png"), rows, "test-time scaling",
-                 to_markdown(rows))
+    m = store.manifest(ref)
+    md = store.read_file(ref, "scaling.md", m).decode()    # with its smoke-run banner, if any
+    logger().info("test-time scaling:\n%s", md)
+    publish_plot(ref, "tts-curve", store.read_file(ref, "scaling.png", m), rows, "test-time scaling", md)
 
 
 @stage(tts_curve_spec, retries=0, timeout_s=600, publish=_publish_curve)
@@ -63,6 +65,7 @@ def tts_curve(out: Output, cfg: dict, answers: ArtifactRef, label: str = "stage-
     rows = scaling_table(out.store.read_records(answers))
     out.write_file("scaling.json", json.dumps(rows, indent=2).encode())
     out.write_file("scaling.csv", to_csv(rows).encode())
-    out.write_file("scaling.md", to_markdown(rows).encode())
-    out.write_file("scaling.png", plot_scaling(rows, f"test-time scaling, {label}, scorer={cfg['scorer']['kind']}"))
+    out.write_file("scaling.md", to_markdown(rows, smoke_title(cfg)).encode())   # tiny: labelled a smoke run
+    title = f"test-time scaling, {label}, scorer={cfg['scorer']['kind']}"
+    out.write_file("scaling.png", plot_scaling(rows, f"{SMOKE_LABEL}\n{title}" if smoke_title(cfg) else title))
     out.extra["result"] = rows

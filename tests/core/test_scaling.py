@@ -30,5 +30,6 @@ def test_single_prompt_has_zero_spread_and_empty_input_is_an_error():
 def test_table_renderings_and_png():
     rows = scaling_table(RECS)
     assert to_markdown(rows).count("\n") == 2 + len(rows)
+    assert to_markdown(rows, "SMOKE RUN").startswith("SMOKE RUN\n\n| R |")     # the smoke-run banner on top
     assert to_csv(rows).splitlines()[1].startswith("0,2,2.0,")
     assert plot_scaling(rows).startswith(b"\x89PNG")

@@ -50,7 +50,8 @@ def cfg_for(tmp_path, *extra):
 @pytest.mark.slow
 def test_evaluate_judges_through_alpaca_eval_and_appends_the_leaderboard(tmp_path, monkeypatch):
     monkeypatch.setenv("AVR_TEST_JUDGE_KEY", SECRET)
-    monkeypatch.setattr(ev, "make_generator", lambda p, b: BrokenThinker() if p.get("fake") == "thinker" else VerboseFake())
+    monkeypatch.setattr(ev, "make_generator",
+                        lambda p, b: BrokenThinker() if p.get("fake") == "thinker" else VerboseFake())
     with FakeJudgeServer() as judge:
         cfg = cfg_for(tmp_path, f"eval.judge.base_url={judge.url}")
         models = {"seed": cfg["policy"], "stage2": {**cfg["policy"], "fake": "thinker"}}   # the same seed, told apart

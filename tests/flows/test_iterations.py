@@ -115,6 +115,13 @@ def test_stage2_model_starts_the_next_iteration(tmp_path, fake_stages):
     assert rec["next_model"] == rec["stage2_model"] == fake_stages[1]["seed"]
 
 
+@pytest.mark.parametrize("smoke", [True, False])
+def test_the_iterations_table_of_a_smoke_run_says_so(tmp_path, fake_stages, smoke):
+    run(tmp_path, overrides=[f"eval.smoke={smoke}"])        # tiny: eval.smoke, as the leaderboard
+    md = _read(Store(str(tmp_path)), f"iterations/{_chain(Store(str(tmp_path)))}/iterations.md")
+    assert md.startswith("SMOKE RUN") == smoke and ("NOT a benchmark result" in md) == smoke
+
+
 def test_iterations_that_run_out_of_fresh_prompts_are_refused_before_any_work(tmp_path, fake_stages):
     with pytest.raises(ConfigError, match="iterate.count"):                   # tiny: 48 prompts, span 24
         run(tmp_path, iterations=3)

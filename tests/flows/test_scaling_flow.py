@@ -37,6 +37,8 @@ def test_curve_from_one_run(tmp_path, monkeypatch):
     files = store.manifest(ref)["files"]
     assert {"scaling.png", "scaling.csv", "scaling.md", "scaling.json"} <= set(files)
     assert (tmp_path / "tts_curve" / ref.key / "scaling.png").read_bytes().startswith(b"\x89PNG")
+    md = (tmp_path / "tts_curve" / ref.key / "scaling.md").read_text()
+    assert md.startswith("SMOKE RUN") and "NOT a benchmark result" in md    # tiny: the leaderboard's banner
 
     from prefect.client.orchestration import get_client
     with get_client(sync_client=True) as client:
