@@ -234,6 +234,9 @@ class EvalConfig:
     final_answer_tries: int = 1      # samples per prompt until the rule finds a final answer (authors: 5);
                                      #   then our fallback answer (never dropped; the authors drop: counted)
     smoke: bool = False              # label the leaderboard as a smoke run, not a benchmark result
+    allow_example_references: bool = False   # references=hub unreachable: false = an error before any work
+                                     #   (a paper number is judged against AlpacaEval 2's references or not
+                                     #   at all) | true = judge against eval.prompts' own, labelled (tiny)
 
 
 @dataclass
@@ -289,6 +292,15 @@ class ScaleConfig:
 
 
 @dataclass
+class HubConfig:
+    """Whether runs may download from the Hugging Face hub (avr_core/hub.py). The user's choice:
+    an exported HF_HUB_OFFLINE wins over this key."""
+
+    offline: bool = False            # true: the local cache only, never the network (tiny, air-gapped
+                                     #   clusters) | false: download what the preset names (paper)
+
+
+@dataclass
 class StoreConfig:
     root: str = "./artifacts"        # path or fsspec URL; AVR_STORE overrides
     lease_s: float = 60.0            # object stores: an artifact's lease is taken over after this long
@@ -303,6 +315,7 @@ class StoreConfig:
 class AvrConfig:
     preset: str = "base"
     store: StoreConfig = field(default_factory=StoreConfig)
+    hub: HubConfig = field(default_factory=HubConfig)
     data: DataConfig = field(default_factory=DataConfig)
     policy: ModelConfig = field(default_factory=ModelConfig)
     generator: BackendConfig = field(default_factory=BackendConfig)

@@ -63,6 +63,8 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from avr_core.hub import mode_line
+
 __all__ = ["InputError", "load_prompts", "DEFAULT_MAX_CHARS", "ROLES"]
 
 DEFAULT_MAX_CHARS = 200_000
@@ -255,7 +257,7 @@ def _hub_rows(name: str) -> Iterator[tuple[int, Any]]:
         raise InputError(name, None, None, f"cannot load dataset {dataset!r} split {split!r} with `datasets` "
                          f"({type(e).__name__}: {why}); download it while online (datasets.load_dataset"
                          f"({dataset!r}) fills the local cache) or export it to a local JSONL "
-                         f"(ds.to_json('prompts.jsonl')) and set data.prompts to that file") from None
+                         f"(ds.to_json('prompts.jsonl')) and set data.prompts to that file; {mode_line()}") from None
     ds = ds.with_format(None)
     return _table_rows(name, ds.column_names, ds.num_rows,
                        lambda start, count: ds.select(range(start, min(start + count, len(ds)))).to_list())

@@ -38,8 +38,11 @@ def smoke_title(cfg: dict) -> str | None:
 
 def _evalset(cfg: dict, fetch: bool = False) -> tuple[str, str]:
     """(path, fallback note): eval.prompts, or with eval.references=hub AlpacaEval 2's GPT-4 Turbo
-    references from the hub (the cache unless `fetch`), else eval.prompts, labelled."""
-    return resolve_evalset(resolve_data_path(cfg["eval"]["prompts"]), cfg["eval"]["references"], fetch)
+    references from the hub (the cache unless `fetch`), else eval.prompts, labelled -- only where
+    eval.allow_example_references says so (tiny); else the InputError (paper: AlpacaEval 2 or nothing)."""
+    e = cfg["eval"]
+    return resolve_evalset(resolve_data_path(e["prompts"]), e["references"], fetch,
+                           allow_fallback=e.get("allow_example_references", False))
 
 
 def eval_prompts_spec(cfg) -> Spec:
@@ -50,7 +53,8 @@ def eval_prompts_spec(cfg) -> Spec:
 
 def validate_evalset(cfg: dict) -> int:
     """Read and check the whole eval file (InputError names file, row/line and field); with
-    eval.references=hub, download the references first (one warning line when that fails)."""
+    eval.references=hub, download the references first (unreachable: an InputError, or one
+    warning line when eval.allow_example_references)."""
     path, note = _evalset(cfg, fetch=True)
     if note:
         logger().warning("eval.references=hub: %s", note)

@@ -85,8 +85,10 @@ def serve_vllm(model_dir: str | os.PathLike, host: str = "127.0.0.1", port: int 
            "--model", str(model_dir), "--served-model-name", name, *extra_args]
     env = dict(os.environ)
     env["VLLM_CPU_KVCACHE_SPACE"] = str(kv_cache_gb)  # GiB; the CPU backend refuses to guess
-    # No network here; a local directory must never trigger a hub lookup or telemetry.
-    env.setdefault("HF_HUB_OFFLINE", "1")
+    # A local directory must never trigger a hub lookup; a hub id follows the user's hub mode
+    # (avr_core/hub.py: HF_HUB_OFFLINE, inherited), so an online machine can download it. No telemetry.
+    if Path(model_dir).is_dir():
+        env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("VLLM_NO_USAGE_STATS", "1")
     env.setdefault("DO_NOT_TRACK", "1")
     if os.environ.get("AVR_VLLM_ENV"):   # another environment: this one's paths must not leak into it

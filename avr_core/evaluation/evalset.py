@@ -8,7 +8,8 @@ A file is a JSON array (or JSONL) of rows::
 The shipped default is the 805 AlpacaEval instructions (avr_core/data/README.md); its sha256 is
 verified on every load, so a damaged copy never produces numbers. `eval.references=hub` (the
 `paper` preset) judges against AlpacaEval 2's GPT-4 Turbo references instead, from the hub
-(`hub_references`), falling back -- labelled -- to the file when the hub cannot be reached.
+(`hub_references`). When the hub cannot be reached that is an error, unless the caller allows
+the labelled fallback to the file's own references (`eval.allow_example_references`: tiny).
 
     >>> rows = load_evalset(DEFAULT_EVALSET)
     >>> len(rows), rows[0]["id"], rows[0]["reference_generator"], rows[0]["messages"][0]["role"]
@@ -20,6 +21,7 @@ import hashlib
 import json
 from pathlib import Path
 
+from avr_core.hub import mode_line
 from avr_core.inputs import InputError
 
 DEFAULT_EVALSET = str(Path(__file__).resolve().parent.parent / "data" / "alpaca_eval" / "alpaca_eval_805.json")
@@ -48,14 +50,16 @@ def hub_references(local_files_only: bool = False) -> str:
         why = (str(e).strip().splitlines() or [""])[0][:160]
         raise InputError(HUB_NAME, None, None, f"cannot download it ({type(e).__name__}: {why}); download it while "
                          f"online (huggingface_hub.hf_hub_download({HUB_REPO!r}, {HUB_REFERENCES!r}, "
-                         "repo_type='dataset')) or set eval.prompts to a local copy and eval.references=file") from None
+                         "repo_type='dataset')) or set eval.prompts to a local copy and eval.references=file; "
+                         f"{mode_line()}") from None
 
 
-def resolve_evalset(prompts: str, references: str, fetch: bool = False) -> tuple[str, str]:
+def resolve_evalset(prompts: str, references: str, fetch: bool = False,
+                    allow_fallback: bool = True) -> tuple[str, str]:
     """(path, note) of the eval file to use. references "file": `prompts` itself. "hub": the
     GPT-4 Turbo references (`hub_references`; from the cache only unless `fetch`); when they cannot
     be had, `prompts` with a note saying so (a labelled fallback: the result's `reference` then
-    names the file's generator, not gpt4_turbo).
+    names the file's generator, not gpt4_turbo) -- or, unless `allow_fallback`, the InputError.
 
     >>> resolve_evalset(DEFAULT_EVALSET, "file") == (DEFAULT_EVALSET, "")
     True
@@ -65,6 +69,10 @@ def resolve_evalset(prompts: str, references: str, fetch: bool = False) -> tuple
     try:
         return hub_references(local_files_only=not fetch), ""
     except InputError as e:
+        if not allow_fallback:    # a paper number judged against the example references would be a false one
+            raise InputError(HUB_NAME, None, None, f"eval.references=hub: {e.reason} (or "
+                             f"eval.allow_example_references=true: {Path(prompts).name}'s own references, "
+                             "not AlpacaEval 2's)") from None
         return prompts, f"{e}; fallback: the references of {Path(prompts).name}"
 
 
