@@ -36,7 +36,8 @@ def setup(tmp_path):
     cfg = {"store": {"root": str(tmp_path)}, "policy": {"dtype": "float32"}, "shard_size": 4,
            "rsft": {"max_length": 64}, "po": {"max_length": 64, "micro_batch_size": 1, "loss": "dpo"},
            "scorer": {"kind": "fake"},
-           "eval": {"judge": {"kind": "local"}, "position_bias_n": 0, "df_gamed": "", "lc_min_annotations": 10, "smoke": False},
+           "eval": {"judge": {"kind": "local"}, "position_bias_n": 0, "df_gamed": "", "lc_min_annotations": 10,
+                    "smoke": False},
            "generator": {"kind": "hf"}, "respond": {"sampling": {}}}
     rec = {"records": [{"id": "a", "answer_score": 1.0, "instruction": "x", "reference": "y"}]}
     data = artifact(store, "select", {"rsft": [{"id": "a"}], "pairs": [{"id": "a"}]})
