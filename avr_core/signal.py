@@ -75,6 +75,18 @@ def _ci(d: dict) -> str:
     return f"{d['mean_diff']:+.4f} | [{lo:+.4f}, {hi:+.4f}] | {verdict}"
 
 
+def cut_at_cap(manifests: dict[str, dict]) -> dict[str, tuple[int, int]]:
+    """artifact -> (answers cut at the token cap, samples) for every sampling stage among
+    `manifests` (artifact -> manifest), from the backend counters each stage records.
+
+    >>> cut_at_cap({"refine/ab": {"counts": {"backend_samples": 8, "backend_cut_at_cap": 6}},
+    ...             "select/cd": {"counts": {}}})
+    {'refine/ab': (6, 8)}
+    """
+    return {a: (m["counts"].get("backend_cut_at_cap", 0), m["counts"]["backend_samples"])
+            for a, m in manifests.items() if m["counts"].get("backend_samples")}
+
+
 def signal_markdown(report: dict) -> str:
     """The `signal` preset's report: held-out comparisons, test-time scaling, synthesis counts."""
     lines = [f"### Learning signal (scorer: {report['scorer']}, {report['heldout']} held-out prompts)", "",
@@ -108,4 +120,9 @@ def signal_markdown(report: dict) -> str:
     for name, s in report["synthesis"].items():
         kept = ", ".join(f"{k}={v}" for k, v in sorted(s["select_counts"].items()) if not k.startswith("backend_"))
         lines.append(f"\n`select` ({name}): {kept}")
+    if report.get("cut_at_cap"):
+        lines += ["", "Answers cut at their token cap (stopped by max_new_tokens, not finished), per sampling stage:",
+                  "", "| stage | artifact | cut / samples | share |", "|---|---|---:|---:|"]
+        for art, (cut, n) in report["cut_at_cap"].items():
+            lines.append(f"| {art.split('/')[0]} | {art} | {cut} / {n} | {cut / n:.0%} |")
     return "\n".join(lines) + "\n"

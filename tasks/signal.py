@@ -40,7 +40,7 @@ def signal_report(out: Output, cfg: dict, comparisons: dict, tts_answers: Artifa
 
     comparisons: name -> `learning_signal` ref; heldout: model -> its scored held-out answers;
     synthesis: name -> (rm_score ref, select ref)."""
-    from avr_core.signal import per_constraint, refinement_outcomes, signal_markdown
+    from avr_core.signal import cut_at_cap, per_constraint, refinement_outcomes, signal_markdown
 
     st = out.store
     tts = st.read_records(tts_answers)
@@ -72,11 +72,26 @@ def signal_report(out: Output, cfg: dict, comparisons: dict, tts_answers: Artifa
               "synthesis": {name: {"outcomes": refinement_outcomes(st.read_records(scored)),
                                    "select_counts": st.manifest(sel)["counts"]}
                             for name, (scored, sel) in synthesis.items()}}
+    report["cut_at_cap"] = cut_at_cap(ancestors(st, [*heldout.values(), tts_answers,
+                                                     *(r for pair in synthesis.values() for r in pair)]))
     md = signal_markdown(report)
     out.write_file("report.json", json.dumps(report, indent=2).encode())
     out.write_file("report.md", md.encode())
     out.extra["result"] = {k: report[k] for k in ("comparisons", "tts")}
     logger().info("signal report:\n%s", md)
+
+
+def ancestors(store, refs: list[ArtifactRef]) -> dict[str, dict]:
+    """artifact -> manifest for `refs` and every artifact they were made from (their lineage)."""
+    seen: dict[str, dict] = {}
+    todo = [str(r) for r in refs]
+    while todo:
+        a = todo.pop()
+        if a in seen or not store.exists(store.ref(*a.split("/", 1))):
+            continue
+        seen[a] = store.manifest(store.ref(*a.split("/", 1)))
+        todo += seen[a].get("inputs", [])
+    return dict(sorted(seen.items()))
 
 
 def read_report(cfg: dict, report: ArtifactRef) -> str:

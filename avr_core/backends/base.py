@@ -58,6 +58,7 @@ class BackendStats:
     requests: int = 0           # conversations handled
     samples: int = 0            # completions returned
     tokens_generated: int = 0
+    cut_at_cap: int = 0         # completions stopped by max_new_tokens, not finished (a cut answer)
     failed_requests: int = 0    # requests that failed for good (dropped and counted)
     retries: int = 0
     truncated_inputs: int = 0   # reward-model inputs cut at max_length (scored without their end)

@@ -86,7 +86,11 @@ class HFGenerator:
                     **({"temperature": params.temperature, "top_p": params.top_p} if sample else {}),
                 )
             new = gen[:, enc["input_ids"].shape[1]:]
-            self.stats.tokens_generated += int((new != self.tok.pad_token_id).sum())
+            lengths = (new != self.tok.pad_token_id).sum(dim=1)
+            self.stats.tokens_generated += int(lengths.sum())
+            # every new token a real one: the cap stopped it (one that ended exactly at the cap on
+            # its end-of-sequence token counts as finished when that token is the pad token)
+            self.stats.cut_at_cap += int((lengths >= params.max_new_tokens).sum())
             decoded = self.tok.batch_decode(new, skip_special_tokens=True)
             for j, i in enumerate(batch):
                 out[i] = [d.strip() if not _continues(conversations[i]) else d

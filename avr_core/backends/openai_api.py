@@ -217,7 +217,7 @@ class OpenAIGenerator:
             seed = None if base_seed is None else base_seed + content_retries * _RETRY_SEED_STRIDE
             tries += 1
             try:
-                texts, tokens = self._attempt(self._body(conv, params, seed), params.n)
+                texts, tokens, cut = self._attempt(self._body(conv, params, seed), params.n)
             except _Permanent as e:
                 log.warning("request %d failed for good: %s", index, e)
                 break
@@ -246,6 +246,7 @@ class OpenAIGenerator:
             with self._lock:
                 self.stats.samples += len(texts)
                 self.stats.tokens_generated += tokens
+                self.stats.cut_at_cap += cut
             return texts
         if stop.is_set():
             return []   # round abandoned: not this request's failure, nothing to count
@@ -295,7 +296,7 @@ class OpenAIGenerator:
         d = min(self.max_backoff_s, self.backoff_s * (2 ** attempt))
         return d / 2 + self._rng.uniform(0, d / 2)
 
-    def _attempt(self, body: dict, n: int) -> tuple[list[str], int]:
+    def _attempt(self, body: dict, n: int) -> tuple[list[str], int, int]:
         try:
             r = self._client.post(f"{self.base_url}/chat/completions", json=body)
         except httpx.TimeoutException as e:
@@ -324,7 +325,8 @@ class OpenAIGenerator:
             raise _Retryable("empty content", bad_content=True)
         usage = data.get("usage") or {}
         tokens = usage.get("completion_tokens") if isinstance(usage, dict) else None
-        return texts, int(tokens) if isinstance(tokens, (int, float)) else 0
+        cut = sum(c.get("finish_reason") == "length" for c in choices)   # stopped by max_tokens, not finished
+        return texts, int(tokens) if isinstance(tokens, (int, float)) else 0, cut
 
 
 def _retry_after(value: str | None) -> float | None:

@@ -217,6 +217,7 @@ class VLLMEngine:
             results[i] = texts
             self.stats.samples += len(texts)
             self.stats.tokens_generated += sum(len(o.token_ids) for o in out.outputs)
+            self.stats.cut_at_cap += sum(o.finish_reason == "length" for o in out.outputs)
 
     def next_token_logprobs_at(self, prompts: list[list[int]], token_ids: list[int],
                                offset: int = 0) -> list[list[float]]:

@@ -167,7 +167,9 @@ class FlakyChatServer:
                     time.sleep(fake.timeout_sleep_s)   # longer than the client waits
                 last = body["messages"][-1]["content"]
                 texts = ["" if mode == "empty" else f"{last} #{body.get('seed')}.{j}" for j in range(body["n"])]
-                resp = {"choices": [{"index": j, "message": {"role": "assistant", "content": t}}
+                # the second choice ran into max_tokens: what a cut answer looks like on the wire
+                resp = {"choices": [{"index": j, "message": {"role": "assistant", "content": t},
+                                     "finish_reason": "length" if j == 1 else "stop"}
                                     for j, t in reversed(list(enumerate(texts)))],  # out of order on purpose
                         "usage": {"completion_tokens": 3 * body["n"]}}
                 raw = json.dumps(resp).encode()

@@ -30,6 +30,16 @@ def test_n_samples_in_input_order_and_counted(gen):
     assert gen.stats.tokens_generated - before > 0
 
 
+def test_answers_stopped_by_the_token_cap_are_counted(gen):
+    before = gen.stats.cut_at_cap
+    gen.generate(Q, SamplingParams(n=2, max_new_tokens=2, seed=1))        # 2 tokens: every answer is cut
+    assert gen.stats.cut_at_cap - before == 6
+    before = gen.stats.cut_at_cap
+    gen.generate([[{"role": "user", "content": "Reply with the single word: yes"}]],
+                 SamplingParams(n=1, temperature=0.0, max_new_tokens=64))  # finishes well before 64
+    assert gen.stats.cut_at_cap == before
+
+
 def test_same_seed_same_samples(gen):
     p = SamplingParams(n=2, max_new_tokens=8, seed=123)
     assert gen.generate(Q[:2], p) == gen.generate(Q[:2], p)

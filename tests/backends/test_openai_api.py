@@ -42,6 +42,7 @@ def test_round_preserves_order_n_samples_and_counts(server):
     assert out == [[f"q{i} #{10 + 2 * i}.0", f"q{i} #{10 + 2 * i}.1"] for i in range(10)]
     s = gen.stats
     assert (s.calls, s.requests, s.samples, s.tokens_generated, s.retries, s.failed_requests) == (1, 10, 20, 60, 0, 0)
+    assert s.cut_at_cap == 10          # finish_reason "length": one of the two choices of each request
     b = server.requests[0]["body"]
     assert {b["n"], b["max_tokens"], b["temperature"], b["top_p"]} == {2, 16, 0.7, 0.8}
     assert "continue_final_message" not in b

@@ -60,6 +60,7 @@ def test_critique_round_over_openai_api(server):
     s = gen.stats
     assert (s.calls, s.requests, s.samples, s.failed_requests) == (1, 3, 6, 0)
     assert 6 <= s.tokens_generated <= 6 * 32
+    assert 0 <= s.cut_at_cap <= 6 and (s.cut_at_cap == 6) == (s.tokens_generated == 6 * 32)
     # Same seed, same round -> same samples (per-conversation seeds are reproducible).
     again = gen.generate(convs, SamplingParams(n=2, temperature=0.7, top_p=0.8, max_new_tokens=32, seed=0))
     assert again == out

@@ -46,4 +46,7 @@ def test_signal_flow_reports_comparisons_scaling_and_counts(tmp_path, monkeypatc
     assert "rsft_examples" in first["select_counts"]
     md = store.fs.cat_file(store.path(report_ref, "report.md")).decode()
     assert "| seed -> stage1 | 8 |" in md and "Test-time scaling" in md
+    cut = report["cut_at_cap"]          # every sampling stage's share of answers cut at the token cap
+    assert {"respond", "critique", "refine", "tts_answers"} <= {a.split("/")[0] for a in cut}
+    assert all(0 <= c <= n for c, n in cut.values()) and "Answers cut at their token cap" in md
     assert all(c["base"].startswith("rm_score/") for c in report["comparisons"].values())
