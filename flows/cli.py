@@ -6,7 +6,7 @@
     avr eval [--store PATH] [--model NAME] [--last N]        the leaderboard, read from the store
     avr artifacts list|show KEY|lineage KEY|verify [KEY]     read manifests directly (no server)
     avr compare [RUN_A] RUN_B [--store PATH]                 two runs stage by stage (A: B's previous run)
-    avr resume FLOW_RUN_ID                                   run a failed run again: done stages from cache
+    avr resume RUN_ID [--store PATH]                         run a failed run again: done stages from cache
     avr server [--host 127.0.0.1] [--port 4200]              a Prefect server + UI, telemetry off
     avr deploy --preset paper --pool avr-gpu [key=value ...] the deployments on a work pool (docker/)
     avr serve --preset tiny [key=value ...]                  deployments for the UI + the nightly schedule
@@ -80,8 +80,11 @@ def _main(argv: list[str] | None = None) -> int:
                                                  "(default: every model)")
     e.add_argument("--last", type=_non_negative, default=0, help="only the last N rows (default: 0 = all)")
     e.add_argument("--csv", action="store_true", help="print CSV instead of markdown (default: off)")
-    rs = sub.add_parser("resume", help="run a failed run again with its parameters (finished stages from cache)")
-    rs.add_argument("flow_run_id")
+    rs = sub.add_parser("resume", help="run a failed or stopped run again: finished stages are cache hits",
+                        description=RESUME_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    rs.add_argument("run", metavar="RUN_ID", help="the run id `avr run` printed (e.g. 20261203-080303-fe9764; a "
+                                                  "unique prefix works), or a Prefect flow-run UUID")
+    rs.add_argument("--store", default=None, help="the run's artifact store (default: AVR_STORE or ./artifacts)")
     sv = sub.add_parser("server", help="start a Prefect server and its UI (127.0.0.1 unless --host)")
     sv.add_argument("--host", default=os.environ.get("AVR_SERVER_HOST", "127.0.0.1"),
                     help="address to listen on (default: AVR_SERVER_HOST or 127.0.0.1, here %(default)s)")
@@ -104,14 +107,14 @@ def _main(argv: list[str] | None = None) -> int:
         from flows import supervisor
         if not supervisor.is_worker():   # stops promptly on SIGTERM / Ctrl-C, as `avr run` does
             return supervisor.supervise(sys.argv[1:] if argv is None else list(argv))
-        from flows.deploy import resume
+        from flows.resume import resumer
         try:
-            with supervisor.worker():
-                resume(args.flow_run_id)
+            again, run_id = resumer(args.run, args.store)
         except ValueError as e:
             print(f"avr: error: {e}", file=sys.stderr)
             return 2
-        return 0
+        with supervisor.worker():
+            return _run_flow(again, sys.argv[1:] if argv is None else list(argv), run_id)
     if args.cmd == "server":
         print(f"Prefect UI: http://{args.host}:{args.port}  -- in another shell: "
               f"export PREFECT_API_URL=http://{args.host}:{args.port}/api", flush=True)
@@ -163,14 +166,12 @@ def _main(argv: list[str] | None = None) -> int:
         from flows import supervisor
         if not supervisor.is_worker():
             return supervisor.supervise(sys.argv[1:] if argv is None else list(argv))
+        if cfg.flow == "signal":           # stage 1 + learning signal + test-time scaling (conf/signal.yaml)
+            from flows.signal import signal as flow
+        else:
+            from flows.pipeline import pipeline as flow
         with supervisor.worker():
-            if cfg.flow == "signal":       # stage 1 + learning signal + test-time scaling (conf/signal.yaml)
-                from flows.signal import signal
-                signal(params=params)
-                return 0
-            from flows.pipeline import pipeline
-            pipeline(params=params)
-        return 0
+            return _run_flow(lambda: flow(params=params), sys.argv[1:] if argv is None else list(argv))
     except ValidationError as e:
         print(f"avr: error: {validation_message(e)}", file=sys.stderr)
         return 2
@@ -208,6 +209,38 @@ def _no_api_server(cmd: str) -> str | None:
         return None
     return (f"avr {cmd} needs a running Prefect server, else its deployments land on a temporary one "
             "that nothing sees: start `avr server`, then export PREFECT_API_URL=http://127.0.0.1:4200/api")
+
+
+RESUME_HELP = """\
+Runs a failed or stopped run again; what it had finished is not recomputed.
+
+By run id (printed by `avr run` at its start and in its failure line): the run's flow runs again
+with the run's own config, runs/<id>/config.yaml, against the same store. No Prefect server is
+needed (the temporary one of `avr run` may be gone). Every stage whose artifact is in the store
+is a cache hit; the stage that failed and everything after it are computed; a half-finished
+sampling stage continues from its last committed shard. The new run gets its own id, and its
+runs/<id>/run.json names the run it resumes.
+
+By Prefect flow-run UUID: the parameters are read from the Prefect API that ran it
+(PREFECT_API_URL), then the same happens.
+"""
+
+
+def _run_flow(call, argv: list[str], resumes: str | None = None) -> int:
+    """Run a flow in this (the worker) process. A failure ends with one line: the stage, the
+    error, what is kept and the resume command; its traceback is in the log above, once."""
+    from flows.runs import failure_line, launched
+
+    with launched(argv, resumes):
+        try:
+            call()
+        except Exception as e:
+            line = failure_line(e)
+            if line is None:       # it failed before the run started: nothing to resume
+                raise
+            print(line, file=sys.stderr, flush=True)
+            return 1
+    return 0
 
 
 # the form's fields (flows/params.py RunParams) as flags of run / config / serve / deploy

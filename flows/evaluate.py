@@ -41,5 +41,5 @@ def evaluate(cfg: dict, models: dict[str, dict], run_id: str = "adhoc", iteratio
         answers = ev.eval_answers(cfg, models[name], name, mode, rounds, prompts)
         judged[name] = ev.judge(cfg, answers, prompts)
     board = ev.leaderboard(cfg, run_id, judged, {k: (v[0], v[2]) for k, v in modes.items()}, iteration)
-    print(board)
+    print(f"leaderboard: {len(judged)} rows of iteration {iteration} added (the run's end shows them)")
     return board

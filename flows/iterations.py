@@ -83,5 +83,6 @@ def record(cfg: dict, run: dict, t: int, seed: dict, stage1: dict, stage2: dict,
                        ("iterations.png", png)):
         store.write_atomic(store.path(ITER, chain, name), data)
     publish_plot(store.ref(ITER, chain), "avr-iterations", png, rows, "win rate and scorer score per iteration", md)
-    print(f"iteration {t} done (chain {chain}):\n{md}")
+    print(f"iteration {t} done (chain {chain}; every iteration: {store.path(ITER, chain, 'iterations.md')}):\n"
+          f"{core.to_markdown([r for r in rows if r['iteration'] == t])}")
     return md

@@ -1,9 +1,13 @@
 """Run bookkeeping shared by flows: load + validate config and inputs, save the resolved
-config, and write a run summary (which stages came from cache) at the end."""
+config and the run record (`runs/<id>/run.json`: what `avr resume <id>` reads), write a run
+summary (which stages came from cache) at the end, and the one line a failed run ends with."""
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
+import shlex
 import time
 import uuid
 from pathlib import Path
@@ -112,6 +116,23 @@ def release_all_engines(flow=None, flow_run=None, state=None) -> None:
     backends.clear_cache()
 
 
+# How `avr` started this process's run (set by flows/cli.py; empty for deployments and tests):
+# the command line, and the run id it resumes. Recorded in run.json.
+LAUNCH: dict = {}
+# The run in progress in this process ({"id", "store"}), for the line a failure ends with.
+CURRENT: dict = {}
+
+
+@contextlib.contextmanager
+def launched(command: list[str] | None = None, resumes: str | None = None):
+    LAUNCH.update(command=shlex.join(["avr", *command]) if command else None, resumes=resumes)
+    CURRENT.clear()
+    try:
+        yield
+    finally:
+        LAUNCH.clear()
+
+
 def start_run(params: RunParams | dict, slices: tuple | None = None) -> tuple[dict, dict]:
     """Everything that can reject a run happens here, before any stage runs. `params` are the
     deployment's form (flows/params.py); `slices` the prompt slices this flow reads (default: those
@@ -125,13 +146,88 @@ def start_run(params: RunParams | dict, slices: tuple | None = None) -> tuple[di
     n = preflight(cfg, slices)
     store = Store(cfg["store"]["root"])
     STAGE_LOG.clear()                              # this run's wall-time table starts here
+    quiet_repeated_tracebacks()
     run_id = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+    run = {"id": run_id, "started": time.time(), "preset": preset, "overrides": overrides,
+           "params": params.model_dump(), "prompt_rows": n, **_origin()}
     store.write_atomic(f"{store.path('runs', run_id)}/config.yaml", to_yaml(cfg_obj).encode())
-    print(f"run {run_id}: preset={preset} overrides={overrides} prompts={n} store={cfg['store']['root']}")
-    origin = _origin()
-    supervisor.record_run(origin["flow_run_id"])   # what `avr` names if the run is stopped
-    return {"id": run_id, "started": time.time(), "preset": preset, "overrides": overrides,
-            "params": params.model_dump(), "prompt_rows": n, **origin}, cfg
+    record = {**run, "store": store.root, "command": LAUNCH.get("command"), "resumes": LAUNCH.get("resumes")}
+    store.write_atomic(f"{store.path('runs', run_id)}/run.json", json.dumps(record, indent=2, default=str).encode())
+    CURRENT.update(id=run_id, store=store.root)
+    resumes = f" (resumes run {LAUNCH['resumes']})" if LAUNCH.get("resumes") else ""
+    print(f"run {run_id}{resumes}: preset={preset} overrides={overrides} prompts={n} store={store.root}\n"
+          f"  if it fails or is stopped, resume it with: {resume_command(run_id, store.root)}")
+    supervisor.record_run(run["flow_run_id"], resume_command(run_id, store.root))   # for the stop line
+    return run, cfg
+
+
+def resume_command(run_id: str, store_root: str) -> str:
+    """`avr resume <run id>`, with `--store` when the store is not the one `avr` finds by default.
+
+    >>> resume_command("20261203-080303-fe9764", "/data/avr")
+    'avr resume 20261203-080303-fe9764 --store /data/avr'
+    """
+    default = os.environ.get("AVR_STORE") or "./artifacts"
+    a, b = (r if "://" in r else os.path.abspath(r) for r in (store_root, default))
+    return f"avr resume {run_id}" + ("" if a == b else f" --store {shlex.quote(store_root)}")
+
+
+def failure_line(exc: BaseException) -> str | None:
+    """The one line a failed run ends with: the stage, the error, what is kept, how to resume
+    (None: no run had started in this process). The traceback is in the log above, once."""
+    if not CURRENT:
+        return None
+    store, stage = Store(CURRENT["store"]), failed_stage(exc)
+    kept = sum(store.exists(store.ref(*r["artifact"].split("/", 1))) for r in STAGE_LOG)
+    error = (str(exc).strip().splitlines() or [""])[0]
+    _record_failure(store, stage, f"{type(exc).__name__}: {error}")
+    return (f"avr: run {CURRENT['id']} failed in stage {stage or '?'} ({type(exc).__name__}: {error}); kept in "
+            f"{store.root}: the artifacts of {kept} finished stage{'s' * (kept != 1)}; resume (they are cache hits): "
+            f"{resume_command(CURRENT['id'], store.root)}")
+
+
+def failed_stage(exc: BaseException) -> str | None:
+    """The stage task (tasks/common.py StageTask) the exception came out of, from its traceback."""
+    from tasks.common import StageTask
+
+    tb, name = exc.__traceback__, None
+    while tb is not None:
+        if tb.tb_frame.f_code is StageTask.__call__.__code__:
+            name = tb.tb_frame.f_locals["self"].name      # the innermost one wins
+        tb = tb.tb_next
+    return name
+
+
+def _record_failure(store: Store, stage: str | None, error: str) -> None:
+    """The failed run's run.json says where it failed (best effort: the line is what counts)."""
+    path = f"{store.path('runs', CURRENT['id'])}/run.json"
+    with contextlib.suppress(Exception):
+        record = json.loads(store.fs.cat_file(path))
+        record["failed"] = {"stage": stage, "error": error, "at": time.time()}
+        store.write_atomic(path, json.dumps(record, indent=2, default=str).encode())
+
+
+class _RepeatedTraceback(logging.Filter):
+    """Prefect logs a failure's traceback once per flow run it passes through (a stage in
+    avr-synthesis in avr-stage1 in avr-pipeline: three times). Keep the first; later records of
+    the same exception keep their one-line message."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None:
+            if getattr(exc, "_avr_logged", False):
+                record.exc_info, record.exc_text = None, None
+            else:
+                with contextlib.suppress(AttributeError):
+                    exc._avr_logged = True
+        return True
+
+
+def quiet_repeated_tracebacks() -> None:
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        lg = logging.getLogger(name)
+        if not any(isinstance(f, _RepeatedTraceback) for f in lg.filters):
+            lg.addFilter(_RepeatedTraceback())
 
 
 def _origin() -> dict:
@@ -139,18 +235,21 @@ def _origin() -> dict:
     from prefect.runtime import deployment, flow_run
 
     try:
+        extra = {k: v for k, v in flow_run.parameters.items() if k != "params"}   # e.g. a synthesis run's split
         return {"flow": flow_run.flow_name or None, "deployment": deployment.name or None,
-                "flow_run_id": flow_run.id or None}
+                "flow_run_id": flow_run.id or None, "flow_parameters": extra}
     except Exception:   # outside a flow run
-        return {"flow": None, "deployment": None, "flow_run_id": None}
+        return {"flow": None, "deployment": None, "flow_run_id": None, "flow_parameters": {}}
 
 
 def finish_run(run: dict, cfg: dict, outputs: dict[str, ArtifactRef], leaderboard: str | None = None) -> dict:
     store = Store(cfg["store"]["root"])
     wall = round(time.time() - run["started"], 1)
-    summary = {**run, "wall_s": wall, "stages": list(STAGE_LOG),
-               "outputs": {k: {"ref": str(v), "path": v.path, "counts": store.manifest(v)["counts"],
-                               "rows": store.manifest(v)["rows"]} for k, v in outputs.items()}}
+    manifests = {k: store.manifest(v) for k, v in outputs.items()}
+    summary = {**run, "store": store.root, "wall_s": wall, "stages": list(STAGE_LOG),
+               "outputs": {k: {"ref": str(v), "path": v.path, "counts": manifests[k]["counts"],
+                               "rows": manifests[k]["rows"], "result": manifests[k].get("result")}
+                           for k, v in outputs.items()}}
     from avr_core.inspect import recompute_reason
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(run["started"]))   # compare with earlier runs only
     for r in STAGE_LOG:   # why each computed stage could not come from cache
@@ -170,13 +269,60 @@ def finish_run(run: dict, cfg: dict, outputs: dict[str, ArtifactRef], leaderboar
               for k, v in [*((f"rows:{n}", r) for n, r in out["rows"].items()), *sorted(out["counts"].items())]]
     publish(store.ref("runs", run["id"]), "avr-run-outputs", table=counts)   # the counts of what the run made
     summary["compare"] = _compare_with_previous(store, summary)
-    for name, out in summary["outputs"].items():
-        print(f"{name}: {out['path']}\n  rows={out['rows']}\n  counts={out['counts']}")
-    print(f"\nper-stage wall time (run {run['id']}):\n{table}")
-    if leaderboard:
-        where = store.path("leaderboard", "leaderboard.md")
-        print(f"\nleaderboard ({where}; `avr eval` shows it again):\n{leaderboard}")
+    if leaderboard is not None:   # this run's rows (the store keeps every run's)
+        from tasks.evaluate import read_leaderboard
+        summary["leaderboard"] = [r for r in read_leaderboard(store.root) if r["run"] == run["id"]]
+    store.write_atomic(f"{store.path('runs', run['id'])}/summary.json", json.dumps(summary, indent=2).encode())
+    print(end_of_run(summary, table, smoke=cfg["eval"]["smoke"]))
     return summary
+
+
+def end_of_run(summary: dict, table: str, smoke: bool = False) -> str:
+    """What a finished run prints last, about a screen: where its outputs are, the per-stage
+    wall times, the learning signal and test-time scaling as numbers, THIS run's leaderboard rows
+    and where the rest is. The store keeps everything (summary.json, compare.md, leaderboard.md)."""
+    root, rid = summary["store"], summary["id"]
+    lines = [f"\nrun {rid} finished in {summary['wall_s']:.0f} s; its outputs, in the store {root}:"]
+    lines += [f"  {name:18} {o['path']}" for name, o in summary["outputs"].items()]
+    lines.append(f"  {'run record':18} {root}/runs/{rid}/ (summary.json, timings.md, compare.md)")
+    lines.append(f"\nper-stage wall time:\n{table}")
+    for name, o in summary["outputs"].items():
+        lines += _result_lines(name, o.get("result"))
+    if summary.get("leaderboard") is not None:
+        from avr_core.evaluation import leaderboard as lb
+        from tasks.evaluate import SMOKE_TITLE
+        lines.append(f"leaderboard: this run's {len(summary['leaderboard'])} rows (every run's: `avr eval`, "
+                     f"or {root}/leaderboard/leaderboard.md)\n")
+        lines.append(lb.to_markdown(summary["leaderboard"], SMOKE_TITLE if smoke else None))
+    prev = summary.get("compare")
+    lines.append(f"compared with the previous run {prev}: {root}/runs/{rid}/compare.md (`avr compare {rid}`)"
+                 if prev else "the first finished run of its kind in this store: nothing to compare with yet")
+    return "\n".join(lines)
+
+
+def _result_lines(name: str, result) -> list[str]:
+    """An output's result as numbers: a learning signal (mean difference, 95% CI) or a
+    test-time-scaling curve (its table); nothing for outputs without one."""
+    from avr_core.scaling import to_markdown
+
+    if isinstance(result, dict) and {"mean_diff", "ci95", "n"} <= result.keys():
+        return [_signal_line(name, result), ""]
+    if isinstance(result, dict) and "comparisons" in result:      # the signal preset's report
+        return [*(_signal_line(f"{name} {c}", r) for c, r in result["comparisons"].items()), ""]
+    if isinstance(result, list) and result and "R" in result[0]:
+        return [f"{name}: mean score per refinement round R", to_markdown(result)]
+    return []
+
+
+def _signal_line(name: str, r: dict) -> str:
+    """
+    >>> _signal_line("learning_signal", {"mean_diff": 0.0123, "ci95": [-0.01, 0.0346], "n": 4, "b_better": 3,
+    ...                                  "scorer": "reward_model"})
+    'learning_signal (reward_model scorer, n=4): mean difference +0.0123, 95% CI [-0.0100, +0.0346]; better on 3 of 4'
+    """
+    (lo, hi), scorer = r["ci95"], f"{r['scorer']} scorer, " if r.get("scorer") else ""
+    return (f"{name} ({scorer}n={r['n']}): mean difference {r['mean_diff']:+.4f}, 95% CI [{lo:+.4f}, {hi:+.4f}]; "
+            f"better on {r.get('b_better', '?')} of {r['n']}")
 
 
 def _compare_with_previous(store: Store, summary: dict) -> str | None:
@@ -190,7 +336,6 @@ def _compare_with_previous(store: Store, summary: dict) -> str | None:
         md = compare.to_markdown(compare.compare(store, prev, summary["id"]))
     store.write_atomic(f"{store.path('runs', summary['id'])}/compare.md", md.encode())
     publish(store.ref("runs", summary["id"]), "avr-compare", markdown=md)
-    print(f"\n{md}")
     return prev
 
 

@@ -12,7 +12,8 @@ a server that was gone. Now a group signal reaches only the supervisor, which
    subprocesses, vLLM engine cores);
 2. waits for that at most GRACE_S, and not at all once the run's API server stops answering;
 3. ends every process the run started, whatever its session (each carries the run's token in its
-   environment), prints one line saying how to resume, and exits 128 + the signal (130, 143).
+   environment), prints one line saying how to resume (`avr resume <run id>`), and exits
+   128 + the signal (130, 143).
 """
 from __future__ import annotations
 
@@ -63,9 +64,9 @@ def supervise(argv: list[str]) -> int:
         worker.wait()
         run = _info(token)
         name = signal.Signals(got[0]).name
-        if run.get("flow_run_id"):
-            print(f"avr: stopped by {name}; finished stages are kept: resume with `avr resume "
-                  f"{run['flow_run_id']}`", file=sys.stderr, flush=True)
+        if run.get("resume"):
+            print(f"avr: stopped by {name}; finished stages are kept: resume with `{run['resume']}` "
+                  f"(Prefect flow run {run.get('flow_run_id')})", file=sys.stderr, flush=True)
         else:
             print(f"avr: stopped by {name} before the run started", file=sys.stderr, flush=True)
         return 128 + got[0]
@@ -107,16 +108,18 @@ def _end_worker(sig: int) -> None:
     os._exit(128 + sig)
 
 
-def record_run(flow_run_id: str | None) -> None:
-    """Called as a run starts (flows/runs.py start_run): tell the supervisor, if any, the flow run
-    id (for the resume line) and the API the run reports to (whether waiting on it makes sense)."""
-    if not is_worker() or not flow_run_id:
+def record_run(flow_run_id: str | None, resume: str) -> None:
+    """Called as a run starts (flows/runs.py start_run): tell the supervisor, if any, the resume
+    command and flow run id (for the stop line) and the API the run reports to (whether waiting
+    on it makes sense)."""
+    if not is_worker():
         return
     from prefect.context import FlowRunContext
 
     ctx = FlowRunContext.get()
     api = str(ctx.client.api_url) if ctx else ""
-    _info_path(os.environ[TOKEN_ENV]).write_text(json.dumps({"flow_run_id": str(flow_run_id), "api_url": api}))
+    info = {"flow_run_id": str(flow_run_id) if flow_run_id else None, "resume": resume, "api_url": api}
+    _info_path(os.environ[TOKEN_ENV]).write_text(json.dumps(info))
 
 
 def _info_path(token: str) -> Path:

@@ -59,3 +59,44 @@ def test_resume_after_a_late_failure_redoes_nothing_before_it(tmp_path, monkeypa
     assert gens == []                                            # no model was even built
     assert {r["task"] for r in STAGE_LOG if not r["cached"]} == {"select"}
     assert select_files(tmp_path / "r") == clean                 # same key, byte-identical files
+
+
+@pytest.mark.slow
+def test_a_failed_run_ends_with_one_line_and_resumes_by_its_run_id(tmp_path, monkeypatch, gens, capsys):
+    """`avr run`'s path (flows/cli.py `_run_flow`): a failure in critique ends with one line naming
+    the stage, what is kept and `avr resume <run id>`, its traceback logged once; resuming by that
+    id recomputes critique and what follows it, nothing before it."""
+    import json
+    import logging
+
+    from flows.cli import _run_flow
+    from flows.resume import resumer
+
+    logged = []
+    handler = logging.Handler()
+    handler.emit = lambda r: logged.append(r) if r.exc_info else None
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logging.getLogger(name).addHandler(handler)
+    monkeypatch.setenv("AVR_FAIL_TASK", "critique")
+    try:
+        rc = _run_flow(lambda: synthesis_run({"preset": "tiny", "overrides": overrides(tmp_path)}), ["run"])
+    finally:
+        for name in ("prefect.flow_runs", "prefect.task_runs"):
+            logging.getLogger(name).removeHandler(handler)
+    monkeypatch.delenv("AVR_FAIL_TASK")
+    [line] = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("avr:")]
+    [failed] = [p.name for p in (tmp_path / "runs").iterdir()]
+    assert rc == 1 and len(logged) == 1                          # the traceback once, not once per flow run
+    assert f"avr: run {failed} failed in stage critique (RuntimeError: injected failure" in line
+    assert "the artifacts of 2 finished stages" in line and line.endswith(f"avr resume {failed} --store {tmp_path}")
+    record = json.loads((tmp_path / "runs" / failed / "run.json").read_text())
+    assert record["flow"] == "avr-synthesis-run" and record["flow_run_id"] and record["failed"]["stage"] == "critique"
+
+    again, resumes = resumer(failed[:12], str(tmp_path))         # a unique prefix of the run id
+    assert resumes == failed and _run_flow(again, ["resume", failed], resumes) == 0
+    [resumed] = [p.name for p in (tmp_path / "runs").iterdir() if p.name != failed]
+    summary = json.loads((tmp_path / "runs" / resumed / "summary.json").read_text())
+    assert [(s["task"], s["cached"]) for s in summary["stages"]] == [
+        ("prompts", True), ("respond", True), ("critique", False), ("refine", False), ("rm_score", False),
+        ("select", False)]
+    assert json.loads((tmp_path / "runs" / resumed / "run.json").read_text())["resumes"] == failed

@@ -63,7 +63,9 @@ def _stop_mid_stage(tmp_path, env: dict, sig: int, group: bool) -> tuple[int, fl
 
 
 def _resume_id(after: str, name: str) -> str:
-    m = re.search(rf"avr: stopped by {name}; .*resume with `avr resume ([0-9a-f-]{{36}})`", after)
+    """The Prefect flow-run id of the stop line, which names `avr resume <run id> --store ...`."""
+    m = re.search(rf"avr: stopped by {name}; .*resume with `avr resume \d{{8}}-\d{{6}}-[0-9a-f]{{6}} --store \S+` "
+                  rf"\(Prefect flow run ([0-9a-f-]{{36}})\)", after)
     assert m, after[-3000:]
     assert "Traceback" not in after and "Connection refused" not in after, after[-3000:]
     assert len(after.splitlines()) < 40, after[-3000:]   # a few "Crash detected" lines and the resume line
