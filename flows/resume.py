@@ -34,6 +34,9 @@ def resumer(run: str, store_root: str | None = None) -> tuple[Callable[[], objec
     record = read_record(store, run_id)
     flow, extra = flow_of(record, store, run_id)
     params = RunParams(preset=local_config(store, run_id), overrides=[f"store.root={store.root}"])
+    from avr_core.config import load_config
+    from avr_core.hub import apply_mode
+    apply_mode(bool(load_config(params.preset, params.overrides).hub.offline))   # as `avr run` did, before HF loads
     return lambda: flow(params=params, **extra), run_id
 
 
