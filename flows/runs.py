@@ -273,7 +273,7 @@ def finish_run(run: dict, cfg: dict, outputs: dict[str, ArtifactRef], leaderboar
         from tasks.evaluate import read_leaderboard
         summary["leaderboard"] = [r for r in read_leaderboard(store.root) if r["run"] == run["id"]]
     store.write_atomic(f"{store.path('runs', run['id'])}/summary.json", json.dumps(summary, indent=2).encode())
-    print(end_of_run(summary, table, smoke=cfg["eval"]["smoke"]))
+    print(end_of_run(summary, per_stage_table(STAGE_LOG, wall), smoke=cfg["eval"]["smoke"]))
     return summary
 
 
@@ -285,7 +285,7 @@ def end_of_run(summary: dict, table: str, smoke: bool = False) -> str:
     lines = [f"\nrun {rid} finished in {summary['wall_s']:.0f} s; its outputs, in the store {root}:"]
     lines += [f"  {name:18} {o['path']}" for name, o in summary["outputs"].items()]
     lines.append(f"  {'run record':18} {root}/runs/{rid}/ (summary.json, timings.md, compare.md)")
-    lines.append(f"\nper-stage wall time:\n{table}")
+    lines.append(f"\nwall time per stage (every call: {root}/runs/{rid}/timings.md):\n{table}")
     for name, o in summary["outputs"].items():
         lines += _result_lines(name, o.get("result"))
     if summary.get("leaderboard") is not None:
@@ -337,6 +337,37 @@ def _compare_with_previous(store: Store, summary: dict) -> str | None:
     store.write_atomic(f"{store.path('runs', summary['id'])}/compare.md", md.encode())
     publish(store.ref("runs", summary["id"]), "avr-compare", markdown=md)
     return prev
+
+
+def per_stage_table(log: list[dict], wall_s: float) -> str:
+    """`wall_time_table` with one row per stage rather than per call (a tiny run calls respond
+    five times): what the end of a run prints, so it fits on a screen.
+
+    >>> print(per_stage_table([{"task": "respond", "cached": False, "wall_s": 30.0, "loads": 1, "load_s": 25.0},
+    ...                        {"task": "respond", "cached": True, "wall_s": 0.5}], 31.0))
+    | stage | calls | computed | cached | wall s | model loads (s) |
+    |---|---|---|---|---|---|
+    | respond | 2 | 1 | 1 | 30.5 | 1 (25.0) |
+    | **total** | 2 | 1 | 1 | **31.0** | **1 (25.0)** |
+    <BLANKLINE>
+    """
+    rows: dict[str, list] = {}
+    for r in log:
+        row = rows.setdefault(r["task"], [0, 0, 0.0, 0, 0.0])
+        row[0] += 1
+        row[1] += not r["cached"]
+        row[2] += r["wall_s"]
+        row[3] += r.get("loads", 0)
+        row[4] += r.get("load_s", 0.0)
+
+    def loads(n, s):
+        return f"{n} ({s:.1f})" if n else ""
+    lines = ["| stage | calls | computed | cached | wall s | model loads (s) |", "|---|---|---|---|---|---|"]
+    lines += [f"| {t} | {n} | {c} | {n - c} | {w:.1f} | {loads(k, ks)} |" for t, (n, c, w, k, ks) in rows.items()]
+    n, c = len(log), sum(not r["cached"] for r in log)
+    k, ks = sum(r.get("loads", 0) for r in log), sum(r.get("load_s", 0.0) for r in log)
+    lines.append(f"| **total** | {n} | {c} | {n - c} | **{wall_s:.1f}** | **{loads(k, ks) or 0}** |")
+    return "\n".join(lines) + "\n"
 
 
 def wall_time_table(log: list[dict], wall_s: float) -> str:
