@@ -144,7 +144,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     warmup_ratio: float = 0.1
     epochs: int = 1
-    max_steps: int = -1              # > 0 caps optimizer steps (tiny runs, tests)
+    step_cap: int = -1              # > 0 caps optimizer steps (tiny runs, tests)
     micro_batch_size: int = 1        # sequences (sft) or pairs (po) per forward, per device
     grad_accum: int = 1
     max_length: int = 2048           # tokens; longer examples are truncated AND counted
@@ -251,6 +251,9 @@ class DataConfig:
     stage2: list = field(default_factory=lambda: [24, 30])
     stage2_po: list = field(default_factory=lambda: [30, 36])
     heldout: list = field(default_factory=lambda: [36, 48])
+    # flow: signal only: a second held-out slice the seed and the Stage-1 model also answer, reported
+    # apart (conf/signal_v2.yaml: the old preset's held-out prompts); [] = none
+    heldout_extra: list = field(default_factory=list)
 
 
 @dataclass
@@ -477,6 +480,9 @@ def validate(cfg: DictConfig) -> None:
              and (open_end or (isinstance(sl[1], int) and sl[0] <= sl[1])), f"data.{name}",
              "must be [start, stop] with 0 <= start <= stop"
              + (" (stop may be null)" if name.startswith("stage1") else ""))
+    sl = cfg.data.heldout_extra
+    need(len(sl) == 0 or (len(sl) == 2 and all(isinstance(x, int) for x in sl) and 0 <= sl[0] < sl[1]),
+         "data.heldout_extra", "must be [] or [start, stop] with 0 <= start < stop")
     need(bool(cfg.data.prompts), "data.prompts", "a prompt file is required")
     need(cfg.search.k >= 1 and cfg.search.m >= 1, "search.k", "search.k and search.m must be >= 1")
     need(1 <= cfg.search.max_rounds <= 10, "search.max_rounds", "must be in 1..10")

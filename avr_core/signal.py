@@ -2,13 +2,14 @@
 
     >>> paired_difference({"p1": 5.0, "p2": 6.0}, {"p1": 5.5, "p2": 6.5})  # doctest: +NORMALIZE_WHITESPACE
     {'n': 2, 'mean_a': 5.5, 'mean_b': 6.0, 'mean_diff': 0.5, 'std_diff': 0.0, 'se': 0.0, 'ci95': [0.5, 0.5],
-     'b_better': 2, 'a_better': 0, 'ties': 0}
+     'b_better': 2, 'a_better': 0, 'ties': 0, 'bootstrap_ci95': [0.5, 0.5], 'sign_test_p': 0.5}
 
 On a 135M model with the judge scorer the difference may be small or negative; report it as is.
 """
 from __future__ import annotations
 
 import math
+import random
 
 
 def paired_difference(a: dict[str, float], b: dict[str, float]) -> dict:
@@ -24,7 +25,33 @@ def paired_difference(a: dict[str, float], b: dict[str, float]) -> dict:
     r = lambda x: round(x, 6)  # noqa: E731
     return {"n": n, "mean_a": r(sum(a[i] for i in ids) / n), "mean_b": r(sum(b[i] for i in ids) / n),
             "mean_diff": r(mean), "std_diff": r(std), "se": r(se), "ci95": [r(mean - 1.96 * se), r(mean + 1.96 * se)],
-            "b_better": sum(x > 0 for x in d), "a_better": sum(x < 0 for x in d), "ties": sum(x == 0 for x in d)}
+            "b_better": sum(x > 0 for x in d), "a_better": sum(x < 0 for x in d), "ties": sum(x == 0 for x in d),
+            "bootstrap_ci95": [r(x) for x in bootstrap_ci(d)],
+            "sign_test_p": r(sign_test(sum(x > 0 for x in d), sum(x < 0 for x in d)))}
+
+
+def bootstrap_ci(d: list[float], resamples: int = 10_000, seed: int = 0) -> tuple[float, float]:
+    """Percentile 95% CI of the mean of `d` over prompt resamples (seeded: the same every time).
+    Scores are bounded and ties dominate, so the normal CI is checked against this one.
+
+    >>> bootstrap_ci([0.0, 0.0, 1.0, 1.0])
+    (0.0, 1.0)
+    """
+    rng, n = random.Random(seed), len(d)
+    means = sorted(sum(rng.choices(d, k=n)) / n for _ in range(resamples))
+    return means[int(0.025 * resamples)], means[int(0.975 * resamples) - 1]
+
+
+def sign_test(better: int, worse: int) -> float:
+    """Two-sided exact sign test (ties dropped): P(a split at least this uneven | no effect).
+
+    >>> round(sign_test(9, 1), 4)
+    0.0215
+    """
+    n, k = better + worse, min(better, worse)
+    if n == 0:
+        return 1.0
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n)
 
 
 def refinement_outcomes(records: list[dict]) -> dict:
@@ -95,6 +122,22 @@ def signal_markdown(report: dict) -> str:
     for name, d in report["comparisons"].items():
         lines.append(f"| {name} | {d['n']} | {d['mean_a']:.4f} | {d['mean_b']:.4f} | {_ci(d)} | "
                      f"{d['b_better']} / {d['a_better']} / {d['ties']} |")
+    lines += ["", "The same comparisons checked two more ways (scores are bounded and ties dominate):", "",
+              "| comparison | paired bootstrap 95% CI (10,000 resamples) | sign test p (B better vs A better) |",
+              "|---|---|---:|"]
+    for name, d in report["comparisons"].items():
+        if "bootstrap_ci95" in d:
+            lo, hi = d["bootstrap_ci95"]
+            lines.append(f"| {name} | [{lo:+.4f}, {hi:+.4f}] | {d['sign_test_p']:.4f} |")
+    if report.get("training"):
+        lines += ["", "Training, as it ran (optimizer steps taken; planned = epochs x examples / global batch):", "",
+                  "| model | examples or pairs | optimizer steps | planned | final loss |", "|---|---:|---:|---:|---:|"]
+        for name, t in report["training"].items():
+            lines.append(f"| {name} | {t['examples']} | {t['steps']} | {t['planned_steps']} | {t['final_loss']} |")
+    if not report["tts"]:
+        lines += ["", "Test-time scaling: not part of this run (tts.rounds = 0); run it on its own with "
+                  "`tts.rounds=3` added to this run's command (every other stage comes from the cache)."]
+        return _constraints_and_synthesis(lines, report)
     lines += ["", "Test-time scaling of the Stage-1 model (greedy; R refinement rounds; paired vs R = 0):", "",
               "| R | n | mean | R − R0 | 95% CI | reading | better / worse than R0 | mean words |",
               "|---:|---:|---:|---:|---|---|---|---:|"]
@@ -102,6 +145,10 @@ def signal_markdown(report: dict) -> str:
         d = row["vs_r0"]
         lines.append(f"| {row['R']} | {row['n']} | {row['mean']:.4f} | {_ci(d)} | {d['b_better']} / {d['a_better']} | "
                      f"{row['mean_words']:.1f} |")
+    return _constraints_and_synthesis(lines, report)
+
+
+def _constraints_and_synthesis(lines: list[str], report: dict) -> str:
     lines += ["", "Per constraint on the held-out prompts (satisfied / total):", "",
               "| constraint | " + " | ".join(report["per_constraint"]) + " |",
               "|---|" + "---:|" * len(report["per_constraint"])]

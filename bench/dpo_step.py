@@ -336,7 +336,7 @@ def child_ours(spec: dict) -> dict:
     refs = [json.loads(l) for l in Path(spec["ref_path"]).read_text().splitlines() if l.strip()]
     out = Path(spec["workdir"]) / spec.get("out_name", "ours")
     cfg = {"loss": "dpo", "beta": spec["beta"], "lr": spec["lr"], "weight_decay": 0.0, "warmup_ratio": 0.0,
-           "epochs": 1, "max_steps": -1, "micro_batch_size": spec["batch_size"], "grad_accum": 1,
+           "epochs": 1, "step_cap": -1, "micro_batch_size": spec["batch_size"], "grad_accum": 1,
            "max_length": spec["max_length"], "zero_stage": 0, "bf16": False, "gradient_checkpointing": False,
            "checkpoint_every": 0, "seed": SEED}
     summary = train(spec["model"], spec["rows"], cfg, str(out / "model"), str(out / "ckpt"),

@@ -45,7 +45,10 @@ def preflight(cfg: dict, slices: tuple | None = None) -> int:
         raise ConfigError(str(e)) from None
     n = validate_prompts(cfg)                          # hf://: loads the dataset (or its cache), so n is known
     # iteration 0 here; flows/iterations.py checks the later ones (their slices move)
-    check_slices(cfg["data"], n, range(1), 0, SLICES_READ[cfg["flow"]] if slices is None else slices,
+    if slices is None:
+        extra = cfg["flow"] == "signal" and bool(cfg["data"].get("heldout_extra"))   # read by flows/signal.py
+        slices = SLICES_READ[cfg["flow"]] + (("heldout_extra",) if extra else ())
+    check_slices(cfg["data"], n, range(1), 0, slices,
                  cfg["data"]["prompts"])
     validate_evalset(cfg)
     models = [("scorer.model.path", cfg["scorer"]["model"]["path"])]

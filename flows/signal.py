@@ -4,9 +4,10 @@
 
 Stage 1 (synthesis -> RSFT -> synthesis -> DPO), then the seed, the RSFT model and the Stage-1
 model answer the held-out prompts greedily and the configured scorer scores them: paired
-differences with 95% CIs (seed -> RSFT -> Stage-1), then test-time scaling of the Stage-1 model
-(R = 0..tts.rounds), and one report with the synthesis counts (how often refinements beat y0,
-what selection kept). No stage 2, no AlpacaEval.
+differences with 95% CIs (seed -> RSFT -> Stage-1; seed -> Stage-1 again on `data.heldout_extra`
+if set), then test-time scaling of the Stage-1 model (R = 0..tts.rounds; none when 0), and one
+report with the synthesis counts (how often refinements beat y0, what selection kept) and the
+optimizer steps each training took. No stage 2, no AlpacaEval.
 """
 from __future__ import annotations
 
@@ -37,13 +38,22 @@ def signal(params: RunParams = RunParams(preset="signal")) -> dict:  # noqa: B00
     scored = {name: t.rm_score(ev, t.respond(ev, m, heldout)) for name, m in models.items()}
     comparisons = {f"{a} -> {b}": s.learning_signal(cfg, scored[a], scored[b])
                    for a, b in [("seed", "rsft"), ("rsft", "stage1"), ("seed", "stage1")]}
-    answers = sc.tts_answers(cfg, s1["model"], heldout)      # R = 0..tts.rounds, greedy
-    tts = sc.tts_curve(cfg, answers)
+    if cfg["data"]["heldout_extra"]:                         # a second held-out set, reported apart
+        extra = t.prompts(cfg, "heldout_extra")
+        for name in ("seed", "stage1"):
+            scored[f"{name} (heldout_extra)"] = t.rm_score(ev, t.respond(ev, models[name], extra))
+        comparisons["seed -> stage1 (heldout_extra)"] = s.learning_signal(
+            cfg, scored["seed (heldout_extra)"], scored["stage1 (heldout_extra)"])
+    answers = tts = None
+    if cfg["tts"]["rounds"] > 0:                             # R = 0..tts.rounds, greedy
+        answers = sc.tts_answers(cfg, s1["model"], heldout)
+        tts = sc.tts_curve(cfg, answers)
     synthesis = {"RSFT data (seed)": _scored_and_selected(cfg, s1["rsft_data"]),
                  "DPO pairs (RSFT policy)": _scored_and_selected(cfg, s1["pairs"])}
-    report = s.signal_report(cfg, comparisons, answers, scored, synthesis)
-    summary = finish_run(run, cfg, {"stage1_model": s1["model_ref"], "test_time_scaling": tts,
-                                    "signal_report": report})
+    trained = {"RSFT": s1["rsft_ref"], "DPO (Stage-1)": s1["model_ref"]}
+    report = s.signal_report(cfg, comparisons, answers, scored, synthesis, trained)
+    outputs = {"stage1_model": s1["model_ref"], "signal_report": report}
+    summary = finish_run(run, cfg, outputs | ({"test_time_scaling": tts} if tts else {}))
     print(f"\n{report.path}/report.md:\n{s.read_report(cfg, report)}")
     return summary
 

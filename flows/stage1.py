@@ -25,11 +25,12 @@ def synthesis(cfg: dict, policy: dict, split: str) -> ArtifactRef:
 def stage1(cfg: dict, seed: dict) -> dict:
     """Synthesis with the seed -> RSFT -> synthesis with the RSFT policy on fresh prompts -> PO."""
     rsft_data = synthesis(cfg, seed, "stage1_sft")
-    rsft = tr.policy_of(cfg, tr.train_sft(cfg, seed, rsft_data))
+    rsft_ref = tr.train_sft(cfg, seed, rsft_data)
+    rsft = tr.policy_of(cfg, rsft_ref)
     pairs = synthesis(cfg, rsft, "stage1_po")
     ref_logps = tr.reference_logps(cfg, rsft, pairs)          # the RSFT model is the reference
     model = tr.train_po(cfg, rsft, pairs, ref_logps)
-    return {"rsft_data": rsft_data, "rsft": rsft, "pairs": pairs, "model_ref": model,
+    return {"rsft_data": rsft_data, "rsft": rsft, "rsft_ref": rsft_ref, "pairs": pairs, "model_ref": model,
             "model": tr.policy_of(cfg, model)}
 
 

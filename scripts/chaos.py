@@ -89,7 +89,7 @@ def overrides(model: str, store: str, prompts: int, shard_size: int, steps: int,
     return [f"store.root={store}", f"policy.path={model}", f"scorer.model.path={model}",
             f"data.stage1_sft=[0,{prompts}]", f"shard_size={shard_size}",
             *(f"{s}.sampling.max_new_tokens={tokens}" for s in ("respond", "critique", "refine")),
-            "scorer.max_length=512", f"rsft.max_steps={steps}", "rsft.epochs=1000",
+            "scorer.max_length=512", f"rsft.step_cap={steps}", "rsft.epochs=1000",
             f"rsft.checkpoint_every={ckpt_every}",
             "rsft.lr=1e-3", "rsft.micro_batch_size=2", "rsft.max_length=256"]
 

@@ -26,10 +26,10 @@ MAX_MODEL_LEN = 1024
 def dpo_plan(ranks: int, mode: str) -> dict:
     """Sizes of ref_logps + train_dpo for `ranks` training processes (review A4): 8 pairs per rank,
     so every rank gets 8 micro-batches of 1 and `planned` is 8 for any rank count; `steps` is
-    what the run must report (max_steps caps it, as in avr_core/training/recipe.py)."""
-    rows, max_steps = 8 * ranks, (3 if mode == "gpu" else 2)
+    what the run must report (step_cap caps it, as in avr_core/training/recipe.py)."""
+    rows, step_cap = 8 * ranks, (3 if mode == "gpu" else 2)
     planned = max(1, rows // (1 * 1 * ranks))        # epochs * rows // (micro_batch * grad_accum * world)
-    return {"rows": rows, "planned": planned, "steps": min(planned, max_steps), "max_steps": max_steps,
+    return {"rows": rows, "planned": planned, "steps": min(planned, step_cap), "step_cap": step_cap,
             "max_length": 256 if mode == "gpu" else 128, "dtype": "bfloat16" if mode == "gpu" else "float32"}
 
 
@@ -322,7 +322,7 @@ def _launch_dpo(mode: str, work: Path, ranks: int, plan: dict) -> dict:
     from avr_core.training.launch import child_env, launch_command, write_spec
 
     shutil.rmtree(work / "dpo", ignore_errors=True)      # a rerun in the same --work starts afresh
-    cfg = dict(loss="dpo", beta=0.1, lr=5e-7, epochs=1, max_steps=plan["max_steps"], micro_batch_size=1,
+    cfg = dict(loss="dpo", beta=0.1, lr=5e-7, epochs=1, step_cap=plan["step_cap"], micro_batch_size=1,
                grad_accum=1, max_length=plan["max_length"], zero_stage=3, bf16=mode == "gpu",
                gradient_checkpointing=mode == "gpu", checkpoint_every=100, warmup_ratio=0.0)
     spec = write_spec(work / "dpo" / "spec.json", model_path=paths(work)["policy"], rows=pair_rows(plan["rows"]),

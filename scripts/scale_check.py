@@ -30,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["data.stage1_sft=[0,3]", "shard_size=3", "critique.max_tries=1", "respond.sampling.max_new_tokens=16",
          "critique.sampling.max_new_tokens=16", "refine.sampling.max_new_tokens=16", "scorer.max_length=512",
-         "rsft.max_steps=1", "rsft.micro_batch_size=1", "rsft.checkpoint_every=1", "data.heldout=[40,42]"]
+         "rsft.step_cap=1", "rsft.micro_batch_size=1", "rsft.checkpoint_every=1", "data.heldout=[40,42]"]
 
 
 def child(root: str, model: str) -> None:

@@ -24,27 +24,29 @@ def learning_signal(out: Output, cfg: dict, base: ArtifactRef, trained: Artifact
                   result["scorer"], result["mean_diff"], result["se"], result["ci95"], result["n"], result["b_better"])
 
 
-def signal_report_spec(cfg: dict, comparisons: dict, tts_answers: ArtifactRef, heldout: dict,
-                       synthesis: dict) -> Spec:
-    refs = (*comparisons.values(), tts_answers, *heldout.values(), *(r for pair in synthesis.values() for r in pair))
-    names = [list(comparisons), list(heldout), list(synthesis)]
+def signal_report_spec(cfg: dict, comparisons: dict, tts_answers: ArtifactRef | None, heldout: dict,
+                       synthesis: dict, trained: dict) -> Spec:
+    refs = (*comparisons.values(), *([tts_answers] if tts_answers else []), *heldout.values(),
+            *(r for pair in synthesis.values() for r in pair), *trained.values())
+    names = [list(comparisons), list(heldout), list(synthesis), list(trained)]
     return Spec("signal_report", {"scorer": scorer_identity(cfg["scorer"]), "names": names}, refs)
 
 
 @stage(signal_report_spec, retries=0, timeout_s=1800)
-def signal_report(out: Output, cfg: dict, comparisons: dict, tts_answers: ArtifactRef, heldout: dict,
-                  synthesis: dict) -> None:
+def signal_report(out: Output, cfg: dict, comparisons: dict, tts_answers: ArtifactRef | None, heldout: dict,
+                  synthesis: dict, trained: dict) -> None:
     """The `signal` preset's report (report.md, report.json): the held-out paired differences, the
     test-time-scaling curve with paired CIs against R = 0, per-constraint satisfaction of each
     model (`rules` scorer), and per synthesis how often refinements beat y0 and what `select` kept.
 
-    comparisons: name -> `learning_signal` ref; heldout: model -> its scored held-out answers;
-    synthesis: name -> (rm_score ref, select ref)."""
+    comparisons: name -> `learning_signal` ref; tts_answers: None = no test-time scaling in this
+    run; heldout: model -> its scored held-out answers; synthesis: name -> (rm_score ref, select
+    ref); trained: name -> trained model ref (its optimizer steps are reported)."""
     from avr_core.signal import cut_at_cap, per_constraint, refinement_outcomes, signal_markdown
 
     st = out.store
-    tts = st.read_records(tts_answers)
-    rounds = min(len(r["scores"]) for r in tts)
+    tts = st.read_records(tts_answers) if tts_answers else []
+    rounds = min((len(r["scores"]) for r in tts), default=0)
     r0 = {r["id"]: r["scores"][0] for r in tts}
     rows = []
     for R in range(rounds):
@@ -62,23 +64,30 @@ def signal_report(out: Output, cfg: dict, comparisons: dict, tts_answers: Artifa
                 for (cid, _), ok in zip(scorer.constraints[r["messages"][-1]["content"].strip()],
                                         scorer.check(r["messages"][-1]["content"], r["answer"]))])
         last = {r["id"]: r for r in tts}
-        checks[f"stage1 R={rounds - 1}"] = per_constraint([
-            (cid, ok) for r in last.values()
-            for (cid, _), ok in zip(scorer.constraints[r["messages"][-1]["content"].strip()],
-                                    scorer.check(r["messages"][-1]["content"], r["answers"][rounds - 1]))])
-    report = {"scorer": cfg["scorer"]["kind"], "heldout": len(tts),
+        if rounds > 1:
+            checks[f"stage1 R={rounds - 1}"] = per_constraint([
+                (cid, ok) for r in last.values()
+                for (cid, _), ok in zip(scorer.constraints[r["messages"][-1]["content"].strip()],
+                                        scorer.check(r["messages"][-1]["content"], r["answers"][rounds - 1]))])
+    report = {"scorer": cfg["scorer"]["kind"], "heldout": len(st.read_records(next(iter(heldout.values())))),
               "comparisons": {name: st.manifest(ref)["result"] for name, ref in comparisons.items()},
               "tts": rows, "per_constraint": checks,
               "synthesis": {name: {"outcomes": refinement_outcomes(st.read_records(scored)),
                                    "select_counts": st.manifest(sel)["counts"]}
-                            for name, (scored, sel) in synthesis.items()}}
-    report["cut_at_cap"] = cut_at_cap(ancestors(st, [*heldout.values(), tts_answers,
+                            for name, (scored, sel) in synthesis.items()},
+              "training": {name: _steps(st.manifest(ref).get("train", {})) for name, ref in trained.items()}}
+    report["cut_at_cap"] = cut_at_cap(ancestors(st, [*heldout.values(), *([tts_answers] if tts_answers else []),
                                                      *(r for pair in synthesis.values() for r in pair)]))
     md = signal_markdown(report)
     out.write_file("report.json", json.dumps(report, indent=2).encode())
     out.write_file("report.md", md.encode())
     out.extra["result"] = {k: report[k] for k in ("comparisons", "tts")}
     logger().info("signal report:\n%s", md)
+
+
+def _steps(summary: dict) -> dict:
+    """What a training really did, from its model's `train` summary (avr_core/training/recipe.py)."""
+    return {k: summary.get(k) for k in ("examples", "steps", "planned_steps", "final_loss")}
 
 
 def ancestors(store, refs: list[ArtifactRef]) -> dict[str, dict]:

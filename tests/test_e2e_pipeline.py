@@ -25,15 +25,15 @@ VLLM = ["generator.kind=vllm", "scorer.kind=vllm_judge"]   # tiny.yaml keeps bot
 SMALL = ["data.stage1_sft=[0,3]", "data.stage1_po=[3,6]", "data.heldout=[40,42]", "shard_size=3",
          "critique.max_tries=1", "respond.sampling.max_new_tokens=24", "critique.sampling.max_new_tokens=24",
          "refine.sampling.max_new_tokens=24", "scorer.max_length=512",
-         "rsft.max_steps=1", "rsft.micro_batch_size=1", "rsft.checkpoint_every=1",
-         "po.max_steps=1", "po.micro_batch_size=1", "po.checkpoint_every=1",
+         "rsft.step_cap=1", "rsft.micro_batch_size=1", "rsft.checkpoint_every=1",
+         "po.step_cap=1", "po.micro_batch_size=1", "po.checkpoint_every=1",
          # stage 2 on a couple of prompts. The seed's drop rules are off so that two prompts surely
          # leave a thought to train on (the rules themselves are tested on fakes in tests/core).
          "data.stage2=[12,14]", "data.stage2_po=[20,22]", "search.max_rounds=2",
          "search.drop_no_first_improvement=false", "search.drop_no_terminating_critique=false",
          "thought.s=3", "thought.sampling.max_new_tokens=48",
-         "cot_sft.max_steps=1", "cot_sft.micro_batch_size=1", "cot_sft.checkpoint_every=1",
-         "cot_po.max_steps=1", "cot_po.checkpoint_every=1", "cot_sft.max_length=512", "cot_po.max_length=512",
+         "cot_sft.step_cap=1", "cot_sft.micro_batch_size=1", "cot_sft.checkpoint_every=1",
+         "cot_po.step_cap=1", "cot_po.checkpoint_every=1", "cot_sft.max_length=512", "cot_po.max_length=512",
          "tts.rounds=2", "tts.sampling.max_new_tokens=24",
          "eval.slice=[0,2]", "eval.sampling.max_new_tokens=24", "eval.position_bias_n=1"]
 

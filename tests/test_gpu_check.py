@@ -33,7 +33,7 @@ def test_dpo_plan_fits_every_gpu_count(n, mode):
     assert plan["rows"] == 8 * n and plan["planned"] == 8     # 8 micro-batches of 1 per rank, any n
     # the recipe's own count (avr_core/training/recipe.py): epochs * examples // (mbs * gas * world)
     assert plan["planned"] == max(1, 1 * plan["rows"] // (1 * 1 * n))
-    assert plan["steps"] == plan["max_steps"] == (3 if mode == "gpu" else 2)   # never capped below the ask
+    assert plan["steps"] == plan["step_cap"] == (3 if mode == "gpu" else 2)   # never capped below the ask
     ids = [r["id"] for r in steps.pair_rows(plan["rows"])]
     assert len(set(ids)) == plan["rows"]       # ref_logps and train_dpo read the same rows
     assert plan["dtype"] == ("bfloat16" if mode == "gpu" else "float32")   # reference in the training dtype

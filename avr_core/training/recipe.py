@@ -1,6 +1,6 @@
 """The one training recipe (setup / train / save / resume) for RSFT and preference optimisation.
 
-    summary = train("/models/policy", rows, TrainConfig(loss="dpo", lr=5e-7, max_steps=100),
+    summary = train("/models/policy", rows, TrainConfig(loss="dpo", lr=5e-7, step_cap=100),
                     out_dir="/store/po/KEY/model", ckpt_dir="/store/po/KEY/ckpt",
                     ref_logps={"p1": (-12.7, -15.0), ...})
 
@@ -14,10 +14,10 @@
   (cfg.seed, epoch); optimizer step s of a run with G = micro_batch_size * grad_accum * world
   takes stream positions [s*G, (s+1)*G). So the position is a function of the step, and a
   resumed run sees exactly the batches an uninterrupted one would.
-- Steps: planned = max(1, epochs * examples // G) sets the LR schedule. `max_steps > 0` only
-  CAPS how far this call goes; it does not reshape the schedule, so stopping at max_steps=3 and
-  calling again with max_steps=6 continues the very same run (same losses as 6 in one go).
-- Checkpoints every `checkpoint_every` steps, and when max_steps stops a call before the
+- Steps: planned = max(1, epochs * examples // G) sets the LR schedule. `step_cap > 0` only
+  CAPS how far this call goes; it does not reshape the schedule, so stopping at step_cap=3 and
+  calling again with step_cap=6 continues the very same run (same losses as 6 in one go).
+- Checkpoints every `checkpoint_every` steps, and when step_cap stops a call before the
   planned end (checkpoint.py); a call whose ckpt_dir holds a committed checkpoint resumes from
   it. A finished run writes no extra final checkpoint (at 8B that would be ~130 GB): if it dies
   while exporting, the next call redoes the steps since the last periodic one.
@@ -30,6 +30,7 @@ import dataclasses
 import gc
 import hashlib
 import json
+import logging
 import math
 import random
 import time
@@ -41,6 +42,8 @@ from avr_core.losses import NEEDS_REFERENCE, PREFERENCE_LOSSES, sft
 from avr_core.training import checkpoint, dist
 from avr_core.training.data import collate_pairs, collate_sft, pad_id, tokenize_pairs, tokenize_sft
 from avr_core.training.logps import pair_logps
+
+log = logging.getLogger(__name__)
 
 LOSSES = ("sft", *PREFERENCE_LOSSES)
 # Settings a resumed run must share with the run that wrote the checkpoint.
@@ -261,7 +264,7 @@ class Run:
     world: int
     device: Any
     planned: int            # steps the LR schedule spans (epochs x examples / global batch)
-    last: int               # the step this call stops at (max_steps caps, never reshapes)
+    last: int               # the step this call stops at (step_cap caps, never reshapes)
     fingerprint: dict
     pad_id: int
     t0: float
@@ -275,7 +278,7 @@ def train(model_path: str, rows: list[dict], cfg: TrainConfig | dict, out_dir: s
           ref_logps: dict | None = None, progress: bool = True, keep_last: int = 2) -> dict:
     """Train (or resume training) and write the model directory; returns a summary.
 
-    >>> s = train(tiny_llama, sft_rows, {"loss": "sft", "lr": 1e-3, "max_steps": 3,
+    >>> s = train(tiny_llama, sft_rows, {"loss": "sft", "lr": 1e-3, "step_cap": 3,
     ...           "zero_stage": 0, "checkpoint_every": 2}, "out/model", "out/ckpt")  # doctest: +SKIP
     >>> {k: s[k] for k in ("steps", "planned_steps", "resumed_from", "tokenize")}    # doctest: +SKIP
     {'steps': 3, 'planned_steps': 8, 'resumed_from': None,
@@ -299,10 +302,14 @@ def train(model_path: str, rows: list[dict], cfg: TrainConfig | dict, out_dir: s
         examples, counts = _tokenize(rows, tok, cfg, ref_logps)
         if not examples:
             raise ValueError(f"no training examples left after tokenisation: {counts}")
-        planned = max(1, cfg.epochs * len(examples) // (cfg.micro_batch_size * cfg.grad_accum * world))
+        batch = cfg.micro_batch_size * cfg.grad_accum * world
+        planned = max(1, cfg.epochs * len(examples) // batch)
+        if rank == 0 and len(examples) < batch:       # e.g. 1 example x 4 slots: one step on copies of it
+            log.warning("%s: %d examples fill less than one global batch (%d): %d optimizer step(s) over repeats "
+                        "of the same examples", cfg.loss, len(examples), batch, planned)
         run = Run(cfg, examples, counts, Path(out_dir), Path(ckpt_dir), rank, world,
                   torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu"),
-                  planned, min(planned, cfg.max_steps) if cfg.max_steps > 0 else planned,
+                  planned, min(planned, cfg.step_cap) if cfg.step_cap > 0 else planned,
                   _fingerprint(cfg, examples, world, planned), pad_id(tok), t0)
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
@@ -384,7 +391,7 @@ def _loop(engine, run: Run, progress: bool, keep_last: int) -> dict:
                 f.write(json.dumps(row) + "\n")
         bar.update(1)
         bar.set_postfix(loss=f"{row['loss']:.4f}")
-        stopped_early = step == run.last < run.planned       # max_steps: a later call continues
+        stopped_early = step == run.last < run.planned       # step_cap: a later call continues
         if (cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0) or stopped_early:
             checkpoint.save(engine, run.ckpt_dir, step, {
                 "step": step, "examples_seen": step * G, "epoch": step * G // n,

@@ -21,7 +21,7 @@ def test_bf16_zero_on_gpu(tiny_llama, tmp_path, zero_stage):
     import torch
     from transformers import AutoModelForCausalLM
 
-    cfg = dict(loss="sft", lr=3e-3, epochs=20, max_steps=4, micro_batch_size=2, grad_accum=2,
+    cfg = dict(loss="sft", lr=3e-3, epochs=20, step_cap=4, micro_batch_size=2, grad_accum=2,
                zero_stage=zero_stage, bf16=True, gradient_checkpointing=True, checkpoint_every=2,
                warmup_ratio=0.0, max_length=512)
     rows = [dict(sft_rows(1)[0], id=f"s{i}") for i in range(4)]
@@ -31,5 +31,5 @@ def test_bf16_zero_on_gpu(tiny_llama, tmp_path, zero_stage):
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
     assert next(model.parameters()).dtype == torch.bfloat16          # 16-bit weights saved
     # resume continues (ZeRO-3 partitions restored)
-    s2 = train(tiny_llama, rows, {**cfg, "max_steps": 6}, tmp_path / "m", tmp_path / "c", progress=False)
+    s2 = train(tiny_llama, rows, {**cfg, "step_cap": 6}, tmp_path / "m", tmp_path / "c", progress=False)
     assert s2["resumed_from"] == 4 and s2["steps"] == 6

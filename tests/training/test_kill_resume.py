@@ -36,7 +36,7 @@ CHILD = textwrap.dedent("""
 
 
 def test_sigkill_then_resume_gives_the_uninterrupted_losses(tiny_llama, tmp_path):
-    cfg = dict(loss="sft", lr=1e-3, epochs=20, max_steps=6, micro_batch_size=2, zero_stage=2,
+    cfg = dict(loss="sft", lr=1e-3, epochs=20, step_cap=6, micro_batch_size=2, zero_stage=2,
                checkpoint_every=1, warmup_ratio=0.2, max_length=512)
     rows = sft_rows(4)
     train(tiny_llama, rows, cfg, tmp_path / "a", tmp_path / "ca", progress=False)

@@ -14,7 +14,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::FutureWarnin
 
 
 def test_two_ranks_equal_one_rank_with_twice_the_accumulation(tiny_llama, tmp_path):
-    base = dict(loss="sft", lr=1e-3, epochs=20, max_steps=3, micro_batch_size=1, zero_stage=2,
+    base = dict(loss="sft", lr=1e-3, epochs=20, step_cap=3, micro_batch_size=1, zero_stage=2,
                 checkpoint_every=10, warmup_ratio=0.0, max_length=512)
     rows = sft_rows(4)
     spec = write_spec(tmp_path / "spec.json", model_path=tiny_llama, rows=rows, cfg={**base, "grad_accum": 2},

@@ -19,7 +19,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::FutureWarnin
 def test_a_hostfile_with_two_slots_starts_two_ranks_through_the_launcher(tiny_llama, tmp_path):
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("localhost slots=2\n")
-    cfg = dict(loss="sft", lr=1e-3, epochs=1, max_steps=2, micro_batch_size=1, grad_accum=1, zero_stage=2,
+    cfg = dict(loss="sft", lr=1e-3, epochs=1, step_cap=2, micro_batch_size=1, grad_accum=1, zero_stage=2,
                checkpoint_every=10, warmup_ratio=0.0, max_length=256)
     spec = write_spec(tmp_path / "spec.json", model_path=tiny_llama, rows=sft_rows(4), cfg=cfg,
                       out_dir=str(tmp_path / "model"), ckpt_dir=str(tmp_path / "ckpt"), progress=False)

@@ -51,7 +51,7 @@ def _two_ranks(spec, script=None, extra_env=None) -> subprocess.CompletedProcess
 
 
 def _cfg(stage: int, **kw) -> dict:
-    return dict(loss="sft", lr=1e-3, epochs=20, max_steps=3, micro_batch_size=1, zero_stage=stage,
+    return dict(loss="sft", lr=1e-3, epochs=20, step_cap=3, micro_batch_size=1, zero_stage=stage,
                 checkpoint_every=10, warmup_ratio=0.0, max_length=512) | kw
 
 
@@ -83,7 +83,7 @@ def test_two_ranks_equal_one_rank_and_save_one_loadable_model(tiny_llama, tmp_pa
 
 
 def test_two_ranks_killed_mid_training_resume_exactly(tiny_llama, tmp_path):
-    cfg = _cfg(3, grad_accum=1, checkpoint_every=1) | {"max_steps": 4, "warmup_ratio": 0.25}
+    cfg = _cfg(3, grad_accum=1, checkpoint_every=1) | {"step_cap": 4, "warmup_ratio": 0.25}
     rows = sft_rows(4)
     ref = write_spec(tmp_path / "ref.json", model_path=tiny_llama, rows=rows, cfg=cfg,
                      out_dir=str(tmp_path / "a"), ckpt_dir=str(tmp_path / "ca"), progress=False)

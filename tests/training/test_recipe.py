@@ -20,7 +20,7 @@ def losses(out_dir):
 
 
 def cfg(**kw):
-    base = dict(loss="sft", lr=1e-3, epochs=20, max_steps=6, micro_batch_size=2, grad_accum=2,
+    base = dict(loss="sft", lr=1e-3, epochs=20, step_cap=6, micro_batch_size=2, grad_accum=2,
                 zero_stage=2, checkpoint_every=2, warmup_ratio=0.2, max_length=512)
     return {**base, **kw}
 
@@ -40,7 +40,7 @@ def test_in_process_training_leaves_no_distributed_variables(tiny_llama, tmp_pat
     import os
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(k, raising=False)
-    train(tiny_llama, sft_rows(2), cfg(max_steps=1, zero_stage=0), tmp_path / "m", tmp_path / "c", progress=False)
+    train(tiny_llama, sft_rows(2), cfg(step_cap=1, zero_stage=0), tmp_path / "m", tmp_path / "c", progress=False)
     assert not {"RANK", "WORLD_SIZE", "MASTER_PORT"} & set(os.environ)   # a child process must not inherit them
 
 
@@ -54,7 +54,7 @@ def pairs_and_refs(tiny_llama, tok):
 def test_dpo_starts_at_ln2_and_never_runs_the_reference(tiny_llama, tmp_path, pairs_and_refs):
     rows, refs = pairs_and_refs
     before = logps.REFERENCE_FORWARDS
-    s = train(tiny_llama, rows, cfg(loss="dpo", lr=1e-3, max_steps=3), tmp_path / "m", tmp_path / "c",
+    s = train(tiny_llama, rows, cfg(loss="dpo", lr=1e-3, step_cap=3), tmp_path / "m", tmp_path / "c",
               ref_logps=refs, progress=False)
     assert logps.REFERENCE_FORWARDS == before                 # zero reference forwards in training
     m = [json.loads(l) for l in open(tmp_path / "m" / "metrics.jsonl")]
@@ -68,7 +68,7 @@ def test_dpo_starts_at_ln2_and_never_runs_the_reference(tiny_llama, tmp_path, pa
 @pytest.mark.parametrize("loss", ["ipo", "simpo", "rm_margin"])
 def test_other_preference_losses_train(tiny_llama, tmp_path, pairs_and_refs, loss):
     rows, refs = pairs_and_refs
-    s = train(tiny_llama, rows, cfg(loss=loss, max_steps=2, zero_stage=0), tmp_path / "m", tmp_path / "c",
+    s = train(tiny_llama, rows, cfg(loss=loss, step_cap=2, zero_stage=0), tmp_path / "m", tmp_path / "c",
               ref_logps=None if loss == "simpo" else refs, progress=False)
     assert s["steps"] == 2 and math.isfinite(s["final_loss"])
 
@@ -90,7 +90,7 @@ def test_exact_resume_6_vs_3_plus_3(tiny_llama, tmp_path, pairs_and_refs, zero_s
     rows, refs = pairs_and_refs
     c = cfg(loss="dpo", zero_stage=zero_stage, micro_batch_size=1, checkpoint_every=2)
     one = train(tiny_llama, rows, c, tmp_path / "a", tmp_path / "ca", ref_logps=refs, progress=False)
-    first = train(tiny_llama, rows, {**c, "max_steps": 3}, tmp_path / "b", tmp_path / "cb",
+    first = train(tiny_llama, rows, {**c, "step_cap": 3}, tmp_path / "b", tmp_path / "cb",
                   ref_logps=refs, progress=False)
     again = train(tiny_llama, rows, c, tmp_path / "b", tmp_path / "cb", ref_logps=refs, progress=False)
     assert (one["resumed_from"], first["steps"], again["resumed_from"], again["steps"]) == (None, 3, 3, 6)
@@ -109,16 +109,16 @@ def test_exact_resume_6_vs_3_plus_3(tiny_llama, tmp_path, pairs_and_refs, zero_s
 
 
 def test_checkpoint_of_another_run_is_refused(tiny_llama, tmp_path):
-    train(tiny_llama, sft_rows(4), cfg(max_steps=1), tmp_path / "m", tmp_path / "c", progress=False)
+    train(tiny_llama, sft_rows(4), cfg(step_cap=1), tmp_path / "m", tmp_path / "c", progress=False)
     with pytest.raises(ValueError, match=r"different run \(differs in \['lr'\]\)"):
-        train(tiny_llama, sft_rows(4), cfg(max_steps=2, lr=1.0), tmp_path / "m", tmp_path / "c", progress=False)
+        train(tiny_llama, sft_rows(4), cfg(step_cap=2, lr=1.0), tmp_path / "m", tmp_path / "c", progress=False)
 
 
 def test_output_is_a_loadable_hf_model_that_generates(tiny_llama, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    s = train(tiny_llama, sft_rows(4), cfg(max_steps=2, zero_stage=3), tmp_path / "m", tmp_path / "c", progress=False)
+    s = train(tiny_llama, sft_rows(4), cfg(step_cap=2, zero_stage=3), tmp_path / "m", tmp_path / "c", progress=False)
     out = tmp_path / "m"
     names = {p.name for p in out.iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja", "metrics.jsonl",

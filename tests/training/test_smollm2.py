@@ -26,7 +26,7 @@ def test_two_dpo_steps_on_smollm2(smollm2_path, tok, tmp_path):
     assert all(len(p["chosen_input_ids"]) == len(p["rejected_input_ids"]) == 256 for p in pairs)
     refs = logps.ref_logps_by_id(logps.compute_reference_logps(smollm2_path, pairs, batch_size=2))
     before = logps.REFERENCE_FORWARDS
-    cfg = dict(loss="dpo", beta=0.1, lr=5e-6, max_steps=2, epochs=2, micro_batch_size=2, max_length=256,
+    cfg = dict(loss="dpo", beta=0.1, lr=5e-6, step_cap=2, epochs=2, micro_batch_size=2, max_length=256,
                zero_stage=2, warmup_ratio=0.0, checkpoint_every=50)
     s = train(smollm2_path, rows, cfg, tmp_path / "m", tmp_path / "c", ref_logps=refs, progress=False)
     assert logps.REFERENCE_FORWARDS == before and s["steps"] == 2
