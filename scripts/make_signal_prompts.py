@@ -128,12 +128,14 @@ def row(i: int, rng: random.Random, topics: list[str], registry, conflicts) -> d
             break
         if not clashes(cid, chosen, conflicts):
             chosen.append(cid)
-    texts, constraints = [], []
-    for cid in chosen:
-        kwargs = pool[cid]
-        texts.append(registry[cid](cid).build_description(**kwargs).strip())
-        constraints.append({"id": cid, "kwargs": kwargs})
-    return {"id": f"sig-{i:04d}", "prompt": " ".join([task, *texts]), "constraints": constraints,
+    return prompt_row(f"sig-{i:04d}", i, task, pool, chosen, registry)
+
+
+def prompt_row(row_id: str, i: int, task: str, pool: dict, chosen: list[str], registry) -> dict:
+    """The row: the task, then each chosen constraint's IFEval description; the constraints as data."""
+    texts = [registry[cid](cid).build_description(**pool[cid]).strip() for cid in chosen]
+    return {"id": row_id, "prompt": " ".join([task, *texts]),
+            "constraints": [{"id": cid, "kwargs": pool[cid]} for cid in chosen],
             "split": "train" if i < TRAIN else "heldout"}
 
 
@@ -155,10 +157,7 @@ def row_by_quota(i: int, rng: random.Random, topics: list[str], kinds_used: dict
             chosen.append(cid)
     for cid in chosen:
         kinds_used[cid] += 1
-    texts = [registry[cid](cid).build_description(**pool[cid]).strip() for cid in chosen]
-    return {"id": f"sv2-{i:04d}", "prompt": " ".join([task, *texts]),
-            "constraints": [{"id": cid, "kwargs": pool[cid]} for cid in chosen],
-            "split": "train" if i < TRAIN else "heldout"}
+    return prompt_row(f"sv2-{i:04d}", i, task, pool, chosen, registry)
 
 
 def main_v2(registry, conflicts) -> int:

@@ -54,22 +54,20 @@ def signal_report(out: Output, cfg: dict, comparisons: dict, tts_answers: Artifa
         words = [len(r["answers"][R].split()) for r in tts]
         rows.append({"R": R, "n": len(tts), "mean": sum(rR.values()) / len(rR), "mean_words": sum(words) / len(words),
                      "vs_r0": paired_difference(r0, rR)})
+    answered = {name: st.read_records(ref) for name, ref in heldout.items()}
     checks = {}
     if cfg["scorer"]["kind"] == "rules":
         from avr_core.scorers import make_scorer
         scorer = make_scorer(cfg["scorer"])
-        for name, ref in heldout.items():
-            checks[name] = per_constraint([
-                (cid, ok) for r in st.read_records(ref)
-                for (cid, _), ok in zip(scorer.constraints[r["messages"][-1]["content"].strip()],
-                                        scorer.check(r["messages"][-1]["content"], r["answer"]))])
-        last = {r["id"]: r for r in tts}
+        verdicts = lambda records, answer: per_constraint([  # noqa: E731
+            (cid, ok) for r in records
+            for (cid, _), ok in zip(scorer.constraints[r["messages"][-1]["content"].strip()],
+                                    scorer.check(r["messages"][-1]["content"], answer(r)))])
+        for name, records in answered.items():
+            checks[name] = verdicts(records, lambda r: r["answer"])
         if rounds > 1:
-            checks[f"stage1 R={rounds - 1}"] = per_constraint([
-                (cid, ok) for r in last.values()
-                for (cid, _), ok in zip(scorer.constraints[r["messages"][-1]["content"].strip()],
-                                        scorer.check(r["messages"][-1]["content"], r["answers"][rounds - 1]))])
-    report = {"scorer": cfg["scorer"]["kind"], "heldout": len(st.read_records(next(iter(heldout.values())))),
+            checks[f"stage1 R={rounds - 1}"] = verdicts(tts, lambda r: r["answers"][rounds - 1])
+    report = {"scorer": cfg["scorer"]["kind"], "heldout": len(next(iter(answered.values()))),
               "comparisons": {name: st.manifest(ref)["result"] for name, ref in comparisons.items()},
               "tts": rows, "per_constraint": checks,
               "synthesis": {name: {"outcomes": refinement_outcomes(st.read_records(scored)),
