@@ -342,63 +342,70 @@ def _compare_with_previous(store: Store, summary: dict) -> str | None:
     return prev
 
 
+def _engine_cells(rows: list[dict]) -> tuple[str, str]:
+    """The "starts (s)" and "reloads (s)" cells of some stage calls: models loaded or vLLM engines
+    started, and new weights put into a running engine (issue 31), each with their seconds."""
+    def cell(n, key):
+        s = sum(r.get(key, 0.0) for r in rows)
+        return f"{n} ({s:.1f})" if n else ""
+    return (cell(sum(r.get("loads", 0) for r in rows), "load_s"),
+            cell(sum(r.get("reloads", 0) for r in rows), "reload_s"))
+
+
 def per_stage_table(log: list[dict], wall_s: float) -> str:
     """`wall_time_table` with one row per stage rather than per call (a tiny run calls respond
     five times): what the end of a run prints, so it fits on a screen.
 
     >>> print(per_stage_table([{"task": "respond", "cached": False, "wall_s": 30.0, "loads": 1, "load_s": 25.0},
-    ...                        {"task": "respond", "cached": True, "wall_s": 0.5}], 31.0))
-    | stage | calls | computed | cached | wall s | model loads (s) |
-    |---|---|---|---|---|---|
-    | respond | 2 | 1 | 1 | 30.5 | 1 (25.0) |
-    | **total** | 2 | 1 | 1 | **31.0** | **1 (25.0)** |
+    ...                        {"task": "respond", "cached": False, "wall_s": 2.0, "reloads": 1, "reload_s": 1.0},
+    ...                        {"task": "respond", "cached": True, "wall_s": 0.5}], 33.0))
+    | stage | calls | computed | cached | wall s | starts (s) | reloads (s) |
+    |---|---|---|---|---|---|---|
+    | respond | 3 | 2 | 1 | 32.5 | 1 (25.0) | 1 (1.0) |
+    | **total** | 3 | 2 | 1 | **33.0** | **1 (25.0)** | **1 (1.0)** |
     <BLANKLINE>
     """
-    rows: dict[str, list] = {}
+    by_task: dict[str, list[dict]] = {}
     for r in log:
-        row = rows.setdefault(r["task"], [0, 0, 0.0, 0, 0.0])
-        row[0] += 1
-        row[1] += not r["cached"]
-        row[2] += r["wall_s"]
-        row[3] += r.get("loads", 0)
-        row[4] += r.get("load_s", 0.0)
+        by_task.setdefault(r["task"], []).append(r)
 
-    def loads(n, s):
-        return f"{n} ({s:.1f})" if n else ""
-    lines = ["| stage | calls | computed | cached | wall s | model loads (s) |", "|---|---|---|---|---|---|"]
-    lines += [f"| {t} | {n} | {c} | {n - c} | {w:.1f} | {loads(k, ks)} |" for t, (n, c, w, k, ks) in rows.items()]
-    n, c = len(log), sum(not r["cached"] for r in log)
-    k, ks = sum(r.get("loads", 0) for r in log), sum(r.get("load_s", 0.0) for r in log)
-    lines.append(f"| **total** | {n} | {c} | {n - c} | **{wall_s:.1f}** | **{loads(k, ks) or 0}** |")
+    def counts(rows):
+        c = sum(not r["cached"] for r in rows)
+        return f"{len(rows)} | {c} | {len(rows) - c}"
+    lines = ["| stage | calls | computed | cached | wall s | starts (s) | reloads (s) |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {t} | {counts(rows)} | {sum(r['wall_s'] for r in rows):.1f} | {' | '.join(_engine_cells(rows))} |"
+              for t, rows in by_task.items()]
+    starts, reloads = _engine_cells(log)
+    lines.append(f"| **total** | {counts(log)} | **{wall_s:.1f}** | **{starts or 0}** | **{reloads or 0}** |")
     return "\n".join(lines) + "\n"
 
 
 def wall_time_table(log: list[dict], wall_s: float) -> str:
     """Markdown: one row per stage call in run order, with the models it loaded (vLLM engines
-    started, HF models loaded) and their seconds, then the run's total and what the stages do
-    not account for (Prefect flow bookkeeping, config and input checks).
+    started, HF models loaded) and the new weights it put into running engines, with their
+    seconds, then the run's total and what the stages do not account for (Prefect flow
+    bookkeeping, config and input checks).
 
     >>> print(wall_time_table([{"task": "respond", "artifact": "respond/ab", "cached": False, "wall_s": 30.0,
     ...                         "why": "changed config", "loads": 1, "load_s": 25.0}], 31.5))
-    | stage | artifact | status | wall s | model loads (s) |
-    |---|---|---|---|---|
-    | respond | respond/ab | computed (changed config) | 30.0 | 1 (25.0) |
-    | (outside stages) | | | 1.5 | |
-    | **total** | | 1 computed, 0 cached | **31.5** | **1 (25.0)** |
+    | stage | artifact | status | wall s | starts (s) | reloads (s) |
+    |---|---|---|---|---|---|
+    | respond | respond/ab | computed (changed config) | 30.0 | 1 (25.0) |  |
+    | (outside stages) | | | 1.5 | | |
+    | **total** | | 1 computed, 0 cached | **31.5** | **1 (25.0)** | **0** |
     <BLANKLINE>
     """
     def status(r):
         return "cached" if r["cached"] else f"computed ({r['why']})" if r.get("why") else "computed"
 
-    def loads(n, s):
-        return f"{n} ({s:.1f})" if n else ""
-    lines = ["| stage | artifact | status | wall s | model loads (s) |", "|---|---|---|---|---|"]
-    lines += [f"| {r['task']} | {r['artifact']} | {status(r)} | {r['wall_s']:.1f} | "
-              f"{loads(r.get('loads', 0), r.get('load_s', 0.0))} |" for r in log]
+    lines = ["| stage | artifact | status | wall s | starts (s) | reloads (s) |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['task']} | {r['artifact']} | {status(r)} | {r['wall_s']:.1f} | {' | '.join(_engine_cells([r]))} |"
+              for r in log]
     inside = sum(r["wall_s"] for r in log)
     n_cached = sum(r["cached"] for r in log)
-    n_loads, load_s = sum(r.get("loads", 0) for r in log), sum(r.get("load_s", 0.0) for r in log)
-    lines.append(f"| (outside stages) | | | {max(0.0, wall_s - inside):.1f} | |")
+    starts, reloads = _engine_cells(log)
+    lines.append(f"| (outside stages) | | | {max(0.0, wall_s - inside):.1f} | | |")
     lines.append(f"| **total** | | {len(log) - n_cached} computed, {n_cached} cached | **{wall_s:.1f}** | "
-                 f"**{n_loads} ({load_s:.1f})** |")
+                 f"**{starts or 0}** | **{reloads or 0}** |")
     return "\n".join(lines) + "\n"

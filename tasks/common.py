@@ -276,10 +276,12 @@ def _build(task: "StageTask", r: "Resolved", params: dict, body: Callable[..., N
     out = Output(store, ref, store.writer(ref.stage, ref.key, spec.config, list(spec.inputs), r.code.version),
                  scale=params["cfg"].get("scale") if hasattr(params["cfg"], "get") else None, expect=expect)
     out.extra["environment"] = expect.driver     # code, torch/transformers/vllm, models: W-4
+    ok = False
     try:
         body(out, **params)
+        ok = True
     finally:
-        release_engines(out)
+        release_engines(out, keep=ok)     # a failed stage keeps nothing: its retry starts clean
     out.writer.finalize(extra={**out.extra, "code_files": r.code.files}, counts=out.counts or None)
     COMPUTED.add(str(ref))
     for fn in out.after:
@@ -314,16 +316,21 @@ def named_models(config: Any) -> list[tuple[str, str | None]]:
     return found + [m for v in config.values() for m in named_models(v)]
 
 
-def release_engines(out: "Output") -> None:
+def release_engines(out: "Output", keep: bool = True) -> None:
     """End of a stage: record the devices its backends ran on (manifest `device`), then close
     them, so the next stage starts with the accelerator free (`avr_core.backends.release`;
-    `keep_engine: true` in a backend's section keeps that one for the next stage)."""
+    `keep_engine: true` in a backend's section keeps that one for the next stage). `keep=False`
+    (the stage failed) closes kept engines too: one may be dead or owe replies to the failed
+    call, and a Prefect retry must not inherit it."""
     from avr_core import backends
 
     if used := backends.used():
         out.extra.setdefault("device", used)
-    closed = backends.release()
-    if closed:
+    closed = backends.release(keep=keep)
+    if not keep:
+        logger().warning("%s: stage failed: released every engine, kept ones included (%s), so a retry "
+                         "starts clean", out.ref.stage, ", ".join(closed) or "none held")
+    elif closed:
         logger().info("%s: released %s", out.ref.stage, ", ".join(closed))
 
 
@@ -364,11 +371,14 @@ class StageTask(Task):
         try:
             return super().__call__(*args, **kwargs)
         finally:
-            loads = backends.builds()[built:]       # models loaded / engines started by this stage
+            events = backends.builds()[built:]      # engines started / models loaded, weights reloaded
+            starts = [b for b in events if b.get("event", "start") == "start"]
+            reloads = [b for b in events if b.get("event") == "reload"]
             cached = str(ref) not in COMPUTED and store_of(params["cfg"]).exists(ref)
             STAGE_LOG.append({"task": self.name, "artifact": str(ref), "cached": cached,
-                              "wall_s": round(time.perf_counter() - t0, 2), "loads": len(loads),
-                              "load_s": round(sum(b["seconds"] for b in loads), 2)})
+                              "wall_s": round(time.perf_counter() - t0, 2), "loads": len(starts),
+                              "load_s": round(sum(b["seconds"] for b in starts), 2), "reloads": len(reloads),
+                              "reload_s": round(sum(b["seconds"] for b in reloads), 2)})
 
 
 def stage(spec_fn: Callable[..., Spec], *, retries: int = 2, timeout_s: float = 6 * 3600,

@@ -216,11 +216,13 @@ def _sweep_work(store: Store) -> None:
 
 def free_accelerators(stage_name: str) -> None:
     """Training and the reference model need the GPUs that sampling stages' kept engines
-    (`keep_engine: true`, the paper preset's layout) still hold: release every engine first."""
+    (`keep_engine: true`) hold. Those engines outlive it: on CUDA they sleep (memory freed, the
+    engine kept) and wake with the next policy's weights; on the CPU they stay (host memory);
+    anything else is closed (`avr_core.backends.suspend`)."""
     from avr_core import backends
 
-    if closed := backends.release(keep=False):
-        logger().info("%s: released kept engines (%s) to free the accelerators", stage_name, ", ".join(closed))
+    if done := backends.suspend():
+        logger().info("%s: engines for the training: %s", stage_name, ", ".join(done))
 
 
 def _rm_remote_work(store: Store, name: str) -> None:

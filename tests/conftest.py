@@ -16,7 +16,7 @@ os.environ.setdefault("AVR_RETRY_DELAY_S", "0")
 SYSTEM_TESTS = (
     "tests/test_chaos.py", "tests/test_e2e_pipeline.py", "tests/test_e2e_pipeline_s3.py",
     "tests/backends/test_vllm_cpu.py", "tests/backends/test_vllm_rm.py",
-    "tests/backends/test_vllm_judge.py",
+    "tests/backends/test_vllm_judge.py", "tests/backends/test_vllm_reload.py",
     "tests/ui/", "tests/flows/test_scale_out.py", "tests/flows/test_deployments.py",
     "tests/training/test_multirank.py", "tests/training/test_multinode.py", "tests/training/test_launcher.py",
     "tests/training/test_smollm2.py", "tests/training/test_kill_resume.py",

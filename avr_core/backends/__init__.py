@@ -12,6 +12,7 @@ stages' models are resident together only when the config says they fit (docs/SC
 from __future__ import annotations
 
 import json
+import logging
 import time
 from typing import Any, Callable
 
@@ -21,11 +22,16 @@ from avr_core.models import resolve_model_path
 __all__ = ["BackendStats", "BackendUnavailable", "Generator", "SamplingParams", "Scorer",
            "make_generator", "make_scorer", "clear_cache", "release", "used"]
 
+log = logging.getLogger(__name__)
+
+# model-section keys that only say WHICH weights (a policy change), not how the engine runs them
+WEIGHTS_ONLY = ("path", "revision", "identity", "artifact")
+
 _CACHE: dict[str, Any] = {}
 _META: dict[str, dict] = {}      # key -> {"role", "keep", "gpus"}
 _USED: dict[str, str] = {}       # role -> device label, since the last `used()`
 _HOOKS: list[Callable[[], None]] = []   # releases of models held outside this cache (the local judge)
-_BUILDS: list[dict] = []         # every backend built by this process, in order: {"role", "kind", "seconds"}
+_BUILDS: list[dict] = []         # every start or reload, in order: {"role", "kind", "event", "seconds"}
 
 # kind -> "module:class". Strings on purpose: a stage's code version (avr_core/codeversion.py)
 # then covers the backend its config selects, not every backend.
@@ -60,13 +66,19 @@ def _key(*parts: Any) -> str:
 
 
 def make_generator(model: dict, backend: dict) -> Generator:
-    """`model` = the policy ModelConfig section, `backend` = the generator BackendConfig section."""
+    """`model` = the policy ModelConfig section, `backend` = the generator BackendConfig section.
+    A new policy for a running vLLM engine of the same architecture and tokenizer goes into that
+    engine (`_reload`); anything else starts a new one."""
     key = _key("gen", model, backend)
+    _drop_closed(key)
     if key not in _CACHE:
         kind = backend["kind"]
         cls = _load(GENERATORS, kind, "generator")
-        _make_room(key, backend, "generator")
         path = resolve_model_path(model["path"])
+        engine = _key(kind, {k: v for k, v in model.items() if k not in WEIGHTS_ONLY}, backend)
+        if kind == "vllm" and _reload(key, engine, path, model.get("dtype", "auto") != "auto"):
+            return _use(key)
+        _make_room(key, backend, "generator")
         dev = dict(device=backend.get("device", "auto"), gpus=tuple(backend.get("gpus") or ()))
         t0 = time.perf_counter()
         if kind == "hf":
@@ -86,9 +98,48 @@ def make_generator(model: dict, backend: dict) -> Generator:
                               enforce_eager=bool(backend.get("enforce_eager")),
                               kv_cache_gb=backend.get("kv_cache_gb"), **dev)
         _META[key] = {"role": "generator", "keep": bool(backend.get("keep_engine")), "gpus": dev["gpus"],
-                      "cpu": _on_cpu(backend)}
-        _BUILDS.append({"role": "generator", "kind": kind, "seconds": round(time.perf_counter() - t0, 2)})
+                      "cpu": _on_cpu(backend), "engine": engine, "weights": path}
+        _BUILDS.append({"role": "generator", "kind": kind, "event": "start",
+                        "seconds": round(time.perf_counter() - t0, 2)})
     return _use(key)
+
+
+def _reload(key: str, engine: str, path: str, dtype_fixed: bool) -> bool:
+    """Put the weights at `path` into the running generator engine of the same settings, and file
+    it under `key` (the new policy). False, with one log line saying why, when there is no such
+    engine or it cannot take them (avr_core/backends/weights.py): the caller starts a new one."""
+    from .weights import reload_problem
+
+    old = next((k for k, m in _META.items() if m.get("engine") == engine), None)
+    if old is None:
+        return False
+    obj, meta = _CACHE[old], _META[old]
+    if getattr(obj, "closed", False):
+        _close(old)
+        return False
+    if obj.asleep:    # its turn again: the other role's engine on these GPUs sleeps first
+        _make_room(old, {"gpus": meta.get("gpus"), "device": "cuda"}, "generator")
+    if (why := reload_problem(meta["weights"], path, dtype_fixed)) is not None:
+        log.info("generator: a new engine for %s, not a reload into the running one: %s", path, why)
+        return False
+    t0 = time.perf_counter()
+    obj.reload(path)
+    seconds = round(time.perf_counter() - t0, 2)
+    _CACHE[key] = _CACHE.pop(old)
+    _META[key] = {**_META.pop(old), "weights": path}
+    _BUILDS.append({"role": "generator", "kind": "vllm", "event": "reload", "seconds": seconds})
+    log.info("generator: new weights into the running engine in %.1fs (%s)", seconds, path)
+    return True
+
+
+def _drop_closed(key: str) -> None:
+    """A cached backend that reports itself closed (an engine process died, a read was cut, the
+    engine core died) is dropped, so the next use builds a new one instead of failing forever."""
+    obj = _CACHE.get(key)
+    if obj is not None and getattr(obj, "closed", False):
+        log.warning("%s backend was closed underneath (a dead engine): building a new one",
+                    _META.get(key, {}).get("role", "a"))
+        _close(key)
 
 
 def make_scorer(scorer: dict, frame: Callable[[Conversation], Conversation] | None = None) -> Scorer:
@@ -96,6 +147,7 @@ def make_scorer(scorer: dict, frame: Callable[[Conversation], Conversation] | No
     method's, `avr_core.scorers.make_scorer` passes it; without one its `score` refuses)."""
     frame = frame if scorer["kind"] in JUDGES else None
     key = _key("score", scorer, None if frame is None else f"{frame.__module__}.{frame.__qualname__}")
+    _drop_closed(key)
     if key not in _CACHE:
         cls = _load(SCORERS, scorer["kind"], "scorer")
         if scorer["kind"] == "rules":        # verifiable constraints, no model (avr_core/backends/rules.py)
@@ -119,7 +171,8 @@ def make_scorer(scorer: dict, frame: Callable[[Conversation], Conversation] | No
             kw.update(base_url=scorer.get("base_url", ""), served_model=scorer.get("served_model", ""))
         t0 = time.perf_counter()
         _CACHE[key] = cls(path, frame=frame, **kw) if scorer["kind"] in JUDGES else cls(path, **kw)
-        _BUILDS.append({"role": "scorer", "kind": scorer["kind"], "seconds": round(time.perf_counter() - t0, 2)})
+        _BUILDS.append({"role": "scorer", "kind": scorer["kind"], "event": "start",
+                        "seconds": round(time.perf_counter() - t0, 2)})
         _META[key] = {"role": "scorer", "keep": bool(scorer.get("keep_engine")), "gpus": kw["gpus"],
                       "cpu": _on_cpu(scorer)}
     return _use(key)
@@ -127,27 +180,71 @@ def make_scorer(scorer: dict, frame: Callable[[Conversation], Conversation] | No
 
 def _use(key: str):
     obj = _CACHE[key]
+    if getattr(obj, "asleep", False):      # its role's turn again: the other role sleeps, it wakes
+        meta = _META[key]
+        _make_room(key, {"gpus": meta.get("gpus"), "device": "cuda"}, meta.get("role", ""))
+        t0 = time.perf_counter()
+        obj.wake()
+        _BUILDS.append({"role": meta.get("role"), "kind": "vllm", "event": "reload",
+                        "seconds": round(time.perf_counter() - t0, 2)})
     _USED[_META.get(key, {}).get("role", "backend")] = str(getattr(obj, "device", "unknown"))
     return obj
 
 
 def _make_room(key: str, section: dict, role: str) -> None:
-    """Before a new backend is built: close every cached one it may not share the accelerator
-    with. Two backends stay together when both name `gpus` and those sets are disjoint, or when
-    both run on the CPU and the cached one is kept (`keep_engine`) in another role: host memory
-    is not an accelerator, and a kept vLLM engine there holds only its `kv_cache_gb`, so the
-    policy's engine survives the scorer's build as it does on a node with disjoint GPUs. A new
-    backend in the same role (another policy) always replaces the old one."""
+    """Before a backend is built or woken: free the accelerator for it. A cached backend stays
+    as it is when both name `gpus` and those sets are disjoint, or when both run on the CPU and
+    the cached one is kept (`keep_engine`) in another role: host memory is not an accelerator,
+    and a kept vLLM engine there holds only its `kv_cache_gb`. A kept engine of the other role on
+    the same GPUs sleeps (CUDA: its memory freed, the engine kept; it wakes on its next use), so
+    policy and reward model time-share the node without restarts (docs/SCALING.md). Anything
+    else is closed; a backend in the same role (another policy) is replaced or reloaded."""
     mine = set(section.get("gpus") or ())
     cpu = _on_cpu(section)
     for k in list(_CACHE):
         meta = _META.get(k, {})
         theirs = set(meta.get("gpus") or ())
-        if k == key or (mine and theirs and not mine & theirs):
-            continue
-        if cpu and meta.get("cpu") and meta.get("keep") and meta.get("role") != role:
+        if k == key or (mine and theirs and not mine & theirs) or cpu != bool(meta.get("cpu", cpu)):
+            continue                        # disjoint GPUs, or one on the CPU and one on GPUs
+        if meta.get("keep") and meta.get("role") != role and (cpu and meta.get("cpu") or _sleep(k)):
             continue
         _close(k)
+
+
+def _sleep(key: str) -> bool:
+    """Put a cached engine to sleep (see `_make_room`); whether it sleeps now."""
+    obj = _CACHE[key]
+    if not hasattr(obj, "sleep") or getattr(obj, "closed", False):
+        return False
+    try:
+        return bool(obj.sleep())
+    except Exception as e:   # an engine that cannot sleep is closed instead: memory must be freed
+        log.warning("%s engine could not sleep (%s): closing it", _META[key].get("role"), e)
+        return False
+
+
+def suspend() -> list[str]:
+    """Free the accelerators for a training or the reference pass while keeping engines alive:
+    a kept engine on the CPU stays as it is (host memory, its `kv_cache_gb`), a kept one on CUDA
+    sleeps (its weights and KV cache freed; it wakes with the next policy's weights), anything
+    else is closed. Returns what was done, e.g. ["generator: kept", "scorer: asleep"]."""
+    done = []
+    for k in list(_CACHE):
+        meta = _META.get(k, {})
+        role = meta.get("role", "backend")
+        if meta.get("keep") and meta.get("cpu") and not getattr(_CACHE[k], "closed", False):
+            done.append(f"{role}: kept")
+        elif meta.get("keep") and _sleep(k):
+            done.append(f"{role}: asleep")
+        else:
+            _close(k)
+            done.append(f"{role}: closed")
+    while _HOOKS:
+        _HOOKS.pop()()
+        done.append("local model: closed")
+    from avr_core.backends.device import release_accelerator
+    release_accelerator()
+    return done
 
 
 def _on_cpu(section: dict) -> bool:

@@ -56,11 +56,16 @@ class VLLMJudgeScorer:
 
     @property
     def stats(self) -> BackendStats:
+        # the pool's one stats object (it outlives the pool), so the final counts stay readable
         return self.engines.stats
 
     @property
     def closed(self) -> bool:
-        return self.engines.closed
+        """Closed by `close()`, or its engine pool closed underneath it (an engine process died, an
+        interrupted read): the factory then builds a new scorer instead of handing out a dead one.
+        Asked of the pool directly, not only of the generator, whose own flag only `close()` sets."""
+        pool = getattr(self.engines, "pool", None)
+        return bool(self.engines.closed) or (pool is not None and pool.closed)
 
     def score(self, conversations: Sequence[Conversation]) -> list[float]:
         """One expected rating per conversation [x, ..., y], framed by `frame`."""
@@ -76,11 +81,24 @@ class VLLMJudgeScorer:
                    for c in conversations]
         if not prompts:
             return []
+        if self.asleep:
+            self.wake()
         if self.engines.engine is not None:
             rows = self.engines.engine.next_token_logprobs_at(prompts, self.rating_ids)
         else:
             rows = self.engines.pool.call("next_token_logprobs_at", prompts, self.rating_ids)
         return [expected_rating(r) for r in rows]
+
+    @property
+    def asleep(self) -> bool:
+        return self.engines.asleep
+
+    def sleep(self) -> bool:
+        """Its engines sleep while the policy's run on the same GPUs (CUDA; see VLLMGenerator.sleep)."""
+        return self.engines.sleep()
+
+    def wake(self) -> None:
+        self.engines.wake()
 
     def close(self) -> None:
         self.engines.close()

