@@ -4,6 +4,11 @@
     .venv/bin/python bench/sampling.py --engine hf          # ~4 min on 2 CPU cores
     .venv/bin/python bench/sampling.py --engine vllm --repeats 2   # ~6 min, server start included
     .venv/bin/python bench/sampling.py --engine all         # hf, then vllm if vLLM is installed
+    .venv/bin/python bench/sampling.py --engine reload      # ~3 min: a reload vs a fresh engine start
+
+- reload (bench/reload.py): a policy change's new weights put into the running vLLM engine
+  against a fresh engine start, side by side, and a whole tiny run's engine seconds before and
+  after engines that live for the whole run (issue 31).
 
 - stages (bench/stages.py, whose docstring has the details): per stage-1 round (respond,
   critique, refine), on inputs sampled once, three patterns side by side in one process --
@@ -494,7 +499,7 @@ def _log(msg: str) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--engine", choices=["stages", "hf", "vllm", "all"], default="stages",
+    ap.add_argument("--engine", choices=["stages", "hf", "vllm", "all", "reload"], default="stages",
                     help="stages: per round, vllm pipeline / hf round-batched / authors (bench/stages.py); "
                          "all: hf, then vllm")
     ap.add_argument("--model", default="embedded:smollm2-135m-instruct")
@@ -528,6 +533,10 @@ def main(argv=None) -> int:
                     help="stages: engine starts of one tiny-preset run with keep_engine (docs/PERFORMANCE.md)")
     ap.add_argument("--starts-without", type=int, default=None,
                     help="stages: engine starts of one tiny-preset run without keep_engine")
+    ap.add_argument("--run-starts-before", type=int, default=15,
+                    help="reload: engine starts of one tiny run before issue 31 (docs/PERFORMANCE.md)")
+    ap.add_argument("--run-starts", type=int, default=2, help="reload: engine starts of one tiny run now")
+    ap.add_argument("--run-reloads", type=int, default=9, help="reload: weight reloads of one tiny run now")
     ap.add_argument("--json", default=None, help="also write the environment and rows to this file")
     args = ap.parse_args(argv)
 
@@ -540,10 +549,16 @@ def main(argv=None) -> int:
     if env["busy_cores_before"] > 0.3:
         _log(f"WARNING {env['busy_cores_before']:.2f} of {env['usable_cores']} cores are busy with other work: "
              "it will skew the timings")
-    if args.engine == "stages":
+    if args.engine in ("stages", "reload"):
         sys.path.insert(0, str(Path(__file__).resolve().parent))   # bench/stages.py imports `sampling`
+    if args.engine == "stages":
         from stages import main_stages
         return main_stages(args, model_dir, records, env, header)
+    if args.engine == "reload":
+        from reload import main_reload
+        if args.repeats < 3:
+            args.repeats = 3                    # a median of at least three of each
+        return main_reload(args, model_dir, env, header)
     rows: list[Row] = []
     if args.engine in ("hf", "all"):
         rows += bench_hf(args, model_dir, records)

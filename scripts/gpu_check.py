@@ -17,6 +17,8 @@ Rows (steps in scripts/gpu_check_steps.py; each process's engines and memory end
   train_dpo         DPO, ZeRO-3 (bf16 on GPUs), one rank per GPU (deepspeed launcher when > 1;
                     CPU: 2 gloo ranks); steps from the plan, first loss = ln 2
   eval_answer       the trained model answers; the local judge path rates it
+  engine_keep       a kept engine outlives a training: sleep (CUDA) -> DPO -> wake + reload the
+                    trained weights -> generate; its log-probs are the trained model's (issue 31)
 A preflight names every missing package; steps that need one are "skipped (needs X)".
 Exit: 0 all ok, 1 a step failed, 2 no GPU (without --cpu), 3 incomplete (skips, no failure).
 Figures: docs/PERFORMANCE.md "GPU check".
@@ -63,6 +65,7 @@ STEPS = [
     Step("ref_logps", ("ref_logps",), (), ("models",)),
     Step("train_dpo", ("train_dpo",), ("deepspeed", "omegaconf"), ("models", "ref_logps")),
     Step("eval_answer", ("eval_answer",), ("yaml",), ("models", "train_dpo")),
+    Step("keep", ("engine_keep",), ("vllm", "deepspeed", "omegaconf"), ("models", "ref_logps"), vllm=True),
 ]
 BY_NAME = {s.name: s for s in STEPS}
 

