@@ -59,18 +59,26 @@ def measure(args, model_dir: str) -> dict:
         t = time.perf_counter()
         make_generator(*_sections(args, model_dir))          # imports vllm: not a start we count
         first = round(time.perf_counter() - t, 1)
-        starts, reloads = [], []
+        starts, reloads, current = [], [], model_dir
         try:
-            for i in range(args.repeats):
-                for path in (trained, model_dir):             # back and forth: every call is a policy change
-                    make_generator(*_sections(args, path))
-                    reloads.append(builds()[-1]["seconds"])
-                clear_cache()
-                make_generator(*_sections(args, trained if i % 2 == 0 else model_dir))
-                starts.append(builds()[-1]["seconds"])
+            for _ in range(args.repeats):
+                for _ in range(2):                            # back and forth: every call is a policy change
+                    current = trained if current == model_dir else model_dir
+                    reloads.append(_timed(make_generator, builds, _sections(args, current), "reload"))
+                clear_cache()                                 # the engine ends; the same policy starts afresh
+                starts.append(_timed(make_generator, builds, _sections(args, current), "start"))
         finally:
             clear_cache()
     return {"first_start_s": first, "starts": starts, "reloads": reloads}
+
+
+def _timed(make_generator, builds, sections: tuple[dict, dict], event: str) -> float:
+    """The factory's own seconds for the one engine event this call must cause."""
+    n = len(builds())
+    make_generator(*sections)
+    got = builds()[n:]
+    assert [b["event"] for b in got] == [event], f"expected one {event}, got {got}"
+    return got[0]["seconds"]
 
 
 def report(args, m: dict) -> str:

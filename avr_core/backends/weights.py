@@ -55,8 +55,8 @@ def _config(d: Path, dtype_fixed: bool) -> dict:
 
 
 # tokenizer_config.json keys that record how the files were loaded, not what they say
-# (transformers writes `local_files_only: true` into a tokenizer saved while HF_HUB_OFFLINE=1)
-_LOADER_KEYS = {"name_or_path", "_name_or_path", "local_files_only", "cache_dir", "revision", "token",
+# (transformers writes `local_files_only` and `is_local` into a tokenizer it loaded from a directory offline)
+_LOADER_KEYS = {"name_or_path", "_name_or_path", "local_files_only", "is_local", "cache_dir", "revision", "token",
                 "use_auth_token", "_commit_hash", "force_download", "proxies", "subfolder", "trust_remote_code"}
 
 

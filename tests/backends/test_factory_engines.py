@@ -49,7 +49,10 @@ def _model_dir(path, hidden=8, tokenizer="tok"):
     (path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "hidden_size": hidden,
                                                   "_name_or_path": str(path)}))
     (path / "tokenizer.json").write_text(tokenizer)
-    (path / "tokenizer_config.json").write_text(json.dumps({"local_files_only": str(path)}))
+    # what transformers records about HOW it loaded a tokenizer differs between a model and its
+    # fine-tune (measured: `local_files_only`, `is_local`); it does not change the tokenizer
+    loaded = {"local_files_only": True, "is_local": True} if "seed" not in path.name else {}
+    (path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>", **loaded}))
     (path / "model.safetensors").write_bytes(b"w")
     return {"path": str(path), "dtype": "float32", "trust_remote_code": False}
 
