@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The prepared accelerator check (scripts/gpu_check.py): vLLM sampling and an over-long prompt, HF
 # and vLLM reward scoring, a compiled engine start, stage 2's generator<->scorer switch, reference
-# log-probs, ZeRO-3 DPO on every visible GPU, one evaluation answer; toy models with random weights
+# log-probs, ZeRO-3 DPO on every visible GPU, one evaluation answer, an engine kept through a training
+# (sleep -> train -> wake + reload -> generate); toy models with random weights
 # built on the spot (no hub, no network, no model package). Prints a table (step, status, device,
 # seconds, tokens/s, peak memory, detail).
 #   bash scripts/gpu_check.sh [--json FILE] [--work DIR]   # NVIDIA GPUs, <= 10 min
