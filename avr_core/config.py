@@ -155,7 +155,10 @@ class TrainConfig:
     checkpoint_every: int = 50       # optimizer steps between checkpoints in the store
     num_gpus: int = 0                # > 1: the task starts the `deepspeed` launcher as a subprocess
     device: str = "auto"             # reference log-probs: auto | cpu | cuda | cuda:N
-    ref_batch_size: int = 4          # reference log-probs: pairs per forward (no gradients), length-sorted
+    ref_batch_size: int = 4          # reference log-probs: at most this many pairs per forward, length-sorted
+    ref_token_budget: int = 16384    # ... and at most this many tokens (rows x padded length) per forward
+    zero3_persistence_threshold: int = -1   # ZeRO-3: parameters under this many elements stay resident on
+                                     #   every rank; -1: DeepSpeed's default (1e5); 0: all gathered and released
     seed: int = 0
 
 
@@ -452,6 +455,7 @@ def validate(cfg: DictConfig) -> None:
     need(cfg.scale.engine != "ray" or cfg.scale.gpus_per_worker > 0 or not gpu_wanted, "scale.gpus_per_worker",
          f"must be > 0 with scale.engine=ray when {' and '.join(gpu_wanted) or 'a backend'} asks for a GPU "
          f"(device cuda or gpus); Ray actors without GPUs see none")
+    check_ray_actor_gpus(cfg, need)
     need(cfg.generator.kind != "openai" or bool(cfg.generator.base_url), "generator.base_url",
          "required when generator.kind=openai")
     for stage in ("respond", "critique", "refine", "tts", "thought", "eval"):
@@ -544,6 +548,40 @@ def check_device_settings(cfg: DictConfig, need) -> None:
         need(cfg[key].data_parallel_size >= 0, f"{key}.data_parallel_size", "must be >= 0 (0: every allowed GPU)")
         need(all(isinstance(g, int) and g >= 0 for g in cfg[key].gpus), f"{key}.gpus",
              "must be a list of GPU indices, e.g. [0, 1, 2, 3]")
+
+
+def check_ray_actor_gpus(cfg: DictConfig, need) -> None:
+    """With scale.engine=ray a backend's engines start inside one Ray actor, which sees only its
+    own ceil(scale.gpus_per_worker) GPUs, numbered from 0: the `gpus` lists and the engines'
+    tensor_parallel_size x data_parallel_size must fit that, or the actor fails at its first shard
+    (review F7: "gpus [0..5] name devices [1..5], but only 1 is visible")."""
+    import math
+
+    if cfg.scale.engine != "ray" or cfg.scale.gpus_per_worker <= 0:
+        return          # no GPU per actor: the rule above refuses a backend that wants one
+    have = math.ceil(cfg.scale.gpus_per_worker)
+    for needs, why in actor_gpu_needs(cfg):
+        need(needs <= have, "scale.gpus_per_worker",
+             f"{why} needs {needs} GPUs inside one Ray actor, but each actor gets {have}; "
+             f"set scale.gpus_per_worker={needs}")
+
+
+def actor_gpu_needs(cfg: DictConfig) -> list[tuple[int, str]]:
+    """(GPUs one actor needs, why) for each backend that runs on GPUs in a Ray actor:
+    enough devices for the highest index in its `gpus` list, and for its vLLM engines' sizes
+    (data_parallel_size 0: one engine's worth at least)."""
+    out = []
+    for name in ("generator", "scorer"):
+        sec = cfg[name]
+        if sec.kind in ("openai", "rules") or (sec.kind == "vllm_rm" and sec.base_url) or sec.device == "cpu":
+            continue
+        gpus, tp, dp = list(sec.gpus), sec.tensor_parallel_size, sec.data_parallel_size
+        by_list = max(gpus) + 1 if gpus else 0
+        by_size = tp * max(1, dp) if sec.kind in ("vllm", "vllm_rm", "vllm_judge") else 1
+        why = (f"{name}.gpus {gpus}" if by_list >= by_size
+               else f"{name}.tensor_parallel_size {tp} x data_parallel_size {dp}")
+        out.append((max(by_list, by_size), why))
+    return out
 
 
 def check_no_secrets(cfg: DictConfig) -> None:

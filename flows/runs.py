@@ -28,6 +28,9 @@ from tasks.synthesis import validate_prompts
 # The prompt slices `data.<split>` each `flow:` reads; a slice a flow never reads is not checked
 # (conf/signal.yaml has no stage 2: its stage2 slices are empty on purpose).
 SLICES_READ = {"pipeline": ALL_SLICES, "signal": ("stage1_sft", "stage1_po", "heldout")}
+# The training sections each `flow:` trains: only those have their `num_gpus` checked against this
+# machine's GPUs (flows/signal.py trains stage 1 only, so a stage-2 setting cannot refuse its run).
+TRAINED = {"pipeline": ("rsft", "po", "cot_sft", "cot_po"), "signal": ("rsft", "po")}
 
 
 def preflight(cfg: dict, slices: tuple | None = None) -> int:
@@ -36,11 +39,13 @@ def preflight(cfg: dict, slices: tuple | None = None) -> int:
     those of the config's `flow`: each non-empty and inside the prompt file), the model paths and
     the store root (ConfigError: the key), and what each model given by name is
     (`check_identities`). Returns the number of prompts. No model is loaded, nothing is written
-    (but the embedded model's one-off conversion)."""
+    (but the embedded model's one-off conversion). First, the GPUs: every device setting, `gpus`
+    list, vLLM engine layout and training `num_gpus` against the CUDA devices visible here, so a
+    count this node does not have fails now, not at the first training hours in."""
     from avr_core.backends.device import DeviceError, check_devices
 
-    try:
-        check_devices(cfg)                             # e.g. scorer.device=cuda on a machine without CUDA
+    try:   # e.g. scorer.device=cuda without CUDA, po.num_gpus=8 on one GPU
+        check_devices(cfg, TRAINED[cfg["flow"]])
     except DeviceError as e:
         raise ConfigError(str(e)) from None
     n = validate_prompts(cfg)                          # hf://: loads the dataset (or its cache), so n is known

@@ -313,6 +313,10 @@ def step_train_dpo(mode: str, work: Path, rows: Rows, ranks: int) -> None:
         got = {k: summary.get(k) for k in want}
         assert got == want, f"summary {got} != plan {want}"
         assert abs(first - math.log(2)) <= LN2_TOL[mode], f"first DPO loss {first:.4f} != ln 2: misaligned reference"
+        z3 = summary["zero3"]      # review F8: every parameter gathered for the steps and released after
+        r["detail"] += f"; ZeRO-3: {z3['released']}/{z3['params']} params partitioned and released, " \
+                       f"{z3['persistent']} resident"
+        assert z3["persistent"] == 0 and z3["released"] == z3["params"] > 0, z3
 
 
 def _launch_dpo(mode: str, work: Path, ranks: int, plan: dict, sub: str = "dpo", lr: float = 5e-7) -> dict:
@@ -323,7 +327,8 @@ def _launch_dpo(mode: str, work: Path, ranks: int, plan: dict, sub: str = "dpo",
 
     shutil.rmtree(work / sub, ignore_errors=True)        # a rerun in the same --work starts afresh
     cfg = dict(loss="dpo", beta=0.1, lr=lr, epochs=1, step_cap=plan["step_cap"], micro_batch_size=1,
-               grad_accum=1, max_length=plan["max_length"], zero_stage=3, bf16=mode == "gpu",
+               grad_accum=1, max_length=plan["max_length"], zero_stage=3, zero3_persistence_threshold=0,
+               bf16=mode == "gpu",
                gradient_checkpointing=mode == "gpu", checkpoint_every=100, warmup_ratio=0.0)
     spec = write_spec(work / sub / "spec.json", model_path=paths(work)["policy"], rows=pair_rows(plan["rows"]),
                       cfg=cfg, out_dir=str(work / sub / "model"), ckpt_dir=str(work / sub / "ckpt"),

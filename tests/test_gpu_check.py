@@ -138,17 +138,25 @@ ROWS = [{"step": "vllm_sample", "status": "ok", "device": "8 engine process(es)"
 
 def test_table_has_one_row_per_step_with_its_status():
     t = gpu_check.table(ROWS, "gpu").splitlines()
-    assert t[0].startswith("| step | status | device | seconds | tokens/s | peak GPU mem")
-    assert t[2] == "| vllm_sample | ok | 8 engine process(es) | 2.0 | 500 | 40.5 | 256 prompts x 2 samples; 0 empty |"
-    assert t[3] == "| vllm_rm | FAILED | - | - | - | - | boom |"
-    assert t[4] == "| train_dpo | skipped (needs deepspeed) | - | - | - | - | - |"
+    assert t[0].startswith("| step | proves | status | device | seconds | tokens/s | peak GPU mem")
+    assert t[2] == ("| vllm_sample | smoke | ok | 8 engine process(es) | 2.0 | 500 | 40.5 | "
+                    "256 prompts x 2 samples; 0 empty |")
+    assert t[3] == "| vllm_rm | proof | FAILED | - | - | - | - | boom |"
+    assert t[4] == "| train_dpo | proof | skipped (needs deepspeed) | - | - | - | - | - |"
+
+
+def test_the_main_proof_runs_before_the_long_engine_steps():
+    # review F9: a tight budget drops the end of the list; multi-rank DPO must not be there
+    order = [s.name for s in gpu_check.STEPS]
+    assert order.index("train_dpo") < min(order.index(s) for s in ("vllm_sample", "switch", "keep"))
+    assert order[-1] == "switch"
 
 
 def test_json_holds_every_row_with_its_fields(tmp_path):
     gpu_check.write_json(str(tmp_path / "out" / "check.json"), ROWS, "gpu", {"mode": "gpu", "exit": 1})
     data = json.loads((tmp_path / "out" / "check.json").read_text())
     assert data["exit"] == 1 and [r["step"] for r in data["rows"]] == ["vllm_sample", "vllm_rm", "train_dpo"]
-    assert data["rows"][0] == {"step": "vllm_sample", "status": "ok", "device": "8 engine process(es)",
+    assert data["rows"][0] == {"step": "vllm_sample", "kind": "smoke", "status": "ok", "device": "8 engine process(es)",
                                "seconds": 2.0, "tokens_per_s": 500.0, "peak_mem_gib": 40.5,
                                "detail": "256 prompts x 2 samples; 0 empty", "log": None}
     assert data["rows"][1]["detail"] == "boom"

@@ -64,9 +64,26 @@ def device_problem(spec: str, key: str = "device", gpus: Sequence[int] = ()) -> 
     if index is not None and index >= n:
         return f"key '{key}': {spec} asked for, but only {n} CUDA device(s) are visible"
     bad = [g for g in gpus if n and g >= n]
-    if bad:
-        return f"key '{key}': gpus {list(gpus)} name device(s) {bad}, but only {n} CUDA device(s) are visible"
+    if bad:   # the list is the culprit, so name it (not `key`, the device setting beside it)
+        lk = gpus_key(key)
+        return (f"key '{lk}': {list(gpus)} names device(s) {bad}, but {visible_note(n)}; "
+                f"set {lk} to indices below {n}, or [] for every visible GPU")
     return None
+
+
+def gpus_key(device_key: str) -> str:
+    """The `gpus` key beside a device key: 'generator.device' -> 'generator.gpus'."""
+    section, _, _ = device_key.rpartition(".")
+    return f"{section}.gpus" if section else "gpus"
+
+
+def visible_note(n: int) -> str:
+    """'1 is visible on this machine (CUDA_VISIBLE_DEVICES=3)': the count and where it comes from,
+    since a restricted CUDA_VISIBLE_DEVICES (a Slurm slice, a pinned worker) is the usual reason a
+    node shows fewer GPUs than it has."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    where = "CUDA_VISIBLE_DEVICES is not set" if env is None else f"CUDA_VISIBLE_DEVICES={env}"
+    return f"{n} {'is' if n == 1 else 'are'} visible on this machine ({where})"
 
 
 def resolve(spec: str, key: str = "device", gpus: Sequence[int] = ()) -> str:
@@ -171,11 +188,19 @@ def input_device(model) -> Any:
         return next(model.parameters()).device
 
 
-def check_devices(cfg: dict) -> None:
-    """Preflight: every device setting of a resolved config can run on this machine; raises
-    DeviceError with one line naming the key. Nothing is loaded."""
+TRAINING_SECTIONS = ("rsft", "po", "cot_sft", "cot_po")
+
+
+def check_devices(cfg: dict, trained: Sequence[str] = TRAINING_SECTIONS) -> None:
+    """Preflight: every device setting of a resolved config can run on this machine, the vLLM
+    engines fit the GPUs they may use, and each training section in `trained` (those the run's
+    flow trains) asks for no more GPUs than are visible. Raises DeviceError with one line naming
+    the key. Nothing is loaded."""
     for key, spec, gpus in device_settings(cfg):
         if problem := device_problem(spec, key, gpus):
+            raise DeviceError(problem)
+    for problem in (engines_problem(cfg), training_gpus_problem(cfg, trained)):
+        if problem:
             raise DeviceError(problem)
 
 
@@ -191,10 +216,103 @@ def device_settings(cfg: dict) -> list[tuple[str, str, list]]:
     judge = (cfg.get("eval") or {}).get("judge") or {}
     if judge.get("kind") == "local" and "device" in judge:
         out.append(("eval.judge.device", judge["device"], []))
-    for t in ("rsft", "po", "cot_sft", "cot_po"):
+    for t in TRAINING_SECTIONS:
         if "device" in (cfg.get(t) or {}):
             out.append((f"{t}.device", cfg[t]["device"], []))
     return out
+
+
+def vllm_sections(cfg: dict) -> list[str]:
+    """The sections that start vLLM engines in a process of ours (a served vllm_rm starts none)."""
+    g, s = cfg.get("generator", {}), cfg.get("scorer", {})
+    out = ["generator"] if g.get("kind") == "vllm" else []
+    if s.get("kind") == "vllm_judge" or (s.get("kind") == "vllm_rm" and not s.get("base_url")):
+        out.append("scorer")
+    return out
+
+
+def engine_gpus(section: dict) -> int:
+    """GPUs a vLLM section's engines need at least: tensor_parallel_size x data_parallel_size
+    (data_parallel_size 0 = as many engines as the GPUs hold, so at least one engine's worth)."""
+    tp = int(section.get("tensor_parallel_size", 1))
+    return tp * max(1, int(section.get("data_parallel_size", 1)))
+
+
+def engines_problem(cfg: dict) -> str | None:
+    """Why a vLLM section's engines cannot be laid out on the GPUs it may use (one line naming
+    the key), or None. Checked only where the engines will run on CUDA: on the CPU every engine
+    gets no GPU at all (engine_pool.gpu_groups), whatever the sizes say."""
+    for name in vllm_sections(cfg):
+        sec, need = cfg[name], engine_gpus(cfg[name])
+        gpus = list(sec.get("gpus") or [])
+        if need <= 1 or resolve(sec.get("device", "auto"), f"{name}.device", gpus) == "cpu":
+            continue
+        n = cuda_count()
+        allowed = len(gpus) or n
+        if need > allowed:
+            return _engines_line(name, sec, need, allowed, f"{name}.gpus {gpus} allows {len(gpus)}" if gpus
+                                 else visible_note(n))
+    return None
+
+
+def _engines_line(name: str, sec: dict, need: int, allowed: int, have: str) -> str:
+    """Names the size to change: tensor_parallel_size when one engine alone does not fit,
+    else data_parallel_size (0 lays out as many engines as the GPUs hold)."""
+    tp, dp = int(sec.get("tensor_parallel_size", 1)), int(sec.get("data_parallel_size", 1))
+    head = f"{tp} x data_parallel_size {dp} = {need} GPUs asked for, but {have}"
+    if tp > allowed:
+        return f"key '{name}.tensor_parallel_size': {head}; set {name}.tensor_parallel_size to at most {allowed}"
+    return (f"key '{name}.data_parallel_size': {dp} engines x tensor_parallel_size {tp} = {need} GPUs asked for, "
+            f"but {have}; set {name}.data_parallel_size=0 (as many engines as the GPUs hold)")
+
+
+def training_gpus_problem(cfg: dict, trained: Sequence[str] = TRAINING_SECTIONS) -> str | None:
+    """Why a training section's `num_gpus` cannot run here (one line naming the key), or None.
+
+    Checked only when training will run on CUDA (the training process takes CUDA whenever it is
+    visible: training/recipe.py). On the CPU `num_gpus > 1` starts that many CPU ranks, which is
+    how the multi-rank path is tested without a GPU. With `scale.hostfile` the launcher takes the
+    GPUs from the hostfile's slots and `num_gpus` is not used (training/launch.py)."""
+    if (cfg.get("scale") or {}).get("hostfile"):
+        return None
+    asked = {t: int((cfg.get(t) or {}).get("num_gpus") or 0) for t in trained}
+    over_one = {t: k for t, k in asked.items() if k > 1}
+    if not over_one:   # one process: nothing to count (and no torch import to do it)
+        return None
+    n = cuda_count()
+    if n == 0:
+        return None
+    over = [t for t, k in over_one.items() if k > n]
+    if over:
+        return _too_many_gpus(cfg, over, n)
+    return _launcher_problem(over_one)
+
+
+def _too_many_gpus(cfg: dict, over: list[str], n: int) -> str:
+    """The line for training sections asking for more GPUs than `n`: the first one in full, with
+    the grad_accum that keeps its global batch (micro_batch_size x grad_accum x GPUs: fewer GPUs
+    alone would silently train a smaller batch), then the others that need the same fix."""
+    t, sec = over[0], cfg[over[0]]
+    mbs, gas, k = int(sec.get("micro_batch_size", 1)), int(sec.get("grad_accum", 1)), int(sec["num_gpus"])
+    batch = mbs * gas * k
+    keep = (f" (and {t}.grad_accum={batch // (mbs * n)} to keep its global batch of {batch})"
+            if batch % (mbs * n) == 0 else "")
+    rest = ", ".join(f"{o}.num_gpus={cfg[o]['num_gpus']}" for o in over[1:])
+    return (f"key '{t}.num_gpus': {k} GPUs asked for, but {visible_note(n)}; set {t}.num_gpus={n}{keep}"
+            + (f"; the same for {rest}" if rest else ""))
+
+
+def _launcher_problem(over_one: dict[str, int]) -> str | None:
+    """What the DeepSpeed launcher would refuse in the CUDA_VISIBLE_DEVICES it is given (UUIDs or
+    MIG names: it takes indices), hours in, at the first training; None when it is fine."""
+    from avr_core.training.launch import gpu_selection
+
+    for t, k in over_one.items():
+        try:
+            gpu_selection(k, os.environ.get("CUDA_VISIBLE_DEVICES"))
+        except ValueError as e:
+            return f"key '{t}.num_gpus': {e}"
+    return None
 
 
 def release_accelerator() -> None:

@@ -125,6 +125,8 @@ def ds_config(cfg: TrainConfig, world: int) -> dict:
     zero: dict[str, Any] = {"stage": cfg.zero_stage}
     if cfg.zero_stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = True
+        if cfg.zero3_persistence_threshold >= 0:    # else DeepSpeed's default (1e5 elements stay resident)
+            zero["stage3_param_persistence_threshold"] = cfg.zero3_persistence_threshold
     return {
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
         "gradient_accumulation_steps": cfg.grad_accum,
@@ -136,6 +138,17 @@ def ds_config(cfg: TrainConfig, world: int) -> dict:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+
+
+def zero3_residency(model) -> dict:
+    """What ZeRO-3 did to the parameters, read after training: how many there are, how many stay
+    resident on every rank (`ds_persist`: below the persistence threshold), and how many are
+    released now (their local data empty: gathered for each forward/backward, freed after). A
+    ZeRO-3 run that gathered nothing has `released == 0` (review F8: a toy model under the
+    default threshold)."""
+    params = list(model.parameters())
+    return {"params": len(params), "persistent": sum(bool(getattr(p, "ds_persist", False)) for p in params),
+            "released": sum(hasattr(p, "ds_numel") and p.data.numel() == 0 for p in params)}
 
 
 def _load_model(model_path: str, cfg: TrainConfig, dsc: dict):
@@ -153,14 +166,46 @@ def _load_model(model_path: str, cfg: TrainConfig, dsc: dict):
     return model, hf_ds
 
 
+# Parameters that take no weight decay, by name: biases and normalisation weights (Llama's
+# input_layernorm / post_attention_layernorm / model.norm, GPT-2's ln_1 / ln_f, BERT's LayerNorm).
+_NO_DECAY_NAMES = ("norm", "ln_", "layernorm")
+
+
+def no_decay(name: str, p) -> bool:
+    """Whether parameter `name` is exempt from weight decay: a bias, a normalisation weight, or
+    any other parameter that is 1-D in the MODEL (a scale, a gate).
+
+    Decided by name and by the model's own shape, never by `p.ndim` alone: under ZeRO-3 the
+    parameters are partitioned as they load (deepspeed.zero.Init) and every `p` is an empty 1-D
+    placeholder, whose real shape DeepSpeed keeps in `p.ds_shape`.
+
+    >>> import torch
+    >>> [no_decay(n, torch.empty(0)) for n in ("model.layers.0.input_layernorm.weight", "lm_head.bias")]
+    [True, True]
+    >>> w = torch.empty(0); w.ds_shape = torch.Size([64, 64])            # a partitioned matrix
+    >>> no_decay("model.layers.0.self_attn.q_proj.weight", w)
+    False
+    """
+    lower = name.lower()
+    shape = getattr(p, "ds_shape", p.shape)
+    return lower.endswith(".bias") or lower == "bias" or any(k in lower for k in _NO_DECAY_NAMES) or len(shape) < 2
+
+
+def decay_groups(model, weight_decay: float) -> list[dict]:
+    """AdamW parameter groups: `weight_decay` for the weight matrices (embeddings included),
+    0 for `no_decay` parameters; trainable parameters only, empty groups left out. The same
+    groups come out under ZeRO-0/1/2 and under ZeRO-3 (tests/training/test_decay_groups.py)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [{"params": [p for n, p in named if not no_decay(n, p)], "weight_decay": weight_decay},
+              {"params": [p for n, p in named if no_decay(n, p)], "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
 def _engine(model, cfg: TrainConfig, dsc: dict, total: int):
     import deepspeed
     import torch
 
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    opt = torch.optim.AdamW(decay_groups(model, cfg.weight_decay), lr=cfg.lr)
     sched = lambda o: torch.optim.lr_scheduler.LambdaLR(o, lr_lambda(total, cfg.warmup_ratio))  # noqa: E731
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=dsc)
     return engine
@@ -289,7 +334,7 @@ def train(model_path: str, rows: list[dict], cfg: TrainConfig | dict, out_dir: s
     dpo / ipo / rm_margin (see logps.ref_logps_by_id).
     Summary keys: loss, steps, planned_steps, resumed_from, final_loss, examples, tokenize
     (kept / truncated / dropped_too_long), world_size, zero_stage, bf16, init_s, train_s,
-    tokens_per_s, export_s, wall_s, out_dir.
+    tokens_per_s, export_s, wall_s, out_dir; with ZeRO-3 also zero3 (`zero3_residency`).
     """
     import numpy as np
     import torch
@@ -320,6 +365,8 @@ def train(model_path: str, rows: list[dict], cfg: TrainConfig | dict, out_dir: s
             engine = _engine(model, cfg, dsc, planned)
             try:
                 summary = _loop(engine, run, progress, keep_last)
+                if cfg.zero_stage == 3:
+                    summary["zero3"] = zero3_residency(engine.module)
                 t_export = time.time()
                 engine.module.config.use_cache = True
                 checkpoint.export_hf(engine, tok, run.out_dir, rank, files={

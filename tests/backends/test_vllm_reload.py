@@ -63,6 +63,34 @@ _SCRIPT = textwrap.dedent("""
 """)
 
 
+_POOL_SCRIPT = textwrap.dedent("""
+    import json, sys
+    if __name__ == "__main__":
+        from avr_core import backends
+        from avr_core.backends.base import SamplingParams
+        from avr_core.backends.vllm_offline import VLLMGenerator
+
+        seed, trained = sys.argv[1:3]
+        backend = {"kind": "vllm", "tensor_parallel_size": 1, "data_parallel_size": 2, "gpu_memory_utilization": 0.9,
+                   "max_model_len": 512, "enforce_eager": True, "kv_cache_gb": 1, "keep_engine": True}
+        policy = lambda p: {"path": p, "dtype": "float32", "trust_remote_code": False}
+        convs = [[{"role": "user", "content": f"Name a primary colour. ({i})"}] for i in range(4)]
+        greedy = SamplingParams(n=1, temperature=0.0, max_new_tokens=16)
+        pool = backends.make_generator(policy(seed), backend)      # 2 engine processes: a GPU node's path
+        pool.generate(convs, greedy)
+        again = backends.make_generator(policy(trained), backend)
+        after = again.generate(convs, greedy)
+        stats = again.stats.as_dict()
+        events = [b["event"] for b in backends.builds()]
+        backends.clear_cache()
+        fresh = VLLMGenerator(trained, max_model_len=512, enforce_eager=True, dtype="float32", kv_cache_gb=1)
+        want = fresh.generate(convs, greedy)
+        fresh.close()
+        print("RESULT " + json.dumps({"same": again is pool, "pooled": again.pool is not None, "events": events,
+                                      "after": after, "want": want, "stats": stats}))
+""")
+
+
 def _perturbed_copy(src: str, dst: Path) -> str:
     """SmolLM2 with small noise on two layers: the same architecture and tokenizer, new weights."""
     import torch
@@ -112,3 +140,26 @@ def test_engine_identity_ignores_which_weights(tmp_path):
     b = {**a, "path": "/store/rsft/k/model", "artifact": "rsft/k"}
     engine = [_key("vllm", {k: v for k, v in m.items() if k not in WEIGHTS_ONLY}, {}) for m in (a, b)]
     assert engine[0] == engine[1] and _key("gen", a, {}) != _key("gen", b, {})
+
+
+def test_an_engine_pool_takes_new_weights_in_every_engine(tmp_path):
+    """The GPU node's layout on CPU: `data_parallel_size: 2` runs two engine processes
+    (avr_core/backends/engine_pool.py); the reload goes to both (`broadcast`), and the round split
+    over them answers as one fresh engine on the new weights does; the counters are the pool's."""
+    from avr_core.models import resolve_model_path
+
+    seed = resolve_model_path("embedded:smollm2-135m-instruct")
+    trained = _perturbed_copy(seed, tmp_path / "trained")
+    script = tmp_path / "pool_reload.py"
+    script.write_text(_POOL_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}
+    env.pop("VIRTUAL_ENV", None)
+    env.pop("VLLM_CPU_KVCACHE_SPACE", None)
+    p = subprocess.run([str(vllm_env_python()), str(script), seed, trained],
+                       env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert p.returncode == 0 and lines, p.stderr[-3000:]
+    res = json.loads(lines[-1][len("RESULT "):])
+    assert res["pooled"] and res["same"] and res["events"] == ["start", "reload"]
+    assert res["after"] == res["want"]                    # both engines answer with the new weights
+    assert (res["stats"]["calls"], res["stats"]["requests"], res["stats"]["samples"]) == (4, 8, 8)
