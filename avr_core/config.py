@@ -95,7 +95,9 @@ class ScorerConfig:
                                      #   | rules (fraction of the prompt's verifiable constraints met)
     constraints: str = ""            # rules: the prompt file whose rows carry `constraints` (usually
                                      #   ${data.prompts}); avr_core/backends/rules.py
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(dtype="auto"))
+                                     # dtype auto: bfloat16 on a GPU, float32 on the CPU, resolved at load
+                                     #   (avr_core/backends/hf.py resolve_dtype); set it to pin one
     batch_size: int = 8
     max_length: int = 4096
     over_long: str = "truncate"      # hf_rm / vllm_rm input over max_length tokens: truncate (ours: cut on the
@@ -513,6 +515,8 @@ def validate(cfg: DictConfig) -> None:
     need(cfg.eval.position_bias_n >= 0, "eval.position_bias_n", "must be >= 0")
     need(cfg.eval.lc_min_annotations >= 0, "eval.lc_min_annotations", "must be >= 0")
     need(cfg.scorer.over_long in ("truncate", "skip"), "scorer.over_long", "must be truncate or skip")
+    need(cfg.scorer.model.dtype in ("auto", "float32", "bfloat16", "float16"), "scorer.model.dtype",
+         "must be auto (bfloat16 on a GPU, float32 on the CPU), float32, bfloat16 or float16")
     need(cfg.scorer.over_long == "truncate" or cfg.scorer.kind in ("hf_rm", "vllm_rm"), "scorer.over_long",
          "skip is for reward models (scorer.kind hf_rm or vllm_rm); the others read no token limit")
     need(cfg.thought.s >= 2, "thought.s", "must be >= 2 (pairs need two samples)")

@@ -42,3 +42,33 @@ def mode_line() -> str:
                 f"to download, {how}")
     return ("hub mode: online; without internet, set hub.offline=true or export HF_HUB_OFFLINE=1 "
             "(the local cache is then used)")
+
+
+# What an engine needs of a model repository (weights, configs, tokenizer, chat template): not
+# the other formats some repositories also carry (original/*.pth, *.gguf, ...).
+WEIGHT_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken", "*.py"]
+
+
+def fetch_weights(ref: str, revision: str | None = None) -> str:
+    """A local directory holding model `ref`: `ref` itself when it is one, else the hub
+    snapshot, downloaded now (with progress, in the hub mode in force) or found in the cache.
+
+    An engine given a hub id downloads inside its start, under its start timeout: a 54 GB reward
+    model on a slow link would then look like a hung start (review F13). Fetched first, the
+    start times the start only, and a model that cannot be had fails here, in one line.
+
+    >>> fetch_weights("/models/llama3-8b")          # a directory: as it is   # doctest: +SKIP
+    '/models/llama3-8b'
+    """
+    if os.path.isdir(os.path.expanduser(ref)):
+        return ref
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(ref, revision=revision, allow_patterns=WEIGHT_PATTERNS,
+                                 local_files_only=is_offline())
+    except Exception as e:   # noqa: BLE001 -- any failure is the same one line for the user
+        why = str(e).splitlines()[0] if str(e) else ""
+        at = f" at {revision}" if revision else ""
+        raise FileNotFoundError(f"model {ref!r}{at} could not be had ({type(e).__name__}: {why}); "
+                                f"{mode_line()}") from None

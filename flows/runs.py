@@ -33,6 +33,18 @@ SLICES_READ = {"pipeline": ALL_SLICES, "signal": ("stage1_sft", "stage1_po", "he
 TRAINED = {"pipeline": ("rsft", "po", "cot_sft", "cot_po"), "signal": ("rsft", "po")}
 
 
+def check_gpus(cfg: dict, trained: tuple[str, ...]) -> None:
+    """Every device setting, `gpus` list, engine layout and training `num_gpus` against this
+    machine (avr_core/backends/device.py), and the GPU list the DeepSpeed launcher would get
+    (avr_core/training/launch.py): DeviceError with one line naming the key."""
+    from avr_core.backends.device import DeviceError, check_devices
+    from avr_core.training.launch import launcher_problem
+
+    check_devices(cfg, trained)
+    if problem := launcher_problem(cfg, trained):
+        raise DeviceError(problem)
+
+
 def preflight(cfg: dict, slices: tuple | None = None) -> int:
     """The checks of a validated config against this machine, before any work: the prompt and
     eval files (InputError: file, line, field), the prompt slices the run reads (`slices`, default
@@ -42,10 +54,10 @@ def preflight(cfg: dict, slices: tuple | None = None) -> int:
     (but the embedded model's one-off conversion). First, the GPUs: every device setting, `gpus`
     list, vLLM engine layout and training `num_gpus` against the CUDA devices visible here, so a
     count this node does not have fails now, not at the first training hours in."""
-    from avr_core.backends.device import DeviceError, check_devices
+    from avr_core.backends.device import DeviceError
 
     try:   # e.g. scorer.device=cuda without CUDA, po.num_gpus=8 on one GPU
-        check_devices(cfg, TRAINED[cfg["flow"]])
+        check_gpus(cfg, TRAINED[cfg["flow"]])
     except DeviceError as e:
         raise ConfigError(str(e)) from None
     n = validate_prompts(cfg)                          # hf://: loads the dataset (or its cache), so n is known

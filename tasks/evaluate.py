@@ -133,7 +133,9 @@ def judge_spec(cfg, answers, prompts) -> Spec:
 @stage(judge_spec, retries=2, timeout_s=12 * 3600)
 def judge(out: Output, cfg: dict, answers: ArtifactRef, prompts: ArtifactRef) -> None:
     """alpaca-eval pairwise judging against the references -> annotations + WR ± se, LC, length,
-    and a position-bias check on the first `position_bias_n` instructions."""
+    and a position-bias check on the first `position_bias_n` instructions. A local judge that
+    loads on CUDA first suspends the run's engines (kept ones sleep and wake at their role's next
+    turn) and logs what it did (avr_core/evaluation/judge.py `_load`): it never squeezes in beside them."""
     store, jcfg = out.store, cfg["eval"]["judge"]
     # alpaca-eval reads its config and writes its cache as LOCAL files. A local store: the config in
     # the artifact, the cache in <store>/.work/judge_cache (survives a retry of this task). An object

@@ -82,7 +82,7 @@ def make_generator(model: dict, backend: dict) -> Generator:
     if key not in _CACHE:
         kind = backend["kind"]
         cls = _load(GENERATORS, kind, "generator")
-        path = resolve_model_path(model["path"])
+        path = _local(kind, model)
         engine = _key(kind, {k: v for k, v in model.items() if k not in WEIGHTS_ONLY}, backend)
         why = _reload(key, engine, path, model.get("dtype", "auto") != "auto") if kind == "vllm" else None
         if why == "reloaded":
@@ -111,6 +111,17 @@ def make_generator(model: dict, backend: dict) -> Generator:
         _BUILDS.append({"role": "generator", "kind": kind, "event": "start", "why": why,
                         "seconds": round(time.perf_counter() - t0, 2)})
     return _use(key)
+
+
+def _local(kind: str, model: dict) -> str:
+    """The model's path for its backend. A vLLM engine gets a local directory: a hub model is
+    fetched first (avr_core/hub.py::fetch_weights), so the engine's start timeout times the start,
+    not a download, and a model that cannot be had fails now, in one line (review F13)."""
+    path = resolve_model_path(model["path"])
+    if not kind.startswith("vllm"):
+        return path                       # HF loads download themselves, with no start timeout
+    from avr_core.hub import fetch_weights
+    return fetch_weights(path, model.get("revision"))
 
 
 def _reload(key: str, engine: str, path: str, dtype_fixed: bool) -> str | None:
@@ -166,7 +177,7 @@ def make_scorer(scorer: dict, frame: Callable[[Conversation], Conversation] | No
             return _use(key)
         _make_room(key, scorer, "scorer")
         m = scorer["model"]
-        path = resolve_model_path(m["path"])
+        path = _local(scorer["kind"], m) if not scorer.get("base_url") else resolve_model_path(m["path"])
         kw = dict(dtype=m["dtype"], batch_size=scorer["batch_size"], max_length=scorer["max_length"],
                   trust_remote_code=m["trust_remote_code"], device=scorer.get("device", "auto"),
                   gpus=tuple(scorer.get("gpus") or ()))

@@ -283,9 +283,7 @@ def training_gpus_problem(cfg: dict, trained: Sequence[str] = TRAINING_SECTIONS)
     if n == 0:
         return None
     over = [t for t, k in over_one.items() if k > n]
-    if over:
-        return _too_many_gpus(cfg, over, n)
-    return _launcher_problem(over_one)
+    return _too_many_gpus(cfg, over, n) if over else None
 
 
 def _too_many_gpus(cfg: dict, over: list[str], n: int) -> str:
@@ -300,19 +298,6 @@ def _too_many_gpus(cfg: dict, over: list[str], n: int) -> str:
     rest = ", ".join(f"{o}.num_gpus={cfg[o]['num_gpus']}" for o in over[1:])
     return (f"key '{t}.num_gpus': {k} GPUs asked for, but {visible_note(n)}; set {t}.num_gpus={n}{keep}"
             + (f"; the same for {rest}" if rest else ""))
-
-
-def _launcher_problem(over_one: dict[str, int]) -> str | None:
-    """What the DeepSpeed launcher would refuse in the CUDA_VISIBLE_DEVICES it is given (UUIDs or
-    MIG names: it takes indices), hours in, at the first training; None when it is fine."""
-    from avr_core.training.launch import gpu_selection
-
-    for t, k in over_one.items():
-        try:
-            gpu_selection(k, os.environ.get("CUDA_VISIBLE_DEVICES"))
-        except ValueError as e:
-            return f"key '{t}.num_gpus': {e}"
-    return None
 
 
 def release_accelerator() -> None:

@@ -11,7 +11,7 @@ from typing import Callable, Sequence
 from tqdm.auto import tqdm
 
 from avr_core.backends.base import BackendStats, Conversation, SamplingParams, inert_control_tokens
-from avr_core.backends.device import input_device, load
+from avr_core.backends.device import DTYPE_BYTES, input_device, load, resolve
 
 log = logging.getLogger(__name__)
 
@@ -19,6 +19,45 @@ log = logging.getLogger(__name__)
 def _dtype(name: str):
     import torch
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def resolve_dtype(dtype: str, device: str = "auto", gpus: Sequence[int] = (), key: str = "scorer.device") -> str:
+    """`dtype` as the model will load: "auto" follows the accelerator the device setting resolves
+    to -- bfloat16 on a GPU (half float32's memory: a 27B reward model is 54 GB, not 108 GB, and
+    the dtype such models are trained and served in), float32 on the CPU (16-bit matmuls are
+    slow on most processors, and the CPU runs and tests are float32). Resolved here, at load,
+    so the config keeps the string "auto": the same config runs on either machine.
+
+    >>> resolve_dtype("float16", "cpu"), resolve_dtype("auto", "cpu")
+    ('float16', 'float32')
+    """
+    if dtype != "auto":
+        return dtype
+    return "float32" if resolve(device, key, gpus) == "cpu" else "bfloat16"
+
+
+def free_accelerator_for(role: str, what: str, device: str, key: str, gpus: Sequence[int] = ()) -> str:
+    """Before a model loads in this process outside the backend factory (the local alpaca-eval
+    judge): on CUDA the factory's engines are suspended first (`backends.suspend`: kept ones
+    sleep, the rest close), so the model loads into memory known to be free instead of
+    squeezing beside kept engines or failing with DeviceError. On the CPU nothing is needed: host
+    memory is not an accelerator. One log line says what was done. Returns the resolved device."""
+    where = resolve(device, key, gpus)
+    if where == "cpu":
+        return where
+    from avr_core import backends
+
+    done = backends.suspend()
+    log.info("%s: engines for the %s (loads on %s into freed memory): %s", role, what, where,
+             ", ".join(done) or "none were held")
+    return where
+
+
+def _placed(role: str, kind: str, path: str, label: str, dtype: str, asked: str) -> None:
+    """One line saying where an HF model of the factory went and in which dtype (the factory's
+    `_make_room` freed that device of other roles' engines before the load)."""
+    how = f"{dtype} (dtype auto: follows the device)" if asked == "auto" else dtype
+    log.info("%s (%s): %s loaded on %s in %s", role, kind, path, label, how)
 
 
 def _load_tokenizer(path: str, trust_remote_code: bool):
@@ -59,6 +98,7 @@ class HFGenerator:
         from transformers import AutoModelForCausalLM
 
         self.tok = _load_tokenizer(path, trust_remote_code)
+        dtype = resolve_dtype(dtype, device, gpus, "generator.device")
         self.model, pl = load(AutoModelForCausalLM, path, dtype, device, gpus, "generator.device",
                               trust_remote_code=trust_remote_code,
                               **attention_kwargs(path, dtype, device, gpus, trust_remote_code))
@@ -110,7 +150,7 @@ class HFRewardScorer:
     on the right (the answer's end is not scored) or, with `over_long="skip"`, not scored (None):
     counted either way (`rm_inputs`)."""
 
-    def __init__(self, path: str, dtype: str = "bfloat16", batch_size: int = 8, max_length: int = 4096,
+    def __init__(self, path: str, dtype: str = "auto", batch_size: int = 8, max_length: int = 4096,
                  trust_remote_code: bool = False, device: str = "auto", gpus: Sequence[int] = (),
                  over_long: str = "truncate"):
         import torch
@@ -118,9 +158,11 @@ class HFRewardScorer:
 
         self.tok = _load_tokenizer(path, trust_remote_code)
         self.tok.padding_side = "right"
-        self.model, pl = load(AutoModelForSequenceClassification, path, dtype, device, gpus, "scorer.device",
-                              num_labels=1, trust_remote_code=trust_remote_code,
-                              **attention_kwargs(path, dtype, device, gpus, trust_remote_code))
+        self.dtype = resolve_dtype(dtype, device, gpus)
+        attn = attention_kwargs(path, self.dtype, device, gpus, trust_remote_code, max_length, batch_size)
+        self.model, pl = load(AutoModelForSequenceClassification, path, self.dtype, device, gpus, "scorer.device",
+                              num_labels=1, trust_remote_code=trust_remote_code, **attn)
+        _placed("scorer", "hf_rm", path, pl.label, self.dtype, dtype)
         if self.model.config.pad_token_id is None:
             # transformers pools the last non-pad token, found through config.pad_token_id, and
             # refuses batches > 1 without one: use the id the tokenizer pads with.
@@ -206,28 +248,72 @@ def place(scores: Sequence[float], keep: list[int], n: int) -> list[float | None
     return out
 
 
-def attention_kwargs(path: str, dtype: str, device: str, gpus: Sequence[int], trust_remote_code: bool) -> dict:
+def attention_kwargs(path: str, dtype: str, device: str, gpus: Sequence[int], trust_remote_code: bool,
+                     max_length: int | None = None, batch_size: int = 1) -> dict:
     """`attn_implementation` for a model whose attention soft-caps its logits (Gemma-2:
-    `attn_logit_softcapping`). transformers' default, SDPA, has no soft-cap and would silently
-    drop it (the model then scores and generates unlike how it was trained, and unlike vLLM):
-    flash_attention_2 (which applies the cap) on CUDA in 16-bit when flash-attn is installed,
-    else eager. {} for every other model (the default stays)."""
-    import importlib.util
-
+    `attn_logit_softcapping`); {} for every other model (the default stays). See
+    `softcap_attention`."""
     from transformers import AutoConfig
 
-    from avr_core.backends.device import resolve
-
     cfg = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    on_gpu = resolve(device, "device", gpus) != "cpu"
+    return softcap_attention(cfg, path, dtype, on_gpu, max_length, batch_size)
+
+
+def softcap_attention(cfg, path: str, dtype: str, on_gpu: bool, max_length: int | None = None,
+                      batch_size: int = 1) -> dict:
+    """transformers' default attention, SDPA, has no soft-cap and would silently drop it (the
+    model then scores and generates unlike how it was trained, and unlike vLLM): a soft-capped
+    model loads with flash_attention_2 (which applies the cap) on CUDA in 16-bit when flash-attn
+    is installed, else eager. Eager materialises every T x T attention matrix, so one line says
+    which it is and, at `max_length`, what that costs (`eager_attention_line`): the 3 a.m. OOM
+    at 8192 tokens is then explained before it happens."""
+    import importlib.util
+
     cfg = getattr(cfg, "text_config", None) or cfg
-    if getattr(cfg, "attn_logit_softcapping", None) is None:
+    cap = getattr(cfg, "attn_logit_softcapping", None)
+    if cap is None:
         return {}
-    fa2 = (resolve(device, "device", gpus) != "cpu" and dtype in ("bfloat16", "float16")
-           and importlib.util.find_spec("flash_attn") is not None)
-    impl = "flash_attention_2" if fa2 else "eager"
-    log.info("%s soft-caps attention logits (%s): loading with attn_implementation=%s", path,
-             cfg.attn_logit_softcapping, impl)
-    return {"attn_implementation": impl}
+    why = _why_eager(on_gpu, dtype, importlib.util.find_spec("flash_attn") is not None)
+    if why is None:
+        log.info("%s soft-caps attention logits (%s): attn_implementation=flash_attention_2 "
+                 "(no T x T matrix is held)", path, cap)
+        return {"attn_implementation": "flash_attention_2"}
+    cost = "" if max_length is None else "; " + eager_attention_line(cfg, dtype, max_length, batch_size)
+    if on_gpu:     # where it can run out of memory: what to change
+        cost += " -- install flash-attn, or lower batch_size / max_length"
+    (log.warning if on_gpu else log.info)("%s soft-caps attention logits (%s): attn_implementation=eager (%s)%s",
+                                          path, cap, why, cost)
+    return {"attn_implementation": "eager"}
+
+
+def _why_eager(on_gpu: bool, dtype: str, flash_attn: bool) -> str | None:
+    """Why a soft-capped model cannot use flash_attention_2 here, or None when it can."""
+    if not on_gpu:
+        return "the CPU"
+    if dtype not in ("bfloat16", "float16"):
+        return f"{dtype}: flash-attn needs 16-bit"
+    return None if flash_attn else "flash-attn is not installed"
+
+
+def eager_attention_line(cfg, dtype: str, tokens: int, batch: int = 1) -> str:
+    """Transient memory of eager attention's T x T scores in ONE layer at `tokens`: batch x heads
+    x T^2 x bytes per element (layers run one after another, so it is not multiplied by the
+    layer count). The softmax upcasts to float32 and casts back while its input is still held,
+    so the peak is about 8 B per element: bytes + 4 (+ bytes for the cast back from 16-bit), 4x
+    the scores in bfloat16, 2x in float32 (transformers' Gemma-2 `eager_attention_forward`).
+
+    >>> from types import SimpleNamespace
+    >>> line = eager_attention_line(SimpleNamespace(num_attention_heads=32), "bfloat16", 8192)  # Gemma-2-27B
+    >>> line[:line.index(" per layer")]
+    'eager at max_length 8192: 1 x 32 heads x 8192^2 x 2 B = 4.3 GB'
+    """
+    heads, b = int(cfg.num_attention_heads), DTYPE_BYTES.get(dtype, 4)
+    per_seq = heads * tokens * tokens * b
+    peak_per_elem = b + 4 + (b if b < 4 else 0)
+    return (f"eager at max_length {tokens}: {batch} x {heads} heads x {tokens}^2 x {b} B = "
+            f"{batch * per_seq / 1e9:.1f} GB per layer, transient ({per_seq / 1e9:.1f} GB per sequence; "
+            f"~{batch * per_seq * peak_per_elem / b / 1e9:.1f} GB at the float32 softmax)")
 
 
 class JudgeScorer:
@@ -245,16 +331,18 @@ class JudgeScorer:
     [5.07]
     """
 
-    def __init__(self, path: str, dtype: str = "float32", batch_size: int = 8, max_length: int = 4096,
+    def __init__(self, path: str, dtype: str = "auto", batch_size: int = 8, max_length: int = 4096,
                  trust_remote_code: bool = False, frame: Callable[[Conversation], Conversation] | None = None,
                  device: str = "auto", gpus: Sequence[int] = ()):
         import torch
         from transformers import AutoModelForCausalLM
 
         self.tok = _load_tokenizer(path, trust_remote_code)
-        self.model, pl = load(AutoModelForCausalLM, path, dtype, device, gpus, "scorer.device",
-                              trust_remote_code=trust_remote_code,
-                              **attention_kwargs(path, dtype, device, gpus, trust_remote_code))
+        self.dtype = resolve_dtype(dtype, device, gpus)
+        attn = attention_kwargs(path, self.dtype, device, gpus, trust_remote_code, max_length, batch_size)
+        self.model, pl = load(AutoModelForCausalLM, path, self.dtype, device, gpus, "scorer.device",
+                              trust_remote_code=trust_remote_code, **attn)
+        _placed("scorer", "judge", path, pl.label, self.dtype, dtype)
         self.device, self._in = pl.label, input_device(self.model)
         self.batch_size, self.max_length, self._torch = batch_size, max_length, torch
         self.rating_ids = [self.tok.convert_tokens_to_ids(str(k)) for k in range(1, 10)]

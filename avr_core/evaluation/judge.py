@@ -285,21 +285,33 @@ def parse_chatml(text: str) -> list[dict]:
 
 def _load(model_name: str, device: str = "auto"):
     """The local judge model, placed by `eval.judge.device` (avr_core/backends/device.py); it
-    reports its device for the judge stage's manifest and is dropped at the stage's end."""
+    reports its device for the judge stage's manifest and is dropped at the stage's end. Before
+    it loads on CUDA the factory's engines are suspended (kept ones sleep; they wake at their
+    role's next turn): the judge then loads into freed memory rather than beside them."""
     from avr_core import backends
+    from avr_core.backends.hf import free_accelerator_for
 
     key = f"{model_name}@{device}"
     if key not in _MODELS:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        from avr_core.backends.device import load
         from avr_core.models import resolve_model_path
 
         path = resolve_model_path(model_name)
-        tok = AutoTokenizer.from_pretrained(path, padding_side="left")
-        tok.pad_token = tok.pad_token or tok.eos_token
-        model, pl = load(AutoModelForCausalLM, path, "float32", device, key="eval.judge.device")
-        _MODELS[key] = (tok, model, pl.label)
+        free_accelerator_for("judge", "local judge", device, "eval.judge.device")
+        _MODELS[key] = _load_model(path, device)
     tok, model, label = _MODELS[key]
     backends.note_used("judge", label, _MODELS.clear)
     return tok, model
+
+
+def _load_model(path: str, device: str) -> tuple:
+    """(tokenizer, model, device label) of the judge at `path`. float32 on every device
+    (`eval.judge` has no dtype): its verdicts then agree on CPU and GPU, which the judge stage's
+    cache key, naming no device, assumes."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from avr_core.backends.device import load
+
+    tok = AutoTokenizer.from_pretrained(path, padding_side="left")
+    tok.pad_token = tok.pad_token or tok.eos_token
+    model, pl = load(AutoModelForCausalLM, path, "float32", device, key="eval.judge.device")
+    return tok, model, pl.label

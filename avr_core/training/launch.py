@@ -149,3 +149,21 @@ def main(argv: list[str] | None = None) -> int:
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(summary), flush=True)
     return 0
+
+
+def launcher_problem(cfg: dict, trained: tuple[str, ...]) -> str | None:
+    """What the DeepSpeed launcher would refuse in the CUDA_VISIBLE_DEVICES it is given (UUIDs or
+    MIG names: it takes indices), hours in, at the first training; one line naming the key, or
+    None. Only for sections that start the launcher (`num_gpus > 1`) on a CUDA machine."""
+    from avr_core.backends.device import cuda_count
+
+    over_one = {t: int((cfg.get(t) or {}).get("num_gpus") or 0) for t in trained}
+    over_one = {t: k for t, k in over_one.items() if k > 1}
+    if not over_one or (cfg.get("scale") or {}).get("hostfile") or cuda_count() == 0:
+        return None
+    for t, k in over_one.items():
+        try:
+            gpu_selection(k, os.environ.get("CUDA_VISIBLE_DEVICES"))
+        except ValueError as e:
+            return f"key '{t}.num_gpus': {e}"
+    return None

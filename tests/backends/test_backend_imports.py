@@ -1,7 +1,8 @@
 """Backends import nothing from the method side: every module under avr_core/backends/ is
 parsed with `ast` and each import of an `avr_core` module (absolute or relative, at module
-level or inside a function) must be a backend module, `avr_core.models` (model paths), or
-`avr_core.redact` (secret masking in log lines: infrastructure, no method)."""
+level or inside a function) must be a backend module, `avr_core.models` (model paths),
+`avr_core.hub` (hub mode, fetching weights) or `avr_core.redact` (secret masking in log lines:
+infrastructure, no method)."""
 import ast
 from pathlib import Path
 
@@ -9,7 +10,8 @@ import pytest
 
 BACKENDS = Path(__file__).resolve().parents[2] / "avr_core" / "backends"
 ALLOWED = ("avr_core.backends", "avr_core.models", "avr_core.redact",
-           "avr_core.inputs")   # reading a validated prompt file (the rules scorer's constraints): data, no method
+           "avr_core.inputs",   # reading a validated prompt file (the rules scorer's constraints): data, no method
+           "avr_core.hub")      # the hub mode and fetching a model before an engine starts: infrastructure
 
 
 def _imports(path: Path) -> list[tuple[int, str]]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 import pytest
 
@@ -59,7 +60,9 @@ def _model_dir(path, hidden=8, tokenizer="tok"):
 
 GEN = {"kind": "vllm", "tensor_parallel_size": 1, "gpu_memory_utilization": 0.9, "max_model_len": 512,
        "keep_engine": True}
-JUDGE = {"kind": "vllm_judge", "model": {"path": "/unused", "dtype": "float32", "trust_remote_code": False},
+# the fake never reads its model; the path only has to be a directory (a vLLM model is fetched first otherwise)
+JUDGE = {"kind": "vllm_judge", "model": {"path": str(Path(__file__).parent), "dtype": "float32",
+                                         "trust_remote_code": False},
          "batch_size": 8, "max_length": 512, "keep_engine": True}
 
 

@@ -14,7 +14,7 @@ from avr_core.backends import device as dev
 from avr_core.config import ConfigError, load_config
 from flows import supervisor
 from flows.cli import main
-from flows.runs import TRAINED, preflight, start_run
+from flows.runs import TRAINED, check_gpus, preflight, start_run
 
 ONE_GPU = "1 is visible on this machine (CUDA_VISIBLE_DEVICES is not set)"
 
@@ -41,7 +41,7 @@ def _cfg(preset: str, *overrides: str) -> dict:
 
 def _refusal(cfg: dict, flow: str = "pipeline") -> str | None:
     try:
-        dev.check_devices(cfg, TRAINED[flow])
+        check_gpus(cfg, TRAINED[flow])
     except dev.DeviceError as e:
         return str(e)
     return None
