@@ -184,6 +184,10 @@ def make_scorer(scorer: dict, frame: Callable[[Conversation], Conversation] | No
         if scorer["kind"] in ("hf_rm", "vllm_rm"):    # an input over max_length: cut or not scored
             kw["over_long"] = scorer.get("over_long", "truncate")
         if scorer["kind"] in ("vllm_rm", "vllm_judge"):
+            from .hf import resolve_dtype
+
+            # "auto": bf16 on GPUs, fp32 on CPU, as for HF scorers (not vLLM's own rule)
+            kw["dtype"] = resolve_dtype(kw["dtype"], kw["device"], kw["gpus"])
             kw.update(tensor_parallel_size=scorer.get("tensor_parallel_size", 1),
                       data_parallel_size=scorer.get("data_parallel_size", 1),
                       gpu_memory_utilization=scorer.get("gpu_memory_utilization", 0.9),
