@@ -182,7 +182,7 @@ def test_cpu_toy_models_score_reference_logps_and_json(tmp_path):
     assert [rows[s]["status"] for s in ("models", "hf_rm", "ref_logps")] == ["ok"] * 3
     ref = [json.loads(x) for x in (tmp_path / "work" / "ref_logps.jsonl").read_text().splitlines()]
     assert len(ref) == 16 and all(math.isfinite(r["ref_chosen"]) for r in ref)      # 2 ranks x 8 pairs
-    assert "| hf_rm | ok | cpu |" in p.stdout and (tmp_path / "work" / "hf_rm.log").exists()
+    assert "| hf_rm | smoke | ok | cpu |" in p.stdout and (tmp_path / "work" / "hf_rm.log").exists()
 
 
 @pytest.mark.gpu
