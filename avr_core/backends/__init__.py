@@ -139,7 +139,7 @@ def _reload(key: str, engine: str, path: str, dtype_fixed: bool) -> str | None:
         _close(old)
         return "the running engine had died"
     if obj.asleep:    # its turn again: the other role's engine on these GPUs sleeps first
-        _make_room(old, {"gpus": meta.get("gpus"), "device": "cuda"}, "generator")
+        _room_to_wake(old)
     if (why := reload_problem(meta["weights"], path, dtype_fixed)) is not None:
         log.info("generator: a new engine for %s, not a reload into the running one: %s", path, why)
         return why
@@ -207,7 +207,7 @@ def _use(key: str):
     obj = _CACHE[key]
     if getattr(obj, "asleep", False):      # its role's turn again: the other role sleeps, it wakes
         meta = _META[key]
-        _make_room(key, {"gpus": meta.get("gpus"), "device": "cuda"}, meta.get("role", ""))
+        _room_to_wake(key)
         t0 = time.perf_counter()
         obj.wake()
         _BUILDS.append({"role": meta.get("role"), "kind": "vllm", "event": "reload",
@@ -234,6 +234,12 @@ def _make_room(key: str, section: dict, role: str) -> None:
         if meta.get("keep") and meta.get("role") != role and (cpu and meta.get("cpu") or _sleep(k)):
             continue
         _close(k)
+
+
+def _room_to_wake(key: str) -> None:
+    """Before a sleeping engine wakes (only CUDA engines sleep): `_make_room` on its GPUs."""
+    meta = _META[key]
+    _make_room(key, {"gpus": meta.get("gpus"), "device": "cuda"}, meta.get("role", ""))
 
 
 def _sleep(key: str) -> bool:
