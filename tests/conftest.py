@@ -1,6 +1,9 @@
 import os
+from pathlib import Path
 
 import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -45,11 +48,10 @@ def prefect_harness(tmp_path_factory):
 
 
 
-@pytest.fixture(scope="session")
-def avr_server(tmp_path_factory):
-    """ONE real `avr server` (its own PREFECT_HOME, port and process group) for the whole session,
-    answering /health before it is handed out: the deployment tests register against it, the
-    security tests check what it listens on. Yields {"proc", "port", "url", "env"}; `env` points
+def _avr_server(tmp_path_factory, database_url: str | None):
+    """A real `avr server` (its own PREFECT_HOME, port and process group) on SQLite (database_url
+    None: Prefect's embedded default) or on the given database, answering /health before it is
+    handed out. Yields {"proc", "port", "url", "env", "log", "database"}; `env` points
     PREFECT_API_URL at it."""
     import signal
     import subprocess
@@ -63,13 +65,14 @@ def avr_server(tmp_path_factory):
 
     port, home = free_port(), tmp_path_factory.mktemp("prefect-home")
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    env.pop("PREFECT_API_URL", None)
-    env.pop("AVR_SERVER_HOST", None)
+    for k in ("PREFECT_API_URL", "AVR_SERVER_HOST", "PREFECT_API_DATABASE_CONNECTION_URL"):
+        env.pop(k, None)
+    if database_url:
+        env["PREFECT_API_DATABASE_CONNECTION_URL"] = database_url
     log = home / "server.log"              # a file, not a pipe: a session's worth of output never blocks it
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "server", "--port", str(port)], env=env,
-                                cwd=Path(__file__).resolve().parents[1], stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+                                cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}/api"
     try:
         for _ in range(480):               # 0.5 s apart: a bound against hanging, not a performance check
@@ -83,7 +86,8 @@ def avr_server(tmp_path_factory):
             time.sleep(0.5)
         else:
             raise RuntimeError(f"avr server did not answer /health: {log.read_text(errors='replace')[-2000:]}")
-        yield {"proc": proc, "port": port, "url": url, "env": {**env, "PREFECT_API_URL": url}, "log": log}
+        yield {"proc": proc, "port": port, "url": url, "env": {**env, "PREFECT_API_URL": url}, "log": log,
+               "database": "postgresql" if database_url else "sqlite"}
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)    # its own process group: the uvicorn child too
@@ -92,3 +96,45 @@ def avr_server(tmp_path_factory):
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+
+
+@pytest.fixture(scope="session")
+def avr_server(tmp_path_factory):
+    """ONE `avr server` on Prefect's embedded default database, SQLite, for the whole session: the
+    security tests check what it listens on, the stop-signal tests record runs on it."""
+    yield from _avr_server(tmp_path_factory, None)
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """ONE PostgreSQL server for the session, started by scripts/postgres.sh (the README's "Deploy"
+    path); yields its Prefect connection URL. Skips where Debian's server is not installed, or
+    fails with AVR_PG_REQUIRED=1 (CI installs it)."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    from avr_core.backends.net import free_port
+
+    # not under pytest's 0700 tmp dirs: as root, the cluster belongs to the `postgres` user
+    d = tempfile.mkdtemp(prefix="avr-pg-")
+    script = str(ROOT / "scripts" / "postgres.sh")
+    r = subprocess.run(["bash", script, "start", d, str(free_port())], capture_output=True, text=True)
+    if r.returncode != 0:
+        shutil.rmtree(d, ignore_errors=True)
+        if r.returncode == 2 and os.environ.get("AVR_PG_REQUIRED") != "1":
+            pytest.skip(r.stderr.strip())
+        raise RuntimeError(f"scripts/postgres.sh start failed: {r.stderr[-2000:]}")
+    try:
+        yield r.stdout.strip().splitlines()[-1]
+    finally:
+        subprocess.run(["bash", script, "stop", d], capture_output=True)
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def avr_server_pg(tmp_path_factory, postgres):
+    """ONE `avr server` on PostgreSQL for the session, the arrangement docker/compose.yaml deploys:
+    the deployment, worker and UI tests run against it (on SQLite, Prefect answers a busy database
+    with 503 and the UI's form submit fails under load; issue 35)."""
+    yield from _avr_server(tmp_path_factory, postgres)

@@ -24,7 +24,10 @@ VLLM = ["generator.kind=vllm", "scorer.kind=vllm_judge"]   # tiny.yaml keeps bot
 
 # stage1_po: 6 prompts. With 3, the RSFT policy's synthesis once left no pair at all (3 critiques
 # without improvement; CI, 7 December 2026): a 135M judge's ratings are nearly flat, so pairs are
-# chance, and the run then stops at train_po by design ("no training rows").
+# chance, and the run then stops at train_po by design ("no training rows"). Likewise stage2_po: a
+# prompt gives a thought pair only if a better-rated thought's final answer is no longer than the
+# worst's (the length rule), about 2 in 3 with 3 samples; with 2 prompts CI once got none (7 December
+# 2026), with 6 the chance of none is about 1 in 700.
 SMALL = ["data.stage1_sft=[0,3]", "data.stage1_po=[3,9]", "data.heldout=[40,42]", "shard_size=3",
          "critique.max_tries=1", "respond.sampling.max_new_tokens=24", "critique.sampling.max_new_tokens=24",
          "refine.sampling.max_new_tokens=24", "scorer.max_length=512",
@@ -32,7 +35,7 @@ SMALL = ["data.stage1_sft=[0,3]", "data.stage1_po=[3,9]", "data.heldout=[40,42]"
          "po.step_cap=1", "po.micro_batch_size=1", "po.checkpoint_every=1",
          # stage 2 on a couple of prompts. The seed's drop rules are off so that two prompts surely
          # leave a thought to train on (the rules themselves are tested on fakes in tests/core).
-         "data.stage2=[12,14]", "data.stage2_po=[20,22]", "search.max_rounds=2",
+         "data.stage2=[12,14]", "data.stage2_po=[20,26]", "search.max_rounds=2",
          "search.drop_no_first_improvement=false", "search.drop_no_terminating_critique=false",
          "thought.s=3", "thought.sampling.max_new_tokens=48",
          "cot_sft.step_cap=1", "cot_sft.micro_batch_size=1", "cot_sft.checkpoint_every=1",
@@ -91,7 +94,7 @@ def test_pipeline_on_smollm2_on_the_vllm_path(tmp_path):
     assert s2["train"]["steps"] == 1 and "model/model.safetensors" in s2["files"]
     samples = store.list("thought_samples")
     assert len(samples) == 1 and sum(v for k, v in store.manifest(samples[0])["counts"].items()
-                                     if k.startswith("final_from_")) == 2 * 3   # every sample's final answer found
+                                     if k.startswith("final_from_")) == 6 * 3   # every sample's final answer found
     # test-time scaling: R = 0..2 on the held-out prompts, and a timing row per stage
     rows = store.manifest(store.ref(*summary["outputs"]["test_time_scaling"]["ref"].split("/")))["result"]
     assert [r["R"] for r in rows] == [0, 1, 2] and all(r["n"] == 2 for r in rows)

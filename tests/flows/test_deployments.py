@@ -1,4 +1,5 @@
-"""Deployments against a REAL Prefect server (`avr server`, the session's one, on 127.0.0.1): `avr serve`'s deployments
+"""Deployments against a REAL Prefect server (`avr server` on PostgreSQL, as deployed; the registration
+test also on Prefect's embedded SQLite): `avr serve`'s deployments
 register with their parameters (preset + overrides) and the nightly schedule from config; a bad
 override is refused before anything is registered, naming the key."""
 import json
@@ -11,10 +12,11 @@ import pytest
 from avr_core.config import ConfigError
 
 
-@pytest.fixture
-def server(avr_server):
-    """The session's one real `avr server` (tests/conftest.py), already answering."""
-    return avr_server
+@pytest.fixture(params=["postgresql"])
+def server(request):
+    """A real `avr server` (tests/conftest.py), already answering: on PostgreSQL, the deployed
+    arrangement, unless a test asks for Prefect's embedded SQLite too."""
+    return request.getfixturevalue("avr_server_pg" if request.param == "postgresql" else "avr_server")
 
 
 REGISTER = """
@@ -31,6 +33,7 @@ print(json.dumps([{"name": d.name, "parameters": d.parameters,
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("server", ["postgresql", "sqlite"], indirect=True)
 def test_deployments_register_with_parameters_and_nightly_schedule(server):
     import json
     r = subprocess.run([sys.executable, "-c", REGISTER, "critique.k=3", "schedule.active=true",

@@ -1,5 +1,5 @@
 """The Prefect UI as a user clicks it, in headless Chromium (Debian's `chromium` package driven by
-Playwright; no browser download): `avr server` + `avr serve --preset tiny`, then
+Playwright; no browser download): `avr server` on PostgreSQL + `avr serve --preset tiny`, then
 
 1. open the synthesis deployment from the Deployments page and its run form;
 2. fill the form: pick the preset in its dropdown, set the store root, add one override;
@@ -56,8 +56,10 @@ def browser_ok():
 
 
 @pytest.fixture(scope="module")
-def ui(browser_ok, avr_server, tmp_path_factory):
-    """`avr serve --preset tiny` against the session's `avr server`; yields the UI's base URL."""
+def ui(browser_ok, avr_server_pg, tmp_path_factory):
+    """`avr serve --preset tiny` against the session's `avr server` on PostgreSQL (as deployed; on
+    SQLite a busy database answers the form's submit with 503); yields the UI's base URL."""
+    avr_server = avr_server_pg
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     with open(log, "wb") as out:
         serve = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--preset", "tiny", *SERVE], cwd=ROOT,
