@@ -11,8 +11,12 @@ a nightly rerun reuse critiques sampled with an edited prompt), so the list is d
   definition reachable through names, attribute chains and imports is collected, transitively;
   a string constant that names a module of this repository (`python -m avr_core.training`)
   counts as a reference to that whole module;
-* the code version hashes the source of exactly those definitions, plus the module-level
-  statements of every module they live in (they run on import).
+* the code version hashes exactly those definitions, plus the module-level statements of every
+  module they live in (they run on import). A definition is hashed as its syntax tree without
+  comments, docstrings and import statements (what an import binds is followed, not its text),
+  and the version hashes the sorted definition hashes without the files they live in: moving a
+  definition to another module, or renaming a module, keeps every key; editing what runs changes
+  it. Strings that name a module (`"tasks.runtime.skeleton:run_stage"`) are code and count.
 
 So editing the judge prompt in `avr_core/prompts.py` changes the key of the stages that reach
 that constant (critique and later) and not of `respond`, which never refers to it.
@@ -30,6 +34,7 @@ config selects, so editing the openai backend recomputes the runs that used it, 
 from __future__ import annotations
 
 import ast
+import copy
 import hashlib
 import threading
 from dataclasses import dataclass, field
@@ -81,14 +86,16 @@ def _code_version(entries: tuple[str, ...], root: str) -> CodeVersion:
     index = _index(root)
     used = reachable(entries, index)
     per_file: dict[str, hashlib._Hash] = {}
+    hashed: list[str] = []                          # one per definition, whatever file it is in
     for mod_name, name in sorted(used, key=lambda u: (u[0], u[1] or "")):
         mod = index[mod_name]
         items = mod.always if name is None else [mod.defs[name]]
         h = per_file.setdefault(mod.path, hashlib.sha256())
         for d in items:
             h.update(f"{name}\0{d.source}\0".encode())
+            hashed.append(hashlib.sha256(f"{name or ''}\0{d.source}".encode()).hexdigest())
     files = {f: h.hexdigest()[:12] for f, h in sorted(per_file.items())}
-    version = hashlib.sha256("".join(f"{f}={d};" for f, d in files.items()).encode()).hexdigest()[:12]
+    version = hashlib.sha256(";".join(sorted(hashed)).encode()).hexdigest()[:12]
     return CodeVersion(version, files)
 
 
@@ -239,7 +246,6 @@ def _ast(text: str, rel: str, tries: int = 5) -> ast.Module:
 
 def _parse(name: str, rel: str, text: str, modules: set[str]) -> Module:
     tree = _ast(text, rel)
-    lines = text.splitlines(keepends=True)
     package = name if rel.endswith("__init__.py") else name.rpartition(".")[0]
     mod = Module(name, rel, {}, [], {})
     for node in ast.walk(tree):                     # imports anywhere bind names (function-local ones too)
@@ -255,7 +261,7 @@ def _parse(name: str, rel: str, text: str, modules: set[str]) -> Module:
             continue
         if i == 0 and isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
             continue                                # the module docstring
-        d = Definition(_source(node, lines), _refs(node, modules))
+        d = Definition(_source(node), _refs(node, modules))
         names = _bound_names(node)
         for n in names:
             mod.defs[n] = d
@@ -280,9 +286,30 @@ def _bound_names(node: ast.stmt) -> list[str]:
     return []
 
 
-def _source(node: ast.stmt, lines: list[str]) -> str:
-    first = min([node.lineno, *(d.lineno for d in getattr(node, "decorator_list", []))])
-    return "".join(lines[first - 1:node.end_lineno])
+def _source(node: ast.stmt) -> str:
+    r"""What a definition runs: its syntax tree, without comments (the parser drops them),
+    docstrings or import statements (their targets are followed as references instead).
+
+    >>> a = ast.parse("def f(x):\n    'doc'\n    from m import g  # a comment\n    return g(x)").body[0]
+    >>> b = ast.parse("def f(x):\n    from other.m import g\n    return g(x)").body[0]
+    >>> _source(a) == _source(b), _source(a) == _source(ast.parse("def f(x):\n    return g(x + 1)").body[0])
+    (True, False)
+    """
+    node = _Strip().visit(copy.deepcopy(node))
+    return ast.dump(node, annotate_fields=False, include_attributes=False)
+
+
+class _Strip(ast.NodeTransformer):
+    def generic_visit(self, node):
+        super().generic_visit(node)
+        body = getattr(node, "body", None)
+        if isinstance(body, list):
+            if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
+                    and isinstance(body[0].value.value, str):
+                body = body[1:]                      # the docstring
+            body = [b for b in body if not isinstance(b, (ast.Import, ast.ImportFrom))]
+            node.body = body or [ast.Pass()]
+        return node
 
 
 def _refs(node: ast.AST, modules: set[str]) -> set[str]:

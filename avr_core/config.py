@@ -288,7 +288,7 @@ class ScaleConfig:
     1 or 32 workers gives the same artifacts, byte for byte."""
 
     engine: str = "local"            # local: a stage's shards one after another in its task (today's run)
-                                     #   | ray: over `workers` Ray actors, one engine each (tasks/scale.py)
+                                     #   | ray: `workers` Ray actors, one engine each (tasks/runtime/ray_workers.py)
     workers: int = 2                 # ray: actors per stage (e.g. one per GPU of the cluster)
     address: str = ""                # ray: "" = a local Ray cluster; "auto" or host:port = a running one
     cpus_per_worker: float = 1.0     # ray: resources each actor requests
@@ -345,7 +345,7 @@ class AvrConfig:
     scale: ScaleConfig = field(default_factory=ScaleConfig)
     shard_size: int = 64             # prompts per committed shard of a long stage
     flow: str = "pipeline"           # what `avr run` runs: pipeline (everything) | signal (stage 1 +
-                                     #   learning signal + test-time scaling: flows/signal.py)
+                                     #   learning signal + test-time scaling: flows/learning_signal.py)
 
 
 class ConfigError(ValueError):
@@ -450,7 +450,7 @@ def validate(cfg: DictConfig) -> None:
          "required when scorer.kind=rules: the prompt file whose rows carry `constraints`")
     need(cfg.flow in ("pipeline", "signal"), "flow", "must be pipeline or signal")
     need(cfg.scale.engine in ("local", "ray"), "scale.engine", "must be local or ray")
-    # Ray actors that ask for no GPU see none (tasks/scale.py, no_gpu_env): a backend that wants
+    # Ray actors that ask for no GPU see none (tasks/runtime/ray_workers.py, no_gpu_env): a backend that wants
     # one must come with GPUs per actor, or it would silently run on the actors' CPUs.
     gpu_wanted = [k for k in ("generator", "scorer") if cfg[k].kind not in ("openai", "rules")
                   and (str(cfg[k].get("device", "auto")).startswith("cuda") or bool(cfg[k].get("gpus")))]

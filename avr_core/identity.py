@@ -57,7 +57,7 @@ def dataset_identity(dataset: str, revision: str | None = None) -> str:
 
 
 def _model_identity(ref: str, revision: str | None) -> str:
-    from avr_core.models import EMBEDDED_PREFIX, model_ref_problem, resolve_model_path
+    from avr_core.model_refs import EMBEDDED_PREFIX, model_ref_problem, resolve_model_path
 
     if ref.startswith(EMBEDDED_PREFIX):
         ref = resolve_model_path(ref)          # its converted directory: content, like any local path

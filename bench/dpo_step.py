@@ -607,7 +607,7 @@ def run_child(role: str, spec: dict, args, timeout: float) -> dict:
 
 
 def build_spec(args, workdir: Path) -> dict:
-    from avr_core.models import resolve_model_path
+    from avr_core.model_refs import resolve_model_path
     from avr_core.training.recipe import Stream
 
     n = (args.steps + 1) * args.batch_size          # one epoch: warm-up step + timed steps

@@ -31,7 +31,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from prefect import flow  # noqa: E402
 
 from avr_core.store import Store  # noqa: E402
-from tasks.common import STAGE_LOG, Spec, stage  # noqa: E402
+from tasks.runtime.ledger import STAGE_LOG, Spec, stage  # noqa: E402
 
 
 def _spec(cfg, i):

@@ -541,7 +541,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from avr_core.inputs import load_prompts
-    from avr_core.models import resolve_model_path
+    from avr_core.model_refs import resolve_model_path
 
     model_dir = resolve_model_path(args.model)
     records = [{**r, "answer": None} for r in load_prompts(args.prompts_file)]

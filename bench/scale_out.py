@@ -78,7 +78,7 @@ def main(argv=None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="avr-bench-scale-"))
     (tmp / "prompts.jsonl").write_text("".join(json.dumps({"id": f"p{j:03d}", "prompt": f"q{j:03d}"}) + "\n"
                                                for j in range(2 * args.shards)))
-    from tasks.scale import ensure_ray, settings
+    from tasks.runtime.ray_workers import ensure_ray, settings
 
     t0 = time.perf_counter()
     ensure_ray(settings({"engine": "ray", "workers": 2}))

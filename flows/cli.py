@@ -167,7 +167,7 @@ def _main(argv: list[str] | None = None) -> int:
         if not supervisor.is_worker():
             return supervisor.supervise(sys.argv[1:] if argv is None else list(argv))
         if cfg.flow == "signal":           # stage 1 + learning signal + test-time scaling (conf/signal.yaml)
-            from flows.signal import signal as flow
+            from flows.learning_signal import signal_run as flow
         else:
             from flows.pipeline import pipeline as flow
         with supervisor.worker():
@@ -291,27 +291,27 @@ def _compare(args) -> int:
 def _artifacts(args) -> int:
     import json
 
-    from avr_core import inspect
+    from avr_core import catalog
     from avr_core.store import Store
 
     store = Store(args.store or os.environ.get("AVR_STORE") or "./artifacts")
     try:
         _check_store(store, args.stage)
-        ref = inspect.resolve(store, args.key) if args.key else None
+        ref = catalog.resolve(store, args.key) if args.key else None
         if args.action in ("show", "lineage") and ref is None:
             raise ValueError(f"`avr artifacts {args.action}` needs a KEY")
     except ValueError as e:
         print(f"avr: error: {e}", file=sys.stderr)
         return 2
     if args.action == "list":
-        for r in inspect.list_rows(store, args.stage):
+        for r in catalog.list_rows(store, args.stage):
             print(f"{r['artifact']:40} {r['created']}  rows={r['rows']}  inputs={r['inputs']}")
     elif args.action == "show":
         print(json.dumps(store.manifest(ref), indent=2))
     elif args.action == "lineage":
-        print("\n".join(inspect.lineage(store, ref)))
+        print("\n".join(catalog.lineage(store, ref)))
     else:
-        problems = inspect.verify(store, ref)
+        problems = catalog.verify(store, ref)
         for line in problems:
             print(line)
         n = 1 if ref else len(store.list())
@@ -385,7 +385,7 @@ def _smoke_banner(root: str, rows: list[dict]) -> str | None:
 def _chat(args) -> int:
     # tqdm reads TQDM_DISABLE when first imported (below): no progress bar runs into the answer or trace
     os.environ.setdefault("TQDM_DISABLE", "1")
-    from avr_core.models import model_ref_problem
+    from avr_core.model_refs import model_ref_problem
 
     if problem := model_ref_problem(args.model):   # before loading anything
         print(f"avr: error: --model {args.model}: {problem}", file=sys.stderr)
@@ -393,7 +393,7 @@ def _chat(args) -> int:
     from avr_core.backends.base import SamplingParams
     from avr_core.backends.hf import HFGenerator
     from avr_core.inference import answer_prompts
-    from avr_core.models import resolve_model_path
+    from avr_core.model_refs import resolve_model_path
 
     if not 0 <= args.rounds <= 5:
         print("avr: error: --rounds must be in 0..5", file=sys.stderr)

@@ -21,10 +21,10 @@ from pydantic import Field
 from avr_core.config import load_config
 from avr_core.iterations import ALL_SLICES
 from flows.evaluate import evaluate, test_time_scaling
+from flows.learning_signal import signal_run
 from flows.params import RunParams, as_params
 from flows.pipeline import pipeline
 from flows.runs import check_schedule, finish_run, start_run
-from flows.signal import signal
 from flows.stage1 import stage1, synthesis
 from flows.stage2 import stage2
 
@@ -74,7 +74,7 @@ def deployments(preset: str = "tiny", overrides: list[str] = ()) -> list:
     Their parameters are `RunParams` (flows/params.py): the UI shows a typed form. With
     `iterate.continue_last=true` the nightly pipeline continues the chain of iterations in the
     store, so each night adds `iterate.count` iterations. A `flow: signal` preset has no stage 2, so
-    it gets no stage-2 or evaluation deployment; its `avr-<preset>` runs flows/signal.py."""
+    it gets no stage-2 or evaluation deployment; its `avr-<preset>` runs flows/learning_signal.py."""
     cfg = load_config(preset, list(overrides))
     check_schedule(OmegaConf.to_container(cfg, resolve=True))
     params = {"params": as_params(preset=preset, overrides=list(overrides)).model_dump()}
@@ -92,7 +92,7 @@ DESCRIPTION = {
                 "Nightly reruns reuse every cached stage; with continue_from=last each adds iterations. Artifacts: "
                 "per-stage counts, the wall-time plot, the per-iteration plot, the leaderboard, and `avr-compare` "
                 "(this run against the previous one). A preset with `flow: signal` (the signal preset) runs "
-                "stage 1, the learning signal and test-time scaling instead (flows/signal.py).",
+                "stage 1, the learning signal and test-time scaling instead (flows/learning_signal.py).",
     "avr-synthesis-run": "Stage-1 synthesis alone (respond, critique, refine, rm_score, select) with the seed policy "
                          "on one prompt slice: the quick one (tiny: a few minutes on CPU).",
     "avr-stage1-run": "Stage 1: synthesis, RSFT, synthesis with the RSFT policy, preference optimisation.",
@@ -112,7 +112,7 @@ def resume(flow_run_id: str) -> dict:
     with get_client(sync_client=True) as client:
         run = client.read_flow_run(UUID(flow_run_id))
         name = client.read_flow(run.flow_id).name
-    known = {f.name: f for f in (pipeline, signal, synthesis_run, stage1_run, stage2_run, evaluate_run)}
+    known = {f.name: f for f in (pipeline, signal_run, synthesis_run, stage1_run, stage2_run, evaluate_run)}
     if name not in known:
         raise ValueError(f"flow run {flow_run_id} is a {name!r} run; avr resume knows {sorted(known)}")
     given = dict(run.parameters)

@@ -13,14 +13,16 @@ from __future__ import annotations
 from prefect import flow
 
 from avr_core.store import ArtifactRef
-from tasks import evaluate as ev, scaling as sc, synthesis as t
+from tasks.evaluate import eval_answers, eval_prompts, judge, leaderboard
+from tasks.scaling import tts_answers, tts_curve
+from tasks.synthesis import prompts
 
 
 @flow(name="avr-test-time-scaling", log_prints=True)
 def test_time_scaling(cfg: dict, model: dict) -> ArtifactRef:
     """Answer + R rounds of critique/refine on the held-out prompts, every round scored -> the curve."""
-    heldout = t.prompts(cfg, "heldout")
-    return sc.tts_curve(cfg, sc.tts_answers(cfg, model, heldout))
+    heldout = prompts(cfg, "heldout")
+    return tts_curve(cfg, tts_answers(cfg, model, heldout))
 
 
 # Which answering mode and how many explicit rounds R each pipeline model is evaluated with.
@@ -34,12 +36,12 @@ def eval_modes(cfg: dict) -> dict[str, tuple[str, str, int]]:
 def evaluate(cfg: dict, models: dict[str, dict], run_id: str = "adhoc", iteration: int = 0) -> str:
     """Every model answers every eval prompt -> alpaca-eval judge -> metrics -> leaderboard row
     (of AvR iteration `iteration`)."""
-    prompts = ev.eval_prompts(cfg)
+    eval_set = eval_prompts(cfg)
     modes = {k: v for k, v in eval_modes(cfg).items() if k in models and k in cfg["eval"]["models"]}
     judged = {}
     for name, (_, mode, rounds) in modes.items():
-        answers = ev.eval_answers(cfg, models[name], name, mode, rounds, prompts)
-        judged[name] = ev.judge(cfg, answers, prompts)
-    board = ev.leaderboard(cfg, run_id, judged, {k: (v[0], v[2]) for k, v in modes.items()}, iteration)
+        answers = eval_answers(cfg, models[name], name, mode, rounds, eval_set)
+        judged[name] = judge(cfg, answers, eval_set)
+    board = leaderboard(cfg, run_id, judged, {k: (v[0], v[2]) for k, v in modes.items()}, iteration)
     print(f"leaderboard: {len(judged)} rows of iteration {iteration} added (the run's end shows them)")
     return board

@@ -15,7 +15,7 @@ import json
 from avr_core import iterations as core
 from avr_core.config import ConfigError
 from avr_core.store import ArtifactRef, Store
-from tasks.common import publish_plot
+from tasks.runtime import publish_plot
 from tasks.training import policy_of
 
 ITER = "iterations"

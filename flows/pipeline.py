@@ -4,18 +4,18 @@
     avr run --preset tiny
     avr run --preset tiny --iterations 2          # iterative AvR
 
-A preset with `flow: signal` (conf/signal.yaml) runs flows/signal.py instead, as `avr run` does:
+A preset with `flow: signal` (conf/signal.yaml) runs flows/learning_signal.py instead, as `avr run` does:
 the UI form offers every shipped preset on the pipeline deployment.
 """
 from __future__ import annotations
 
 from prefect import flow
 
-from flows import iterations as it
+from flows import iterations
 from flows.evaluate import evaluate, test_time_scaling
+from flows.learning_signal import signal_run
 from flows.params import RunParams, as_params
 from flows.runs import finish_run, release_all_engines, start_run
-from flows.signal import signal as signal_flow
 from flows.stage1 import learning_signal, stage1
 from flows.stage2 import stage2
 
@@ -25,20 +25,20 @@ from flows.stage2 import stage2
 def pipeline(params: RunParams = RunParams()) -> dict:  # noqa: B008 (Prefect parameter: the UI's run form)
     params = as_params(params)
     if params.config().flow == "signal":           # stage 1 + learning signal + test-time scaling, no stage 2
-        return signal_flow(params)                 # (a subflow run: its artifacts are on the avr-signal run)
+        return signal_run(params)                 # (a subflow run: its artifacts are on the avr-signal run)
     run, cfg = start_run(params)                   # validated, config saved, inputs checked: before any work
-    seed, iterations = it.start(cfg, run["prompt_rows"])   # the policy, or the last completed iteration's model
-    for t in iterations:
-        c = it.config_for(cfg, t)                  # iteration t: fresh prompt slices
+    seed, pending = iterations.start(cfg, run["prompt_rows"])   # the policy, or the last completed iteration's model
+    for t in pending:
+        c = iterations.config_for(cfg, t)          # iteration t: fresh prompt slices
         s1 = stage1(c, seed)                       # synthesis -> RSFT -> synthesis -> PO
-        signal = learning_signal(c, seed, s1["model"])
+        learned = learning_signal(c, seed, s1["model"])
         s2 = stage2(c, s1["model"])                # search -> thoughts -> CoT RSFT -> thought pairs -> PO
         tts = test_time_scaling(c, s1["model"])    # R = 0..5 refinement rounds at inference
         board = evaluate(c, {"seed": seed, "rsft": s1["rsft"], "stage1": s1["model"], "stage2": s2["model"]},
                          run["id"], t)
-        it.record(c, run, t, seed, s1, s2, signal)     # per-iteration table + plot (win rate, scorer score)
-        seed = it.next_seed(c, s1, s2)             # iteration t+1 starts from this iteration's model
+        iterations.record(c, run, t, seed, s1, s2, learned)     # per-iteration table + plot (win rate, scorer score)
+        seed = iterations.next_seed(c, s1, s2)             # iteration t+1 starts from this iteration's model
     return finish_run(run, cfg, {"stage1_synthesis": s1["rsft_data"], "stage1_pairs": s1["pairs"],
-                                 "stage1_model": s1["model_ref"], "learning_signal": signal,
+                                 "stage1_model": s1["model_ref"], "learning_signal": learned,
                                  "stage2_thoughts": s2["thoughts"], "stage2_pairs": s2["pairs"],
                                  "stage2_model": s2["model_ref"], "test_time_scaling": tts}, board)

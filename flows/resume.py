@@ -65,10 +65,10 @@ def read_record(store: Store, run_id: str) -> dict:
 def flow_of(record: dict, store: Store, run_id: str) -> tuple[Callable, dict]:
     """The flow the run ran and its parameters besides `params` (a synthesis run's split)."""
     from flows.deploy import evaluate_run, stage1_run, stage2_run, synthesis_run
+    from flows.learning_signal import signal_run
     from flows.pipeline import pipeline
-    from flows.signal import signal
 
-    known = {f.name: f for f in (pipeline, signal, synthesis_run, stage1_run, stage2_run, evaluate_run)}
+    known = {f.name: f for f in (pipeline, signal_run, synthesis_run, stage1_run, stage2_run, evaluate_run)}
     name = record.get("flow")
     if name is None:        # an older run: `avr run` ran the flow its config names
         text = store.fs.cat_file(store.path("runs", run_id, "config.yaml")).decode()

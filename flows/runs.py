@@ -17,19 +17,21 @@ from omegaconf import OmegaConf
 from avr_core import compare, identity
 from avr_core.config import ConfigError, load_config, to_yaml
 from avr_core.iterations import ALL_SLICES, check_slices
-from avr_core.models import model_ref_problem
+from avr_core.model_refs import model_ref_problem
 from avr_core.store import ArtifactRef, Store
 from flows import supervisor
 from flows.params import RunParams, as_params
-from tasks.common import STAGE_LOG, policy_identity, publish, publish_plot, scorer_identity
 from tasks.evaluate import validate_evalset
+from tasks.runtime import policy_identity, publish, publish_plot, scorer_identity
+from tasks.runtime.ledger import STAGE_LOG
+from tasks.runtime.skeleton import StageTask
 from tasks.synthesis import validate_prompts
 
 # The prompt slices `data.<split>` each `flow:` reads; a slice a flow never reads is not checked
 # (conf/signal.yaml has no stage 2: its stage2 slices are empty on purpose).
 SLICES_READ = {"pipeline": ALL_SLICES, "signal": ("stage1_sft", "stage1_po", "heldout")}
 # The training sections each `flow:` trains: only those have their `num_gpus` checked against this
-# machine's GPUs (flows/signal.py trains stage 1 only, so a stage-2 setting cannot refuse its run).
+# machine's GPUs (flows/learning_signal.py trains stage 1 only, so a stage-2 setting cannot refuse its run).
 TRAINED = {"pipeline": ("rsft", "po", "cot_sft", "cot_po"), "signal": ("rsft", "po")}
 
 
@@ -63,7 +65,7 @@ def preflight(cfg: dict, slices: tuple | None = None) -> int:
     n = validate_prompts(cfg)                          # hf://: loads the dataset (or its cache), so n is known
     # iteration 0 here; flows/iterations.py checks the later ones (their slices move)
     if slices is None:
-        extra = cfg["flow"] == "signal" and bool(cfg["data"].get("heldout_extra"))   # read by flows/signal.py
+        extra = cfg["flow"] == "signal" and bool(cfg["data"].get("heldout_extra"))   # read by flows/learning_signal.py
         slices = SLICES_READ[cfg["flow"]] + (("heldout_extra",) if extra else ())
     check_slices(cfg["data"], n, range(1), 0, slices,
                  cfg["data"]["prompts"])
@@ -207,9 +209,7 @@ def failure_line(exc: BaseException) -> str | None:
 
 
 def failed_stage(exc: BaseException) -> str | None:
-    """The stage task (tasks/common.py StageTask) the exception came out of, from its traceback."""
-    from tasks.common import StageTask
-
+    """The stage task (tasks/runtime/skeleton.py StageTask) the exception came out of, from its traceback."""
     tb, name = exc.__traceback__, None
     while tb is not None:
         if tb.tb_frame.f_code is StageTask.__call__.__code__:
@@ -270,7 +270,7 @@ def finish_run(run: dict, cfg: dict, outputs: dict[str, ArtifactRef], leaderboar
                "outputs": {k: {"ref": str(v), "path": v.path, "counts": manifests[k]["counts"],
                                "rows": manifests[k]["rows"], "result": manifests[k].get("result")}
                            for k, v in outputs.items()}}
-    from avr_core.inspect import recompute_reason
+    from avr_core.catalog import recompute_reason
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(run["started"]))   # compare with earlier runs only
     for r in STAGE_LOG:   # why each computed stage could not come from cache
         if not r["cached"] and "why" not in r:

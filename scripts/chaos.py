@@ -56,7 +56,7 @@ def build_model(path: Path) -> str:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from avr_core.models import resolve_model_path
+    from avr_core.model_refs import resolve_model_path
 
     tok = AutoTokenizer.from_pretrained(resolve_model_path("embedded:smollm2-135m-instruct"))
     torch.manual_seed(0)
@@ -337,7 +337,7 @@ def chaos(workdir: Path, cfg_path: Path, prefect: bool, api_url: str, kills: int
 # -- checking ---------------------------------------------------------------------------------------
 def compare(ref_root: Path, chaos_root: Path, events: list[dict] | None = None) -> tuple[list[str], dict]:
     """Problems (empty: the chaos run equals the reference) and a few figures."""
-    from avr_core.inspect import verify
+    from avr_core.catalog import verify
     from avr_core.store import Store
 
     problems, figures = [], {}

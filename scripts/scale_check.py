@@ -1,6 +1,6 @@
 """Issue 15's end-to-end check on this machine (scripts/scale_check.sh runs it; <= 10 min on 2 cores).
 
-1. Scale-out (item 2): tests/flows/test_scale_out.py -- the real `respond` stage, 8 shards, on a
+1. Scale-out (item 2): tests/system/flows/test_scale_out.py -- the real `respond` stage, 8 shards, on a
    local Ray cluster with 2 worker processes: shards on both workers, the artifact byte-identical
    to the sequential run's, a worker killed mid-shard costs that shard once.
 2. The store on S3 (item 3): moto's S3 server on 127.0.0.1; TWO processes start the same stage-1
@@ -43,7 +43,7 @@ def child(root: str, model: str) -> None:
     import tasks.training as tr
     from avr_core.config import load_config
     from flows.stage1 import synthesis
-    from tasks.common import STAGE_LOG
+    from tasks.runtime.ledger import STAGE_LOG
     from tests.fakes import FakeGenerator, FakeScorer
 
     # Synthesis by the scripted generator and scorer of the flow tests (tests/fakes.py): a tiny
@@ -146,11 +146,11 @@ def check_s3(work: Path) -> str:
 def check_ray(work: Path) -> str:
     report = work / "ray.json"
     env = {**os.environ, "AVR_SCALE_REPORT": str(report), "OMP_NUM_THREADS": "1"}
-    test = "tests/flows/test_scale_out.py"
+    test = "tests/system/flows/test_scale_out.py"
     p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "", test],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=420)
     if p.returncode != 0:
-        raise AssertionError(f"tests/flows/test_scale_out.py failed:\n{p.stdout[-4000:]}")
+        raise AssertionError(f"tests/system/flows/test_scale_out.py failed:\n{p.stdout[-4000:]}")
     r = json.loads(report.read_text())
     print(f"ray: 8 shards on 2 workers {r['shards_per_worker']}, byte-identical to the sequential run; "
           f"killed worker's shard started {r['killed_shard_starts']}x, every other shard once", flush=True)

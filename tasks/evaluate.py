@@ -22,7 +22,7 @@ from avr_core.evaluation.evalset import load_evalset, resolve_evalset
 from avr_core.evaluation.judge import annotate, judge_answers, model_outputs, reference_outputs, write_judge_config
 from avr_core.inference import eval_answers as eval_answers_core
 from avr_core.store import ArtifactRef, file_digest
-from tasks.common import Backend, Output, Spec, logger, model_artifacts, policy_identity, publish, stage, store_of
+from tasks.runtime import Backend, Output, Spec, logger, model_artifacts, policy_identity, publish, stage, store_of
 from tasks.synthesis import resolve_data_path
 
 SMOKE_TITLE = ("SMOKE RUN (tiny preset): 135M models judged by a 135M local judge -- shows the machinery "
@@ -116,7 +116,7 @@ def _tokenizer(policy: dict):
     try:
         from transformers import AutoTokenizer
 
-        from avr_core.models import resolve_model_path
+        from avr_core.model_refs import resolve_model_path
         return AutoTokenizer.from_pretrained(resolve_model_path(policy["path"]))
     except Exception:   # e.g. an OpenAI-served model with no local files: lengths in characters only
         return None

@@ -11,7 +11,8 @@ from avr_core.config import resolve_max_new_tokens
 from avr_core.scaling import plot_scaling, scaling_table, scored_rounds, to_csv, to_markdown
 from avr_core.scorers import make_scorer
 from avr_core.store import ArtifactRef, Store
-from tasks.common import (
+from tasks.evaluate import SMOKE_LABEL, smoke_title
+from tasks.runtime import (
     Backend,
     Output,
     Spec,
@@ -22,7 +23,6 @@ from tasks.common import (
     scorer_identity,
     stage,
 )
-from tasks.evaluate import SMOKE_LABEL, smoke_title
 
 
 def tts_answers_spec(cfg, policy, prompts) -> Spec:

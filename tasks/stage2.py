@@ -15,7 +15,7 @@ from avr_core.search import SearchConfig, ThoughtRules, greedy_search, long_thou
 from avr_core.selection import ThoughtPairRules, thought_pairs as pair_thoughts
 from avr_core.store import ArtifactRef, Store
 from avr_core.thought_sampling import sample_thoughts as sample_thoughts_core
-from tasks.common import Backend, Output, Spec, model_artifacts, policy_identity, publish_plot, scorer_identity, stage
+from tasks.runtime import Backend, Output, Spec, model_artifacts, policy_identity, publish_plot, scorer_identity, stage
 
 
 def search_spec(cfg, policy, prompts) -> Spec:

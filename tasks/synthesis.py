@@ -1,7 +1,7 @@
 """Stage-1 synthesis tasks (docs/DESIGN.md steps 1-5): thin wrappers that move artifact references.
 
 Each stage: a spec (its hashed config section and inputs) and a body that reads the input
-artifact and runs the `avr_core` round shard by shard; the skeleton in `tasks/common.py` does
+artifact and runs the `avr_core` round shard by shard; the skeleton in `tasks/runtime/skeleton.py` does
 the rest (cache check, lock, input verification, manifest, publishing).
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ from avr_core.prompts import CONVERSATION_JUDGES
 from avr_core.scorers import make_scorer
 from avr_core.selection import SelectRules, rsft_mix, select as select_records
 from avr_core.store import ArtifactRef, file_digest
-from tasks.common import Backend, Lazy, Output, Spec, model_artifacts, policy_identity, scorer_identity, stage
+from tasks.runtime import Backend, Lazy, Output, Spec, model_artifacts, policy_identity, scorer_identity, stage
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -8,29 +8,20 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# Prefect task retries without their production delay (read when tasks.common is first imported)
+# Prefect task retries without their production delay (read when tasks.runtime is first imported)
 os.environ.setdefault("AVR_RETRY_DELAY_S", "0")
 
 
-# The system lane: end-to-end checks that each take minutes because they start real servers, a
-# browser, vLLM engines, Ray or several DeepSpeed processes, or run whole pipelines. They are not
-# part of the everyday full suite (`pytest`, deselected by addopts in pyproject.toml) and run as
-# `pytest -m system`; CI runs both. Listed here, by file, so the lane is visible in one place.
-SYSTEM_TESTS = (
-    "tests/test_chaos.py", "tests/test_e2e_pipeline.py", "tests/test_e2e_pipeline_s3.py",
-    "tests/backends/test_vllm_cpu.py", "tests/backends/test_vllm_rm.py",
-    "tests/backends/test_vllm_judge.py", "tests/backends/test_vllm_reload.py",
-    "tests/ui/", "tests/flows/test_scale_out.py", "tests/flows/test_deployments.py",
-    "tests/training/test_multirank.py", "tests/training/test_multinode.py", "tests/training/test_launcher.py",
-    "tests/training/test_smollm2.py", "tests/training/test_kill_resume.py",
-)
+# The system lane is the directory tests/system/: end-to-end checks that each take minutes because
+# they start real servers, a browser, vLLM engines, Ray or several DeepSpeed processes, or run whole
+# pipelines. They are not part of the everyday full suite (`pytest`, deselected by addopts in
+# pyproject.toml) and run as `pytest -m system`; CI runs both.
+SYSTEM = ROOT / "tests" / "system"
 
 
 def pytest_collection_modifyitems(config, items):
-    root = str(config.rootpath)
     for item in items:
-        rel = str(item.path)[len(root) + 1:]
-        if rel.startswith(SYSTEM_TESTS):
+        if SYSTEM in Path(item.path).parents:
             item.add_marker(pytest.mark.system)
             item.add_marker(pytest.mark.slow)
 
@@ -57,7 +48,6 @@ def _avr_server(tmp_path_factory, database_url: str | None):
     import subprocess
     import sys
     import time
-    from pathlib import Path
 
     import httpx
 

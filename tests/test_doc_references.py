@@ -26,7 +26,7 @@ Placeholders are skipped: a path token that continues with `<`, `*`
 or `{` (a template, a glob) is not checked.
 
 Also: docs/DESIGN.md names every stage task, i.e. every function in tasks/*.py decorated with
-a function of tasks/common.py (`@stage(...)`), as `tasks/<file>.py::<function>` (the list is
+a function of tasks/runtime/skeleton.py (`@stage(...)`), as `tasks/<file>.py::<function>` (the list is
 read from the code, so a new or
 renamed stage task fails here until the design page follows).
 """
@@ -137,9 +137,9 @@ def test_every_reference_to_a_repository_file_resolves():
 
 
 def stage_decorators() -> set[str]:
-    """The decorators that make a stage task: the module-level functions of tasks/common.py
+    """The decorators that make a stage task: the module-level functions of tasks/runtime/skeleton.py
     (`stage` today; read from the code so that a renamed decorator is still found)."""
-    tree = ast.parse((ROOT / "tasks" / "common.py").read_text(encoding="utf-8"))
+    tree = ast.parse((ROOT / "tasks" / "runtime" / "skeleton.py").read_text(encoding="utf-8"))
     return {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
 
 
@@ -148,8 +148,6 @@ def stage_tasks() -> list[str]:
     `stage_decorators()`, with or without arguments (Prefect's plain `@task` is not a stage)."""
     decorators, found = stage_decorators(), []
     for f in sorted((ROOT / "tasks").glob("*.py")):
-        if f.name == "common.py":
-            continue
         for node in ast.parse(f.read_text(encoding="utf-8")).body:
             if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 continue

@@ -71,7 +71,7 @@ def test_a_planted_key_reaches_no_log_artifact_store_file_or_saved_config(tmp_pa
     from avr_core.backends.openai_api import OpenAIGenerator
     from avr_core.store import Store
     from flows.runs import start_run
-    from tasks.common import publish
+    from tasks.runtime import publish
 
     key = f"sk-planted-{uuid.uuid4().hex}"                 # OpenAI-shaped, in a KEY-named variable
     judge_key = uuid.uuid4().hex * 2                       # no tell-tale shape: secret because the config names it
@@ -219,7 +219,7 @@ def tiny_model(tmp_path_factory):
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from avr_core.models import resolve_model_path
+    from avr_core.model_refs import resolve_model_path
 
     tok = AutoTokenizer.from_pretrained(resolve_model_path("embedded:smollm2-135m-instruct"))
     torch.manual_seed(0)

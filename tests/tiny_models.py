@@ -10,7 +10,7 @@ def tiny_llama(path: str, seed: int = 0) -> str:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from avr_core.models import resolve_model_path
+    from avr_core.model_refs import resolve_model_path
 
     tok = AutoTokenizer.from_pretrained(resolve_model_path("embedded:smollm2-135m-instruct"))
     torch.manual_seed(seed)

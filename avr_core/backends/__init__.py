@@ -1,7 +1,7 @@
 """Backend factory: config section -> Generator / Scorer, cached in this process.
 
 Loading a model costs seconds to minutes, so an instance is cached per (kind, model, settings).
-At the end of every stage the skeleton calls `release()` (tasks/common.py::run_stage): every
+At the end of every stage the skeleton calls `release()` (tasks/runtime/skeleton.py::run_stage): every
 engine is closed (vLLM engine processes end, HF models are dropped, accelerator memory is
 emptied), unless its section says `keep_engine: true`. Kept engines live for the whole run:
 
@@ -25,7 +25,7 @@ import time
 from typing import Any, Callable
 
 from avr_core.backends.base import BackendStats, BackendUnavailable, Conversation, Generator, SamplingParams, Scorer
-from avr_core.models import resolve_model_path
+from avr_core.model_refs import resolve_model_path
 
 __all__ = ["BackendStats", "BackendUnavailable", "Generator", "SamplingParams", "Scorer",
            "make_generator", "make_scorer", "clear_cache", "release", "used"]
@@ -55,7 +55,7 @@ SCORERS = {"hf_rm": "avr_core.backends.hf:HFRewardScorer",
 JUDGES = ("judge", "vllm_judge")     # scorers that read a rating off a judge prompt (they need a `frame`)
 
 # (factory, config section, registry): a stage whose code reaches a factory gets the class its
-# config's `kind` selects added to its code version (tasks/common.py, stage_code).
+# config's `kind` selects added to its code version (tasks/runtime/keys.py, stage_code).
 REGISTRIES = [((__name__, "make_generator"), "generator", GENERATORS),
               ((__name__, "make_scorer"), "scorer", SCORERS)]
 
@@ -309,7 +309,7 @@ def note_used(role: str, device: str, release_fn: Callable[[], None] | None = No
 def builds() -> list[dict]:
     """Every model backend this process has built, in order ({"role", "kind", "seconds"}: a
     vLLM engine's start, an HF model's load). A run's start-up cost: what kept engines
-    (`keep_engine`) save shows as fewer builds (tasks/common.py logs them per stage)."""
+    (`keep_engine`) save shows as fewer builds (tasks/runtime/ledger.py logs them per stage)."""
     return list(_BUILDS)
 
 

@@ -156,7 +156,7 @@ class EnginePool:
         `drain_timeout_s`: after one engine fails, how long the others' replies are waited for
         before the pool is closed instead (`_collect`)."""
         ctx = mp.get_context("spawn")
-        # ONE stats object for the pool's life, updated in place: callers (tasks.common.Backend)
+        # ONE stats object for the pool's life, updated in place: callers (tasks.runtime.Backend)
         # tell backends apart by the identity of their stats object.
         self.stats = BackendStats()
         self._latest: dict[int, dict] = {}     # engine -> its latest cumulative counters

@@ -1,6 +1,6 @@
 """`vllm_judge` scorer: the `judge` scorer's expected rating, read off a vLLM engine.
 
-The same number as `avr_core.backends.hf.JudgeScorer` (tests/backends/test_vllm_judge.py): the
+The same number as `avr_core.backends.hf.JudgeScorer` (tests/system/backends/test_vllm_judge.py): the
 caller's judge prompt (`frame`) ends right before the rating digit, the conversation is rendered
 here with the model's chat template and cut on the LEFT to `max_length` tokens (the rating
 position stays at the end), and the score is sum_k k * p(k) over the tokens "1".."9",

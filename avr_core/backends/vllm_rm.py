@@ -7,7 +7,7 @@ The conversation is rendered and tokenised HERE with the model's own chat templa
 counted in `stats.truncated_inputs`), and vLLM gets token ids, so both scorers see the same
 tokens. vLLM's classify task applies a sigmoid to a one-label head (0.7223 = sigmoid(0.9540) on
 a SmolLM2 score head): the request switches the activation off (`use_activation=False`), so the
-score is the raw logit, the same number `HFRewardScorer` returns (tests/backends/test_vllm_rm.py: equal to 1e-3).
+score is the raw logit, the same number `HFRewardScorer` returns (tests/system/backends/test_vllm_rm.py: equal to 1e-3).
 
     >>> rm = VLLMRewardScorer("/models/skywork-rm-27b", dtype="bfloat16",          # doctest: +SKIP
     ...                       tensor_parallel_size=2, data_parallel_size=0)         # every GPU

@@ -293,7 +293,7 @@ def _load(model_name: str, device: str = "auto"):
 
     key = f"{model_name}@{device}"
     if key not in _MODELS:
-        from avr_core.models import resolve_model_path
+        from avr_core.model_refs import resolve_model_path
 
         path = resolve_model_path(model_name)
         free_accelerator_for("judge", "local judge", device, "eval.judge.device")

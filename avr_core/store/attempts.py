@@ -41,7 +41,7 @@ from avr_core.store.objects import (
 )
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2    # part of every cache key; 2: code versions by definition, not by file (issue 33)
 ATTEMPTS = "attempts"
 log = logging.getLogger("avr")
 

@@ -1,6 +1,6 @@
 """Backends import nothing from the method side: every module under avr_core/backends/ is
 parsed with `ast` and each import of an `avr_core` module (absolute or relative, at module
-level or inside a function) must be a backend module, `avr_core.models` (model paths),
+level or inside a function) must be a backend module, `avr_core.model_refs` (model paths),
 `avr_core.hub` (hub mode, fetching weights) or `avr_core.redact` (secret masking in log lines:
 infrastructure, no method)."""
 import ast
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 BACKENDS = Path(__file__).resolve().parents[2] / "avr_core" / "backends"
-ALLOWED = ("avr_core.backends", "avr_core.models", "avr_core.redact",
+ALLOWED = ("avr_core.backends", "avr_core.model_refs", "avr_core.redact",
            "avr_core.inputs",   # reading a validated prompt file (the rules scorer's constraints): data, no method
            "avr_core.hub")      # the hub mode and fetching a model before an engine starts: infrastructure
 

@@ -1,5 +1,5 @@
 """Device settings (avr_core/backends/device.py), engine processes (engine_pool.py) and the
-release of every backend at the end of a stage (tasks/common.py::release_engines), on CPU.
+release of every backend at the end of a stage (tasks/runtime/skeleton.py::release_engines), on CPU.
 
 The CUDA branches are driven with a pretend GPU count and free memory: what is tested is the
 decision (one GPU, device_map=auto over the allowed GPUs, an error), not CUDA itself
@@ -178,7 +178,7 @@ def tiny_llama(tmp_path_factory):
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from avr_core.models import resolve_model_path
+    from avr_core.model_refs import resolve_model_path
 
     tok = AutoTokenizer.from_pretrained(resolve_model_path("embedded:smollm2-135m-instruct"))
     torch.manual_seed(0)
@@ -195,7 +195,7 @@ HELD: list = []
 
 
 def _stage(name: str):
-    from tasks.common import Spec, stage
+    from tasks.runtime import Spec, stage
 
     @stage(lambda cfg: Spec(name, {"x": cfg["x"]}), retries=0)
     def body(out, cfg: dict):
@@ -210,7 +210,7 @@ def _stage(name: str):
 
 @pytest.fixture
 def no_publish(monkeypatch):
-    import tasks.common as common
+    import tasks.runtime.skeleton as common
     monkeypatch.setattr(common, "publish_stage", lambda *a: None)   # no Prefect API needed
 
 
@@ -264,7 +264,7 @@ def test_stage_end_releases_models_and_records_their_device(tiny_llama, tmp_path
 @pytest.mark.slow
 @pytest.mark.slow
 def test_a_failing_stage_releases_too(tiny_llama, tmp_path, no_publish):
-    from tasks.common import Spec, stage
+    from tasks.runtime import Spec, stage
 
     backends.clear_cache()
     policy = {"path": tiny_llama, "dtype": "float32", "trust_remote_code": False}

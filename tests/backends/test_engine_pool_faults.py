@@ -52,7 +52,7 @@ class FakeEchoEngine:
 
 
 class PoolGenerator:
-    """The pooled `VLLMGenerator`'s shape without vLLM: what `tasks.common.Backend` and
+    """The pooled `VLLMGenerator`'s shape without vLLM: what `tasks.runtime.Backend` and
     `VLLMJudgeScorer` use of it."""
 
     def __init__(self, pool):
@@ -85,7 +85,7 @@ def _gone(procs) -> bool:
 def test_counts_are_exact_per_shard_and_per_stage():
     """What Output.shards commits: per-shard deltas of Backend.stats(), here over two stages
     sharing one kept engine pool (a new Backend per stage), with uneven shards (one engine idle)."""
-    from tasks.common import Backend
+    from tasks.runtime import Backend
 
     pool = EnginePool(FAKE, {}, groups=[[], []])
     try:
@@ -258,8 +258,8 @@ def _keep(key: str) -> FakeKeptEngine:
 
 
 def test_a_failed_stage_releases_its_kept_engines(tmp_path, monkeypatch, caplog):
-    import tasks.common as common
-    from tasks.common import Spec, stage
+    import tasks.runtime.skeleton as common
+    from tasks.runtime import Spec, stage
 
     monkeypatch.setattr(common, "publish_stage", lambda *a: None)   # no Prefect API needed
     backends.clear_cache()

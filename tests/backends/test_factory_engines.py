@@ -1,6 +1,6 @@
 """The backend factory keeps engines alive across policy changes, trainings and role switches
 (issue 31), and never hands out a dead one. Control flow only: the engines here are fakes (named
-so) that record what was asked of them; tests/backends/test_vllm_reload.py runs the real vLLM
+so) that record what was asked of them; tests/system/backends/test_vllm_reload.py runs the real vLLM
 engine through the same factory."""
 from __future__ import annotations
 

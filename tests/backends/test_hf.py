@@ -12,7 +12,7 @@ Q = [[{"role": "user", "content": "What is 2+2?"}], [{"role": "user", "content":
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from avr_core.models import resolve_model_path
+    from avr_core.model_refs import resolve_model_path
     return resolve_model_path("embedded:smollm2-135m-instruct")
 
 

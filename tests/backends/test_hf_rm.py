@@ -17,7 +17,7 @@ CONVS = [[{"role": "user", "content": q}, {"role": "assistant", "content": a}]
 def tok():
     from transformers import AutoTokenizer
 
-    from avr_core.models import resolve_model_path
+    from avr_core.model_refs import resolve_model_path
     return AutoTokenizer.from_pretrained(resolve_model_path("embedded:smollm2-135m-instruct"))
 
 

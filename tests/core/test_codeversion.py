@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 
 import avr_core.codeversion as cv
+from avr_core.catalog import recompute_reason
 from avr_core.config import load_config
-from avr_core.inspect import recompute_reason
 from avr_core.store import Store
-from tasks.common import StageTask, stage_code
+from tasks.runtime.keys import stage_code
+from tasks.runtime.skeleton import StageTask
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -45,13 +46,13 @@ def _forget() -> None:
 def _stages() -> dict[str, str]:
     """Every stage task of the product, as its body's entry ("module:function")."""
     import tasks.evaluate
+    import tasks.learning_signal
     import tasks.scaling
-    import tasks.signal
     import tasks.stage2
     import tasks.synthesis
     import tasks.training
     out = {}
-    for mod in (tasks.synthesis, tasks.training, tasks.signal, tasks.stage2, tasks.scaling, tasks.evaluate):
+    for mod in (tasks.synthesis, tasks.training, tasks.learning_signal, tasks.stage2, tasks.scaling, tasks.evaluate):
         for v in vars(mod).values():
             if isinstance(v, StageTask) and getattr(v, "body", None) is not None:
                 out[v.name] = f"{v.body.__module__}:{v.body.__name__}"
@@ -108,7 +109,8 @@ def test_editing_the_openai_backend_recomputes_only_runs_that_used_it(tmp_path):
     openai = load_config("tiny", ["generator.kind=openai", "generator.base_url=http://127.0.0.1:1/v1"])
     hf = load_config("tiny", [])
     before = {"openai": _versions(root, openai), "hf": _versions(root, hf)}
-    _edit(root, "avr_core/backends/openai_api.py", "class OpenAIGenerator:", "class OpenAIGenerator:  # edited")
+    _edit(root, "avr_core/backends/openai_api.py", "class OpenAIGenerator:",
+          "class OpenAIGenerator:\n    edited = True\n")
     after = {"openai": _versions(root, openai), "hf": _versions(root, hf)}
     assert after["hf"] == before["hf"]
     changed = {s for s in before["openai"] if before["openai"][s] != after["openai"][s]}
@@ -121,13 +123,35 @@ def test_editing_the_leaderboard_recomputes_no_stage(tmp_path, tiny):
     root = _copy(tmp_path)
     before = _versions(root, tiny)
     p = root / "avr_core/evaluation/leaderboard.py"
-    p.write_text(re.sub(r"^(def .*:)$", r"\1  # edited", p.read_text(), flags=re.M))   # every function
-    assert p.read_text().count("# edited") >= 2
+    p.write_text(re.sub(r"^(def .*:)$", r"\1\n    edited = True", p.read_text(), flags=re.M))   # every function
+    assert p.read_text().count("edited = True") >= 2
     _forget()
     assert _versions(root, tiny) == before
     # ...while the same edit to the code a generation stage runs does change it (the test can fail)
-    _edit(root, "avr_core/synthesis.py", "def respond(", "def respond(  # edited\n")
+    _edit(root, "avr_core/synthesis.py", "def respond(", "def respond(*_edited, ")
     assert _versions(root, tiny)["respond"] != before["respond"]
+
+
+@pytest.mark.slow
+def test_keys_survive_a_pure_rename_and_comments_but_not_an_edit(tmp_path, tiny):
+    """Issue 33: a module renamed (its importers updated) and a comment added keep every stage's code
+    version; a change to what runs does not."""
+    root = _copy(tmp_path)
+    before = _versions(root, tiny)
+    renamed = "prompt_texts"                        # avr_core/prompts.py becomes avr_core/<renamed>.py
+    (root / "avr_core" / "prompts.py").rename(root / "avr_core" / f"{renamed}.py")      # a pure rename
+    for f in root.rglob("*.py"):
+        text = f.read_text()
+        new = re.sub(r"\bavr_core\.prompts\b", f"avr_core.{renamed}", text)
+        new = re.sub(r"from avr_core import (.*)\bprompts\b", rf"from avr_core import \1{renamed} as prompts", new)
+        if new != text:
+            f.write_text(new)
+    _edit(root, "avr_core/synthesis.py", "def respond(", "# a comment a reviewer asked for\ndef respond(")
+    _forget()
+    assert _versions(root, tiny) == before
+    _edit(root, f"avr_core/{renamed}.py", "Be as objective as possible.", "Be as fair as you can.")
+    after = _versions(root, tiny)
+    assert after["critique"] != before["critique"] and after["respond"] == before["respond"]
 
 
 def test_a_training_stage_covers_the_subprocess_it_launches(tiny):

@@ -86,7 +86,7 @@ def test_avr_store_env(monkeypatch):
 
 
 def test_ray_actors_without_gpus_refuse_a_backend_that_asks_for_one():
-    # review D2: a Ray actor with num_gpus=0 sees no GPU (tasks/scale.py no_gpu_env)
+    # review D2: a Ray actor with num_gpus=0 sees no GPU (tasks/runtime/ray_workers.py no_gpu_env)
     with pytest.raises(ConfigError, match="scale.gpus_per_worker"):
         load_config("tiny", ["scale.engine=ray", "generator.kind=vllm", "generator.gpus=[0]"])
     load_config("tiny", ["scale.engine=ray", "generator.kind=vllm", "generator.gpus=[0]", "scale.gpus_per_worker=1"])

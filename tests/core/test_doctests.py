@@ -15,7 +15,7 @@ MODULES = sorted(m.name for m in pkgutil.walk_packages(avr_core.__path__, "avr_c
 # Modules known to carry runnable examples: guards the discovery itself (a walk that found nothing would pass).
 KNOWN = {"avr_core.evaluation.evalset", "avr_core.evaluation.judge", "avr_core.evaluation.leaderboard",
          "avr_core.evaluation.metrics", "avr_core.parsing", "avr_core.prompts", "avr_core.scaling",
-         "avr_core.signal", "avr_core.store", "flows.runs"}
+         "avr_core.learning_signal", "avr_core.store", "flows.runs"}
 
 
 def _import(name: str):

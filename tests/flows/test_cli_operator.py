@@ -83,7 +83,7 @@ class _Fake:
 
 def test_chat_show_trace_labels_every_step(monkeypatch, capsys):
     import avr_core.backends.hf as hf
-    import avr_core.models as models
+    import avr_core.model_refs as models
 
     monkeypatch.setattr(models, "resolve_model_path", lambda ref: ref)
     monkeypatch.setattr(hf, "HFGenerator", lambda path: _Fake())

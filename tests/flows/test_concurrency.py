@@ -30,7 +30,7 @@ WAITING = "waiting for another process computing"
 def _fake_stage():
     from collections import Counter
 
-    from tasks.common import Spec, stage
+    from tasks.runtime import Spec, stage
 
     def fake_slow_spec(cfg):
         return Spec("fake_slow", {"x": cfg["x"]})
@@ -141,7 +141,7 @@ def calls(tmp_path, x) -> list[tuple[int, int]]:
 
 
 def check_artifact(root, ref: str, x: int):
-    from avr_core.inspect import verify
+    from avr_core.catalog import verify
     from avr_core.store import Store
 
     store = Store(str(root))
@@ -154,7 +154,7 @@ def check_artifact(root, ref: str, x: int):
 
 @pytest.mark.slow
 def test_same_stage_same_config_computes_once_and_the_other_waits_and_reuses(tmp_path, env):
-    from avr_core.inspect import verify
+    from avr_core.catalog import verify
     from avr_core.store import Store
 
     root, c = tmp_path / "store", cfg(tmp_path, tmp_path / "store", 2, gate="go")

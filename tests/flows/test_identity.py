@@ -5,7 +5,7 @@ A model or dataset given by NAME enters the cache key with its revision or a con
 and sizes of its weights, a hub id by the commit sha its snapshot resolves to (offline: the local
 HF cache), an `hf://` prompt set the same way. Ray workers recompute code version, package
 versions and model identities on their node and refuse their shards on any difference
-(tasks/scale.py)."""
+(tasks/runtime/ray_workers.py)."""
 from __future__ import annotations
 
 import json
@@ -90,7 +90,7 @@ def test_a_copy_elsewhere_is_the_same_model_and_a_repointed_path_is_not(tmp_path
 
 
 def test_the_embedded_model_is_keyed_by_its_directory_content():
-    from avr_core.models import resolve_model_path
+    from avr_core.model_refs import resolve_model_path
 
     got = model_identity("embedded:smollm2-135m-instruct")
     assert got == "sha256:" + identity.local_digest(resolve_model_path("embedded:smollm2-135m-instruct"))
@@ -151,7 +151,7 @@ def test_hf_prompts_are_keyed_by_the_dataset_commit(tmp_path):
 
 # -- workers -----------------------------------------------------------------------------------
 def test_mismatch_is_one_line_naming_host_field_and_both_values():
-    from tasks.scale import mismatch
+    from tasks.runtime.ray_workers import mismatch
 
     driver = {"code": "3f0c9a41be22", "torch": "2.6.0", "transformers": "4.57.1", "vllm": None,
               "model org/tiny": f"hf:{SHA_A}"}
@@ -164,7 +164,7 @@ def test_mismatch_is_one_line_naming_host_field_and_both_values():
 
 
 def test_worker_computes_the_drivers_environment_and_refuses_on_a_difference(tmp_path):
-    from tasks.scale import Expect, WorkerMismatch, _Worker, environment
+    from tasks.runtime.ray_workers import Expect, WorkerMismatch, _Worker, environment
 
     model = _model_dir(tmp_path / "m")
     expect = Expect("tasks.synthesis:respond", {"generator": {"kind": "hf"}}, models=((str(model), None),))
@@ -187,7 +187,7 @@ def test_worker_computes_the_drivers_environment_and_refuses_on_a_difference(tmp
 def test_ray_workers_on_other_code_refuse_before_any_shard(tmp_path):
     """Real Ray actors; the driver's expectation carries another code version (as a node on
     another commit would differ): no shard is dispatched or committed, one line says why."""
-    from tasks.scale import Expect, WorkerMismatch, ensure_ray, environment, run_on_ray, settings
+    from tasks.runtime.ray_workers import Expect, WorkerMismatch, ensure_ray, environment, run_on_ray, settings
 
     scale = settings({"engine": "ray", "workers": 2})
     ray = ensure_ray(scale)

@@ -6,12 +6,12 @@ and a generation stage whose *policy* is a damaged trained model."""
 import pytest
 
 import tasks.evaluate as ev
+import tasks.learning_signal as sg
 import tasks.scaling as sc
-import tasks.signal as sg
 import tasks.synthesis as syn
 import tasks.training as tr
 from avr_core.store import Store
-from tasks.common import InputIntegrityError
+from tasks.runtime.skeleton import InputIntegrityError
 
 
 def artifact(store: Store, stage: str, records: dict[str, list[dict]], files: dict[str, bytes] | None = None):

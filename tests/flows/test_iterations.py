@@ -8,14 +8,14 @@ import json
 import pytest
 
 import flows.pipeline as fp
-from avr_core import compare, inspect
+from avr_core import catalog, compare
 from avr_core.config import ConfigError
 from avr_core.evaluation import leaderboard as lb
 from avr_core.store import Store
 from flows import iterations as it
 from flows.cli import main
 from flows.params import RunParams
-from tasks.common import policy_identity
+from tasks.runtime import policy_identity
 from tasks.training import policy_of
 
 SLICES = ("stage1_sft", "stage1_po", "stage2", "stage2_po")
@@ -96,7 +96,7 @@ def test_iterations_continue_from_the_last_model_on_fresh_prompts(tmp_path, fake
 
     # lineage of the newest model goes back through every iteration to the seed
     newest = store.ref(*it.completed(store, _chain(store))[2]["stage1_model"].split("/", 1))
-    lines = inspect.lineage(store, newest)
+    lines = catalog.lineage(store, newest)
     assert sum(line.strip().startswith("po/") for line in lines) == 3
     assert "policy=embedded:smollm2-135m-instruct" in lines[-1]
 

@@ -1,6 +1,6 @@
 """Preflight checks every prompt slice the run's flow reads, iteration 0 included, against the
 prompt file, naming the key; and every preset the UI form offers runs the flow it says (the
-`signal` preset: flows/signal.py, from the pipeline deployment too)."""
+`signal` preset: flows/learning_signal.py, from the pipeline deployment too)."""
 import json
 
 import pytest
@@ -57,7 +57,7 @@ def test_signal_is_not_refused_for_the_stage2_slices_it_never_reads(tmp_path):
 def test_the_form_offers_signal_and_the_pipeline_deployment_runs_its_flow(tmp_path, monkeypatch):
     assert "signal" in RunParams.model_json_schema()["properties"]["preset"]["enum"]
     ran = []
-    monkeypatch.setattr(fp, "signal_flow", lambda params: ran.append(params.preset) or {"flow": "avr-signal"})
+    monkeypatch.setattr(fp, "signal_run", lambda params: ran.append(params.preset) or {"flow": "avr-signal"})
     monkeypatch.setattr(fp, "start_run", lambda *a, **k: pytest.fail("the pipeline ran for a signal preset"))
     assert fp.pipeline.fn(RunParams(preset="signal", store_root=str(tmp_path))) == {"flow": "avr-signal"}
     assert ran == ["signal"]

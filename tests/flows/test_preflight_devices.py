@@ -83,7 +83,7 @@ def test_num_gpus_within_the_visible_count_passes_preflight(gpus, tmp_path):
 
 
 def test_cpu_runs_keep_their_cpu_ranks(monkeypatch):
-    # without CUDA, num_gpus > 1 starts that many CPU ranks (tests/training/test_launcher.py)
+    # without CUDA, num_gpus > 1 starts that many CPU ranks (tests/system/training/test_launcher.py)
     monkeypatch.setenv("AVR_FORCE_NO_CUDA", "1")
     assert _refusal(_cfg("tiny", "po.num_gpus=8", "cot_sft.num_gpus=4", "generator.gpus=[5]")) is None
 

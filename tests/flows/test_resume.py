@@ -11,7 +11,7 @@ os.environ["AVR_RETRY_DELAY_S"] = "0"
 import tasks.synthesis as t  # noqa: E402
 from avr_core.store import Store  # noqa: E402
 from flows.deploy import resume, synthesis_run  # noqa: E402
-from tasks.common import STAGE_LOG  # noqa: E402
+from tasks.runtime.ledger import STAGE_LOG  # noqa: E402
 from tests.fakes import FakeGenerator, FakeScorer  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")

@@ -1,8 +1,8 @@
 """A run's end releases the engines kept from stage to stage (keep_engine), whatever its outcome."""
 from avr_core import backends
+from flows.learning_signal import signal_run
 from flows.pipeline import pipeline
 from flows.runs import release_all_engines
-from flows.signal import signal
 
 
 class FakeKeptEngine:   # control flow only: records its close()
@@ -13,7 +13,7 @@ class FakeKeptEngine:   # control flow only: records its close()
 
 
 def test_completed_failed_or_crashed_runs_release_kept_engines():
-    for f in (pipeline, signal):
+    for f in (pipeline, signal_run):
         for hooks in (f.on_completion_hooks, f.on_failure_hooks, f.on_crashed_hooks):
             assert release_all_engines in hooks
     eng = FakeKeptEngine()

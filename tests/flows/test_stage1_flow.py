@@ -134,7 +134,7 @@ def test_run_records_resolved_config_and_summary(tmp_path, backends):
 def test_a_stage_refuses_a_damaged_input(tmp_path, backends):
     """Store integrity: an input whose file no longer matches its manifest stops the next stage
     before any work, naming the artifact and file; nothing of the stage is written."""
-    from tasks.common import InputIntegrityError
+    from tasks.runtime.skeleton import InputIntegrityError
     cfg = cfg_for(tmp_path)
     answers = t.respond(cfg, cfg["policy"], t.prompts(cfg, "stage1_sft"))
     data = next((tmp_path / "respond" / answers.key / "data").iterdir())

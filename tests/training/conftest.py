@@ -6,7 +6,7 @@ import pytest
 
 @pytest.fixture(scope="session")
 def smollm2_path():
-    from avr_core.models import resolve_model_path
+    from avr_core.model_refs import resolve_model_path
     return resolve_model_path("embedded:smollm2-135m-instruct")
 
 

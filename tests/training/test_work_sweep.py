@@ -1,7 +1,7 @@
 """Checkpoints left behind by a kill after a training artifact was finished are swept by the
 next training stage; those of an unfinished run (needed to resume) are kept."""
 from avr_core.store import Store
-from tasks.training import _sweep_work
+from tasks.runtime.supervision import _sweep_work
 
 
 def test_sweep_removes_only_the_checkpoints_of_finished_artifacts(tmp_path):
