@@ -14,6 +14,21 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from avr_core.backends import GENERATORS, SCORERS
+
+# The training losses, by name: "sft" and avr_core/losses' PREFERENCE_LOSSES (that package imports
+# torch, too heavy for reading a config; tests/core/test_config.py holds the two equal).
+LOSSES = ("sft", "dpo", "ipo", "simpo", "rm_margin")
+
+
+def _one_of(names) -> str:
+    """The message for a value outside `names` (a registry, or a tuple).
+
+    >>> _one_of({"hf": 1, "vllm": 2})
+    'must be one of hf, vllm'
+    """
+    return "must be one of " + ", ".join(names)
+
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
@@ -442,10 +457,9 @@ def validate(cfg: DictConfig) -> None:
         if not ok:
             raise ConfigError(f"key '{key}': {msg} (got {OmegaConf.select(cfg, key)!r})")
 
-    need(cfg.generator.kind in ("hf", "vllm", "openai"), "generator.kind", "must be hf, vllm or openai")
+    need(cfg.generator.kind in GENERATORS, "generator.kind", _one_of(GENERATORS))
     check_device_settings(cfg, need)
-    need(cfg.scorer.kind in ("hf_rm", "vllm_rm", "judge", "vllm_judge", "rules"), "scorer.kind",
-         "must be hf_rm, vllm_rm, judge, vllm_judge or rules")
+    need(cfg.scorer.kind in SCORERS, "scorer.kind", _one_of(SCORERS))
     need(cfg.scorer.kind != "rules" or bool(cfg.scorer.constraints), "scorer.constraints",
          "required when scorer.kind=rules: the prompt file whose rows carry `constraints`")
     need(cfg.flow in ("pipeline", "signal"), "flow", "must be pipeline or signal")
@@ -527,8 +541,7 @@ def validate(cfg: DictConfig) -> None:
         need(cfg[sec].final_answer_tries >= 1, f"{sec}.final_answer_tries", "must be >= 1")
     need(cfg.eval.references in ("file", "hub"), "eval.references", "must be file or hub")
     for t in ("rsft", "po", "cot_sft", "cot_po"):
-        need(cfg[t].loss in ("sft", "dpo", "ipo", "simpo", "rm_margin"), f"{t}.loss",
-             "must be sft, dpo, ipo, simpo or rm_margin")
+        need(cfg[t].loss in LOSSES, f"{t}.loss", _one_of(LOSSES))
         need(cfg[t].lr > 0, f"{t}.lr", "must be > 0")
         need(cfg[t].micro_batch_size >= 1, f"{t}.micro_batch_size", "must be >= 1")
         need(cfg[t].ref_batch_size >= 1, f"{t}.ref_batch_size", "must be >= 1")

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from avr_core.config import CONF_DIR, ConfigError, load_config
 
-PRESETS = tuple(sorted(p.stem for p in CONF_DIR.glob("*.yaml")))   # the shipped presets: base, paper, signal, signal_v2, tiny
+PRESETS = tuple(sorted(p.stem for p in CONF_DIR.glob("*.yaml")))   # base, paper, signal, signal_v2, tiny
 
 
 class RunParams(BaseModel):

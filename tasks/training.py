@@ -42,7 +42,8 @@ def reference_logps(out: Output, cfg: dict, reference: dict, pairs: ArtifactRef,
     device = cfg[section].get("device", "auto")
     rows = compute_reference_logps(path, examples, batch_size=cfg[section]["ref_batch_size"],
                                    token_budget=cfg[section]["ref_token_budget"], dtype=reference["dtype"],
-                                   device=device, progress=True) if examples else []
+                                   device=device, progress=True,
+                                   on_batch=out.progress_hook("forward passes")) if examples else []
     from avr_core.backends.device import place
     out.extra["device"] = {"reference": place(path, reference["dtype"], device, key=f"{section}.device").label}
     out.commit({"records": rows}, {f"tokenize_{k}": v for k, v in counts.items()})

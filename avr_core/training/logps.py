@@ -13,6 +13,7 @@ logits a slice of positions at a time, so no full float32 copy of them is ever m
 from __future__ import annotations
 
 import logging
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -103,11 +104,14 @@ def plan_batches(lengths: list[int], batch_size: int, token_budget: int) -> list
 
 @torch.no_grad()
 def reference_logps(model, tokenized_pairs: list[dict], pad_token_id: int, device, batch_size: int = 4,
-                    token_budget: int = TOKEN_BUDGET, progress: bool = False) -> list[dict]:
-    """The reference pass over a loaded `model`: rows (see `compute_reference_logps`) in input order."""
+                    token_budget: int = TOKEN_BUDGET, progress: bool = False,
+                    on_batch: Callable[[int, int], None] | None = None) -> list[dict]:
+    """The reference pass over a loaded `model`: rows (see `compute_reference_logps`) in input order.
+    `on_batch(done, total)` after every forward (a stage's progress artifact)."""
     global REFERENCE_FORWARDS
     lengths = [_pair_len(ex) for ex in tokenized_pairs]
     batches = plan_batches(lengths, batch_size, token_budget)
+    total = len(batches)
     over = sum(1 for i in range(len(lengths)) if 2 * lengths[i] > token_budget)
     if over:
         log.warning("reference log-probs: %d pair(s) are longer than the token budget (%d tokens for 2 rows) "
@@ -115,8 +119,8 @@ def reference_logps(model, tokenized_pairs: list[dict], pad_token_id: int, devic
     out: list[dict | None] = [None] * len(tokenized_pairs)
     if progress:
         from tqdm.auto import tqdm
-        batches = tqdm(batches, desc="reference log-probs", unit="batch")
-    for idx in batches:
+        batches = tqdm(batches, desc="reference log-probs", unit="batch", disable=None)   # none in a log file
+    for done, idx in enumerate(batches, 1):
         chunk = [tokenized_pairs[i] for i in idx]
         batch = collate_pairs(chunk, pad_token_id)
         batch = {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in batch.items()}
@@ -126,13 +130,16 @@ def reference_logps(model, tokenized_pairs: list[dict], pad_token_id: int, devic
             out[i] = {"id": ex["id"], "ref_chosen": float(lc[j]), "ref_rejected": float(lr[j]),
                       "n_chosen": int(nc[j]), "n_rejected": int(nr[j])}
         del batch, lc, lr, nc, nr         # free this forward's tensors before the next one allocates
+        if on_batch:
+            on_batch(done, total)
     return out
 
 
 def compute_reference_logps(model_path: str, tokenized_pairs: list[dict], batch_size: int = 4,
                             dtype: str = "float32", pad_token_id: int | None = None,
                             device: str | None = None, progress: bool = False,
-                            token_budget: int = TOKEN_BUDGET) -> list[dict]:
+                            token_budget: int = TOKEN_BUDGET,
+                            on_batch: Callable[[int, int], None] | None = None) -> list[dict]:
     """Reference log-probs of every pair: one pass, no gradients.
 
     `tokenized_pairs` is the output of `tokenize_pairs` (with the same max_length as training,
@@ -162,7 +169,7 @@ def compute_reference_logps(model_path: str, tokenized_pairs: list[dict], batch_
             pad_token_id = pad_token_id[0]
     try:
         return reference_logps(model, tokenized_pairs, pad_token_id, input_device(model), batch_size,
-                               token_budget, progress)
+                               token_budget, progress, on_batch)
     finally:
         del model
         release_accelerator()

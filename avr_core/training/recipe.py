@@ -32,6 +32,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import random
 import time
 from pathlib import Path
@@ -395,6 +396,14 @@ def _resume(engine, run: Run) -> dict | None:
     return state
 
 
+def _note_progress(ckpt_dir: Path, step: int, last: int) -> None:
+    """`progress.json` beside the checkpoints: the step reached and the last step of this call, read
+    by the process that launched the training (a stage's progress artifact). Replaced atomically."""
+    tmp = ckpt_dir / f"progress.json.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps({"step": step, "of": last}))
+    os.replace(tmp, ckpt_dir / "progress.json")
+
+
 def _loop(engine, run: Run, progress: bool, keep_last: int) -> dict:
     """Resume if there is a checkpoint, then optimizer steps up to run.last."""
     from tqdm.auto import tqdm
@@ -436,6 +445,7 @@ def _loop(engine, run: Run, progress: bool, keep_last: int) -> dict:
         if run.rank == 0:
             with live.open("a") as f:
                 f.write(json.dumps(row) + "\n")
+            _note_progress(run.ckpt_dir, step, run.last)
         bar.update(1)
         bar.set_postfix(loss=f"{row['loss']:.4f}")
         stopped_early = step == run.last < run.planned       # step_cap: a later call continues

@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 
 from avr_core.store import ArtifactRef, Store
 from tasks.runtime.ledger import logger
+from tasks.runtime.progress import StageProgress
 from tasks.runtime.ray_workers import run_on_ray, settings
 
 
@@ -39,6 +40,21 @@ class Output:
         """A directory of files (a trained model) into the artifact at `relpath` (one fenced PUT each)."""
         return self.writer.upload(local_dir, relpath)
 
+    def progress(self, total: int, unit: str, done: int = 0) -> StageProgress:
+        """This stage's progress artifact (`tasks/runtime/progress.py`): `.update(done)` as units complete."""
+        return StageProgress(self.ref.stage, self.ref.key, total, unit, done)
+
+    def progress_hook(self, unit: str) -> Callable[[int, int], None]:
+        """`hook(done, total)` for work whose size the method learns as it goes (batches it plans)."""
+        made: list[StageProgress] = []
+
+        def hook(done: int, total: int) -> None:
+            if not made:
+                made.append(self.progress(total, unit, done))
+            made[0].total = max(1, total)
+            made[0].update(done)
+        return hook
+
     def commit(self, outputs: dict[str, list[dict]], counts: dict | None = None, index: int = 0) -> None:
         self.writer.commit_shard(index, outputs, dict(counts or {}))
 
@@ -59,6 +75,9 @@ class Output:
             logger().info("%s: resuming, %d of %d shards already committed", self.ref.stage, len(done), len(shards))
         pending = [i for i in range(len(shards)) if i not in done]
         t0 = time.time()
+        progress = self.progress(len(shards), "shards", done=len(done))
+
+        committed: list[int] = []
 
         def commit(i: int, outputs: dict, counts: Counter, backend: dict, worker: str | None = None) -> None:
             counts["input_records"] += len(shards[i])
@@ -66,12 +85,14 @@ class Output:
             # so a resumed stage's manifest still adds up over all shards
             counts.update({f"backend_{k}": v for k, v in backend.items()})
             self.writer.commit_shard(i, outputs, dict(counts), worker=worker)
+            committed.append(i)
+            progress.update(len(done) + len(committed))
 
         scale = settings(self.scale)      # validated: scale.engine is local or ray
         if scale["engine"] == "ray" and len(pending) > 1:   # Ray workers; the driver commits (ray_workers.py)
             self.extra["workers"] = run_on_ray(shards, pending, work, stats, scale, commit, logger(), self.expect)
         else:                             # one after another, here (also a single pending shard on ray)
-            for i in tqdm(pending, desc=self.ref.stage, unit="shard"):
+            for i in tqdm(pending, desc=self.ref.stage, unit="shard", disable=None):   # no bar in a log file
                 before = stats() if stats else {}  # the first call builds the backend: only on a real miss
                 outputs, counts = work(shards[i], i)
                 after = stats() if stats else {}

@@ -190,7 +190,7 @@ def run_training(out: Output, cfg, stage_name, base, data: ArtifactRef, rows: li
                          hostfile=hostfile, num_nodes=scale.get("num_nodes") or None)
     logger().info("%s: %s", stage_name, " ".join(cmd))
     with sync or contextlib.nullcontext():
-        returncode = _run_training(cmd, out)
+        returncode = _run_training(cmd, out, progress_file=work / "ckpt" / "progress.json")
     if returncode != 0:
         raise RuntimeError(f"{stage_name}: training exited with {returncode}; checkpoints kept in "
                            f"{work / 'ckpt'}, a rerun resumes from the last one")
@@ -206,15 +206,18 @@ def run_training(out: Output, cfg, stage_name, base, data: ArtifactRef, rows: li
     logger().info("%s: trained (steps=%s, final loss=%s)", stage_name, summary.get("steps"), summary.get("final_loss"))
 
 
-def _run_training(cmd: list[str], out: Output, poll_s: float = 2.0) -> int:
+def _run_training(cmd: list[str], out: Output, poll_s: float = 2.0, progress_file: Path | None = None) -> int:
     """Run the training subprocess. While it runs, its CPU time advancing counts as progress for
     the lease (store.stall_s), and a lost lease stops it at once: the process that took over trains
-    this model, and two trainings must not race."""
+    this model, and two trainings must not race. The steps it reports in `progress_file`
+    (avr_core/training/recipe.py) go to the stage's progress artifact."""
     proc = subprocess.Popen(cmd, env=child_env(dict(os.environ)))
     last_cpu, t0 = -1.0, time.monotonic()
+    steps = out.progress_hook("training steps")
     try:
         while proc.poll() is None:
             time.sleep(poll_s)
+            _report_steps(progress_file, steps)
             state = held_state(out.store, out.ref)
             if state is not None and state.get("lost"):
                 logger().error("%s: lease lost (%s): stopping the training subprocess", out.ref, state["lost"])
@@ -230,7 +233,18 @@ def _run_training(cmd: list[str], out: Output, poll_s: float = 2.0) -> int:
     except BaseException:
         _terminate(proc)
         raise
+    if proc.returncode == 0:
+        _report_steps(progress_file, steps)
     return proc.returncode
+
+
+def _report_steps(progress_file: Path | None, hook) -> None:
+    try:
+        reached = json.loads(progress_file.read_text()) if progress_file else None
+    except (OSError, ValueError):           # not written yet (loading the model), or being replaced
+        return
+    if reached:
+        hook(reached["step"], reached["of"])
 
 
 def _tree_cpu_s(pid: int) -> float:

@@ -102,3 +102,16 @@ def test_paper_time_shares_every_gpu_between_kept_policy_and_reward_model_engine
     assert not c.generator.gpus and not c.scorer.gpus
     assert c.generator.data_parallel_size == 0 and c.scorer.data_parallel_size == 0   # one engine per GPU
     assert c.scorer.tensor_parallel_size == 1                # review C7: a 27B RM fits one 80 GB GPU
+
+
+def test_kinds_and_losses_the_config_accepts_are_the_registries():
+    """Issue 33: config validation reads the backend registries; its loss names equal the losses'."""
+    from avr_core.backends import GENERATORS, SCORERS
+    from avr_core.config import LOSSES
+    from avr_core.losses import PREFERENCE_LOSSES
+    from avr_core.training.recipe import LOSSES as TRAINED
+
+    assert LOSSES == ("sft", *PREFERENCE_LOSSES) == TRAINED
+    for key, registry in (("generator.kind", GENERATORS), ("scorer.kind", SCORERS)):
+        with pytest.raises(ConfigError, match=f"key '{key}': must be one of {', '.join(registry)}"):
+            load_config("tiny", [f"{key}=nope"])
