@@ -3,13 +3,21 @@
     avr artifacts list [--stage po]          every artifact: stage/key, created, rows
     avr artifacts show po/86a7...            its manifest
     avr artifacts lineage po/86a7...         what it was made from, down to the prompt files
-    avr artifacts verify                     every file against the sha256 in its manifest
+    avr artifacts verify                     every file against the sha256 in its manifest, every
+                                             manifest against its own; the whole store: leftovers too
 
-A key may be written `stage/key` or as a unique prefix of the key alone.
+A key may be written `stage/key` or as a unique prefix of the key alone. A damaged manifest is one
+line naming its file wherever it is read here, never a traceback.
 """
 from __future__ import annotations
 
-from avr_core.store import MANIFEST, ArtifactRef, Store, file_digest
+import logging
+
+from avr_core.store import ATTEMPTS, MANIFEST, ArtifactRef, IntegrityError, Store, file_digest
+from avr_core.store.manifests import sealed
+from avr_core.store.objects import files_under, pending_uploads
+
+log = logging.getLogger("avr")
 
 
 def resolve(store: Store, key: str) -> ArtifactRef:
@@ -24,7 +32,10 @@ def resolve(store: Store, key: str) -> ArtifactRef:
 def list_rows(store: Store, stage: str | None = None) -> list[dict]:
     rows = []
     for r in store.list(stage):
-        m = store.manifest(r)
+        try:
+            m = store.manifest(r)
+        except IntegrityError:
+            m = {"rows": "DAMAGED manifest (avr artifacts verify)"}
         rows.append({"artifact": str(r), "created": m.get("created"), "rows": m.get("rows"),
                      "inputs": len(m.get("inputs", []))})
     return sorted(rows, key=lambda x: x["created"] or "")
@@ -46,7 +57,10 @@ def lineage(store: Store, ref: ArtifactRef, depth: int = 0, seen: set | None = N
     """Indented lines: the artifact, then recursively what it was made from. Prompt artifacts
     show the file checksum and slice that made them; a model its base policy path."""
     seen = set() if seen is None else seen
-    m = store.manifest(ref)
+    try:
+        m = store.manifest(ref)
+    except IntegrityError as e:
+        return [f"{'  ' * depth}{ref}  DAMAGED: {e}"]
     cfg = m.get("config") or {}
     note = ""
     if ref.stage in ("prompts", "eval_prompts"):
@@ -66,12 +80,21 @@ def lineage(store: Store, ref: ArtifactRef, depth: int = 0, seen: set | None = N
 
 
 def verify(store: Store, ref: ArtifactRef | None = None) -> list[str]:
-    """Problems found (empty = all good): a file missing, truncated or modified against its
-    manifest, or a stage directory with data but no manifest (an unfinished or damaged artifact)."""
-    problems = []
+    """Problems found (empty = all good): a manifest that does not parse or does not match its own
+    digest, a file missing, truncated or modified against its manifest. The whole store (no `ref`)
+    also: a stage directory with data but no manifest (an unfinished or damaged artifact), and what
+    is left behind and still stored (`leftovers`). A manifest written before manifests carried
+    their digest is read as before and counted in one log line, not a problem."""
+    problems, unsealed = [], []
     refs = [ref] if ref else store.list()
     for r in refs:
-        m = store.manifest(r)
+        try:
+            m = store.manifest(r)
+        except IntegrityError as e:
+            problems.append(str(e))
+            continue
+        if not sealed(m):
+            unsealed.append(str(r))
         for rel, meta in m["files"].items():
             path = store.object_path(r, rel, m)
             if not store.fs.exists(path):
@@ -83,7 +106,44 @@ def verify(store: Store, ref: ArtifactRef | None = None) -> list[str]:
                 problems.append(f"{r}: {rel}: sha256 differs from the manifest (modified)")
     if ref is None:
         problems += [f"{p}: no {MANIFEST} (unfinished or damaged: it does not exist)" for p in _unfinished(store)]
+        problems += leftovers(store, refs)
+    if unsealed:
+        log.warning("%d manifest(s) carry no digest of their own (written before manifests did): their files were "
+                    "checked, their own fields cannot be: %s", len(unsealed), ", ".join(unsealed[:5]))
     return problems
+
+
+def leftovers(store: Store, refs: list[ArtifactRef]) -> list[str]:
+    """What an object store keeps (and bills) that no manifest names: files of an attempt the
+    committed manifest does not name (a stale holder's late writes, after the commit's sweep;
+    the next process that locks the artifact sweeps them), and unfinished multipart uploads (a
+    killed model upload: no listing of files shows them)."""
+    if not store.remote:
+        return []
+    out = []
+    for r in refs:
+        try:
+            keep = store.manifest(r).get("attempt")
+        except IntegrityError:
+            continue                         # reported; nothing is swept on a damaged manifest's word
+        for a in store._ls(store.path(r, ATTEMPTS)):
+            if a.rsplit("/", 1)[-1] != keep:
+                n = len(files_under(store.fs, a))
+                out.append(f"{r}: {ATTEMPTS}/{a.rsplit('/', 1)[-1]}: {n} file(s) its manifest does not name "
+                           "(an attempt's leftovers, e.g. a stale holder's late writes): garbage, swept by the next "
+                           "process that locks this artifact")
+    for u in pending_uploads(store.fs, store.path()):
+        out.append(f"{store.fs.unstrip_protocol(u['path'])}: an unfinished multipart upload (started "
+                   f"{u['initiated']}): its parts are stored until it is aborted (a sweep of its attempt aborts it)")
+    return out
+
+
+def _manifest_or_none(store: Store, ref: ArtifactRef) -> dict | None:
+    """A manifest to compare with, or None if it is damaged (`verify` reports it)."""
+    try:
+        return store.manifest(ref)
+    except IntegrityError:
+        return None
 
 
 def _unfinished(store: Store) -> list[str]:
@@ -141,7 +201,7 @@ def recompute_reason(store: Store, ref: ArtifactRef, before: str | None = None) 
     down, which is what they are."""
     m = store.manifest(ref)
     cutoff = before or m.get("created") or ""
-    earlier = [store.manifest(r) for r in store.list(ref.stage) if r.key != ref.key]
+    earlier = [o for o in (_manifest_or_none(store, r) for r in store.list(ref.stage) if r.key != ref.key) if o]
     earlier = [o for o in earlier if (o.get("created") or "") <= cutoff]
     if not earlier:
         return "first artifact of this stage in the store"

@@ -8,7 +8,7 @@ each run computed it or took it from cache, whether both used the same artifact,
 that differ (every filter's drops, parse failures, tokens) and the metrics that differ (the
 manifest's `result`: learning signal, win rate, ...); then the leaderboard rows of both runs per
 (iteration, model). Every run publishes this against the previous run of the same deployment
-(`flows/runs.py::finish_run`), the first thing a nightly user looks at.
+(`run_records/lifecycle.py::finish_run`), the first thing a nightly user looks at.
 """
 from __future__ import annotations
 

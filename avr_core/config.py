@@ -7,6 +7,7 @@ range checks (`validate`) run before any work. `to_yaml(cfg)` is what each run s
 """
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -19,6 +20,7 @@ from avr_core.backends import GENERATORS, SCORERS
 # The training losses, by name: "sft" and avr_core/losses' PREFERENCE_LOSSES (that package imports
 # torch, too heavy for reading a config; tests/core/test_config.py holds the two equal).
 LOSSES = ("sft", "dpo", "ipo", "simpo", "rm_margin")
+SCHEDULED_FLOWS = ("pipeline", "synthesis", "stage1", "stage2", "evaluate")   # flows/deploy.py's deployments
 
 
 def _one_of(names) -> str:
@@ -283,6 +285,12 @@ class ScheduleConfig:
     cron: str = "0 2 * * *"          # 02:00 every day
     timezone: str = "UTC"            # IANA name, e.g. Europe/Berlin
     active: bool = False             # on/off switch: a preset or override turns it on
+    flow: str = "pipeline"           # the deployment it fires: pipeline | synthesis | stage1 | stage2 | evaluate
+    max_runs: int = 1                # flow runs at once on the `avr deploy` work pool: a second run waits
+                                     #   (Scheduled, then Late) while the first holds the node's GPUs
+    zombie_after_s: int = 600        # `avr deploy`'s automation marks a Running run Crashed after this long
+                                     #   without a heartbeat (runs beat every PREFECT_FLOWS_HEARTBEAT_FREQUENCY
+                                     #   seconds, 180 by default: keep this above twice that)
 
 
 @dataclass
@@ -408,15 +416,65 @@ def _first_line(e: Exception) -> str:
 
 
 def parse_overrides(overrides: list[str] | tuple[str, ...]) -> DictConfig:
-    """`["critique.k=3", "store.root=/tmp/a"]` -> a DictConfig; a malformed item is an error."""
+    """`["critique.k=3", "store.root=/tmp/a"]` -> a DictConfig; a malformed item is an error naming
+    the item and its key: not key=value, a control character, a value YAML cannot parse."""
+    import yaml
+
     for o in overrides:
         key, eq, _ = o.partition("=")
+        bad = next(((i, c) for i, c in enumerate(o) if unicodedata.category(c) == "Cc"), None)
+        if bad:   # YAML refuses most of them in two lines; a newline would split our one line
+            raise ConfigError(f"override {o!r}: key {key.strip()!r}: a control character ({bad[1]!r}, character "
+                              f"{bad[0] + 1}); config keys and values are text without control characters")
         if not eq or not key.strip() or any(c.isspace() for c in key):
             raise ConfigError(f"override {o!r}: expected key=value, e.g. critique.k=3")
     try:
         return OmegaConf.from_dotlist(list(overrides))
+    except (OmegaConfBaseException, yaml.YAMLError):
+        for o in overrides:      # which item: each alone
+            key = o.partition("=")[0].strip()
+            try:
+                OmegaConf.from_dotlist([o])
+            except yaml.YAMLError as e:
+                why = getattr(e, "problem", None) or _first_line(e)
+                raise ConfigError(f"override {o!r}: key '{key}': not valid YAML ({why}); to pass it as text, quote "
+                                  f"it for YAML inside the shell's quotes: {key}=\"'...'\"") from None
+            except OmegaConfBaseException as e:
+                raise ConfigError(f"override {o!r}: key '{key}': {_first_line(e)}") from None
+        raise
+
+
+def _resolve_all(cfg: DictConfig, overrides, presets: list[Path]) -> None:
+    """Every `${...}` interpolation resolves, or a ConfigError whose first words name the key, and
+    where it was set: the override item, else the preset file and line."""
+    try:
+        OmegaConf.to_container(cfg, resolve=True)
     except OmegaConfBaseException as e:
-        raise ConfigError(f"overrides: {_first_line(e)}") from None
+        key = str(getattr(e, "full_key", None) or "?")
+        items = [o for o in overrides if o.partition("=")[0].strip() == key]
+        lines = [(path, _yaml_line(path, key)) for path in presets]
+        found = [f"{path}:{line}: " for path, line in lines if line]
+        where = f"override {items[-1]!r}: " if items else (found[-1] if found else "")
+        raise ConfigError(f"{where}key '{key}': {_first_line(e)}") from None
+
+
+def _yaml_error(path: Path, e: Exception) -> ConfigError:
+    """A YAML file the parser refuses: ONE line naming the file and line. A scanner or parser error
+    carries its mark; a reader error (a control byte) only a character position."""
+    mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None)
+    if mark:
+        return ConfigError(f"{path}:{mark.line + 1}: invalid YAML: {problem or _first_line(e)} "
+                           f"(column {mark.column + 1})")
+    if isinstance(e, UnicodeDecodeError):
+        data = path.read_bytes()
+        line = data.count(b"\n", 0, e.start) + 1
+        return ConfigError(f"{path}:{line}: invalid YAML: not UTF-8 (byte {data[e.start:e.start + 1]!r})")
+    pos = getattr(e, "position", None)
+    if pos is None:
+        return ConfigError(f"{path}: invalid YAML: {_first_line(e)}")
+    text = path.read_text(encoding="utf-8", errors="replace")[:pos]
+    return ConfigError(f"{path}:{text.count(chr(10)) + 1}: invalid YAML: {_first_line(e)} "
+                       f"(column {pos - text.rfind(chr(10))})")
 
 
 def load_config(preset: str = "tiny", overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
@@ -430,11 +488,8 @@ def load_config(preset: str = "tiny", overrides: list[str] | tuple[str, ...] = (
             raise ConfigError(f"{path}: preset not found (known presets: {known})")
         try:
             layer = OmegaConf.load(path)
-        except Exception as e:  # malformed YAML: the parser's mark has the line
-            mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None)
-            where = f"{path}:{mark.line + 1}" if mark else str(path)
-            raise ConfigError(f"{where}: invalid YAML: {problem or e} (column {mark.column + 1})" if mark
-                              else f"{where}: invalid YAML: {e}") from None
+        except Exception as e:  # malformed YAML, a control byte, not UTF-8
+            raise _yaml_error(path, e) from None
         if not isinstance(layer, DictConfig):
             raise ConfigError(f"{path}: expected a mapping of config keys (like 'critique: {{k: 2}}'), "
                               f"got a list") from None
@@ -442,6 +497,7 @@ def load_config(preset: str = "tiny", overrides: list[str] | tuple[str, ...] = (
     parse_overrides(overrides)  # every item well-formed before any is applied
     for o in overrides:        # one at a time, so a merge error names its item and key
         cfg = _merge(cfg, parse_overrides([o]), f"override {o!r}", o.partition("=")[0].strip())
+    _resolve_all(cfg, overrides, [CONF_DIR / "base.yaml", preset_path(preset)])
     if os.environ.get("AVR_STORE") and not any(o.startswith("store.root=") for o in overrides):
         cfg.store.root = os.environ["AVR_STORE"]
     validate(cfg)
@@ -515,10 +571,13 @@ def validate(cfg: DictConfig) -> None:
          "items must be seed, rsft, stage1 or stage2")
     need(cfg.eval.judge.kind in ("openai", "local"), "eval.judge.kind", "must be openai or local")
     # the cron expression and time zone themselves are checked by Prefect's own schedule model
-    # (flows/runs.py check_schedule), the parser that will run them
+    # (run_records/preflight.py check_schedule), the parser that will run them
     need(len(cfg.schedule.cron.split()) == 5, "schedule.cron", "must be a 5-field cron string, e.g. '0 2 * * *'")
     need(cfg.iterate.count >= 1, "iterate.count", "must be >= 1")
     need(cfg.iterate.model in ("stage1", "stage2"), "iterate.model", "must be stage1 or stage2")
+    need(cfg.schedule.flow in SCHEDULED_FLOWS, "schedule.flow", _one_of(SCHEDULED_FLOWS))
+    need(cfg.schedule.max_runs >= 1, "schedule.max_runs", "must be >= 1")
+    need(cfg.schedule.zombie_after_s >= 60, "schedule.zombie_after_s", "must be >= 60 (heartbeats are >= 30 s apart)")
     need(cfg.iterate.prompt_stride >= 0, "iterate.prompt_stride", "must be >= 0 (0: the training slices' span)")
     need(cfg.scale.engine in ("local", "ray"), "scale.engine", "must be local or ray")
     need(cfg.scale.workers >= 1, "scale.workers", "must be >= 1")

@@ -60,12 +60,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from avr_core.hub import mode_line
 
-__all__ = ["InputError", "load_prompts", "DEFAULT_MAX_CHARS", "ROLES"]
+__all__ = ["InputError", "load_prompts", "loads_json", "check_unicode", "DEFAULT_MAX_CHARS", "ROLES"]
 
 DEFAULT_MAX_CHARS = 200_000
 ROLES = ("user", "assistant", "system")
@@ -166,10 +167,7 @@ def _jsonl_rows(name: str, data: bytes) -> Iterator[tuple[int, Any]]:
                              f"({raw[e.start:e.start + 4]!r})") from None
         if not text.strip():
             continue
-        try:
-            yield lineno, json.loads(text)
-        except json.JSONDecodeError as e:
-            raise InputError(name, lineno, None, f"invalid JSON: {e.msg} (column {e.colno})") from None
+        yield lineno, loads_json(text, name, lineno)
 
 
 def _json_rows(name: str, data: bytes) -> Iterator[tuple[int, Any]]:
@@ -184,10 +182,7 @@ def _json_rows(name: str, data: bytes) -> Iterator[tuple[int, Any]]:
                          f"({data[e.start:e.start + 4]!r})") from None
     if not text.strip():
         raise InputError(name, None, None, "empty: no rows")
-    try:
-        doc = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise InputError(name, e.lineno, None, f"invalid JSON: {e.msg} (column {e.colno})") from None
+    doc = loads_json(text, name)
     if not isinstance(doc, list):
         raise InputError(name, 1, None, f"expected a JSON array of rows, got {_kind(doc)} "
                          "(for one object per line, use .jsonl)")
@@ -204,8 +199,47 @@ def _json_rows(name: str, data: bytes) -> Iterator[tuple[int, Any]]:
             continue
         line += text.count("\n", last, i)
         last = i
-        row, i = dec.raw_decode(text, i)
+        try:
+            row, i = dec.raw_decode(text, i)
+        except RecursionError:          # parsed whole above, from a shallower stack: still possible
+            raise InputError(name, line, None, _TOO_DEEP) from None
         yield line, row
+
+
+_TOO_DEEP = "invalid JSON: arrays and objects nested too deeply to read"
+_DEEP = 500    # the nesting the line of a too-deep document is reported at (json's own limit is ~1000)
+
+
+def loads_json(text: str, name: str, line: int | None = None) -> Any:
+    """`json.loads(text)`, every way it can fail an `InputError` naming `name` and the line (`line`,
+    for one line of a JSONL file; else where the problem is): invalid JSON, an integer longer than
+    Python converts (`sys.get_int_max_str_digits`), nesting deeper than the parser's recursion."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InputError(name, line or e.lineno, None, f"invalid JSON: {e.msg} (column {e.colno})") from None
+    except ValueError:                # "Exceeds the limit (4300 digits) for integer string conversion"
+        limit = sys.get_int_max_str_digits()
+        raise InputError(name, line or _line_of(text, digits=limit), None,
+                         f"invalid JSON: a number with more than {limit} digits (too long to read)") from None
+    except RecursionError:
+        raise InputError(name, line or _line_of(text, depth=_DEEP), None, _TOO_DEEP) from None
+
+
+def _line_of(text: str, digits: int = 0, depth: int = 0) -> int | None:
+    """The line where, outside strings, a run of more than `digits` digits or a nesting deeper than
+    `depth` first occurs (what `loads_json` reports for a whole JSON document)."""
+    level, run, in_str, esc = 0, 0, False, False
+    for i, c in enumerate(text):
+        if in_str:
+            in_str, esc = (esc or c != '"'), (not esc and c == "\\")
+            continue
+        in_str = c == '"'
+        level += (c in "[{") - (c in "]}")
+        run = run + 1 if c.isdigit() else 0
+        if (digits and run > digits) or (depth and level > depth):
+            return text.count("\n", 0, i) + 1
+    return None
 
 
 def _parquet_rows(name: str) -> Iterator[tuple[int, Any]]:
@@ -334,6 +368,7 @@ def _normalise(row: Any, name: str, where: int, unit: str, max_chars: int) -> di
     elif isinstance(rid, bool) or not isinstance(rid, (str, int)):
         raise fail("id", f"expected a string or an integer, got {_kind(rid)}")
     else:
+        check_unicode(rid, "id", fail)
         rid = str(rid)
         if not rid.strip():
             raise fail("id", "empty or whitespace-only")
@@ -364,6 +399,7 @@ def _check_constraints(value: Any, fail) -> list[dict]:
         kwargs = c.get("kwargs") or {}
         if not isinstance(kwargs, dict):
             raise fail(f"constraints[{i}].kwargs", f"expected an object, got {_kind(kwargs)}")
+        check_unicode(kwargs, f"constraints[{i}].kwargs", fail)
         out.append({"id": c["id"], "kwargs": kwargs})
     return out
 
@@ -412,6 +448,26 @@ def _check_text(value: Any, field: str, fail) -> None:
         raise fail(field, f"expected a string, got {_kind(value)}")
     if not value.strip():
         raise fail(field, "empty or whitespace-only text")
+    check_unicode(value, field, fail)
+
+
+def check_unicode(value: Any, field: str, fail) -> None:
+    """Every string in `value` (keys too) must be writable as UTF-8: JSON's `\\ud800`-style escapes
+    can spell a lone surrogate, which parses but fails the first write to the store, mid-run.
+    `fail(field, reason)` makes the error."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            check_unicode(k, field, fail)
+            check_unicode(v, f"{field}.{k}" if isinstance(k, str) and k.isidentifier() else field, fail)
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            check_unicode(v, f"{field}[{i}]", fail)
+    elif isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise fail(field, f"not valid Unicode: a lone surrogate {value[e.start]!r} at character {e.start + 1} "
+                              "(an unpaired \\ud800-\\udfff escape)") from None
 
 
 def _kind(v: Any) -> str:

@@ -11,6 +11,7 @@ work (`start_run`): a bad override fails at once, naming the key.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Literal
 
 from omegaconf import OmegaConf
@@ -18,17 +19,19 @@ from prefect import flow
 from prefect.schedules import Cron
 from pydantic import Field
 
-from avr_core.config import load_config
+from avr_core.config import ConfigError, load_config
 from avr_core.iterations import ALL_SLICES
 from flows.evaluate import evaluate, test_time_scaling
 from flows.learning_signal import signal_run
 from flows.params import RunParams, as_params
 from flows.pipeline import pipeline
-from flows.runs import check_schedule, finish_run, start_run
 from flows.stage1 import stage1, synthesis
 from flows.stage2 import stage2
+from run_records.lifecycle import finish_run, start_run
+from run_records.preflight import check_schedule
 
 STAGE1_SLICES = ("stage1_sft", "stage1_po")
+ROOT = Path(__file__).resolve().parents[1]        # the checkout: workers run the flows from the same path
 
 
 @flow(name="avr-synthesis-run", log_prints=True)
@@ -36,14 +39,17 @@ def synthesis_run(params: RunParams = RunParams(),  # noqa: B008 (Prefect parame
                   split: Annotated[Literal["stage1_sft", "stage1_po", "stage2", "stage2_po", "heldout"], Field(
                       description="the prompt slice data.<split> to synthesise on")] = "stage1_sft") -> dict:
     """Stage-1 synthesis alone with the seed policy (respond -> critique -> refine -> rm_score -> select)."""
-    run, cfg = start_run(params, (split,))            # preflight checks the slices each flow reads
+    params = as_params(params)
+    run, cfg = start_run(params.preset, params.to_overrides(), params.model_dump(),
+                         (split,))                    # preflight checks the slices each flow reads
     return finish_run(run, cfg, {"synthesis": synthesis(cfg, cfg["policy"], split)})
 
 
 @flow(name="avr-stage1-run", log_prints=True)
 def stage1_run(params: RunParams = RunParams()) -> dict:  # noqa: B008 (Prefect parameter)
     """Stage 1 alone: synthesis -> RSFT -> synthesis -> PO."""
-    run, cfg = start_run(params, STAGE1_SLICES)
+    params = as_params(params)
+    run, cfg = start_run(params.preset, params.to_overrides(), params.model_dump(), STAGE1_SLICES)
     s1 = stage1(cfg, cfg["policy"])
     return finish_run(run, cfg, {"stage1_pairs": s1["pairs"], "stage1_model": s1["model_ref"]})
 
@@ -51,7 +57,9 @@ def stage1_run(params: RunParams = RunParams()) -> dict:  # noqa: B008 (Prefect 
 @flow(name="avr-stage2-run", log_prints=True)
 def stage2_run(params: RunParams = RunParams()) -> dict:  # noqa: B008
     """Stage 2 on the Stage-1 model (stage 1 from cache when done)."""
-    run, cfg = start_run(params, (*STAGE1_SLICES, "stage2", "stage2_po"))   # signal preset: refused, no stage 2
+    params = as_params(params)
+    run, cfg = start_run(params.preset, params.to_overrides(), params.model_dump(),
+                         (*STAGE1_SLICES, "stage2", "stage2_po"))   # signal preset: refused, no stage 2
     s2 = stage2(cfg, stage1(cfg, cfg["policy"])["model"])
     return finish_run(run, cfg, {"stage2_pairs": s2["pairs"], "stage2_model": s2["model_ref"]})
 
@@ -59,12 +67,13 @@ def stage2_run(params: RunParams = RunParams()) -> dict:  # noqa: B008
 @flow(name="avr-evaluate-run", log_prints=True)
 def evaluate_run(params: RunParams = RunParams()) -> dict:  # noqa: B008
     """Test-time scaling and the AlpacaEval leaderboard for every model (stages from cache when done)."""
-    run, cfg = start_run(params, ALL_SLICES)
+    params = as_params(params)
+    run, cfg = start_run(params.preset, params.to_overrides(), params.model_dump(), ALL_SLICES)
     seed = cfg["policy"]
     s1 = stage1(cfg, seed)
     s2 = stage2(cfg, s1["model"])
     tts = test_time_scaling(cfg, s1["model"])
-    board = evaluate(cfg, {"seed": seed, "rsft": s1["rsft"], "stage1": s1["model"], "stage2": s2["model"]}, run["id"])
+    board = evaluate(cfg, {"seed": seed, "rsft": s1["rsft"], "stage1": s1["model"], "stage2": s2["model"]}, run.id)
     return finish_run(run, cfg, {"test_time_scaling": tts}, board)
 
 
@@ -79,12 +88,19 @@ def deployments(preset: str = "tiny", overrides: list[str] = ()) -> list:
     check_schedule(OmegaConf.to_container(cfg, resolve=True))
     params = {"params": as_params(preset=preset, overrides=list(overrides)).model_dump()}
     nightly = Cron(cfg.schedule.cron, timezone=cfg.schedule.timezone, active=cfg.schedule.active)
-    stages = (synthesis_run, stage1_run) if cfg.flow == "signal" else (synthesis_run, stage1_run, stage2_run,
-                                                                        evaluate_run)
-    return [pipeline.to_deployment(name=f"avr-{cfg.preset}", parameters=params, schedule=nightly,
-                                   description=DESCRIPTION["pipeline"]),
-            *[f.to_deployment(name=f"{f.name}-{cfg.preset}", parameters=params, description=DESCRIPTION[f.name])
-              for f in stages]]
+    stages = {"synthesis": synthesis_run, "stage1": stage1_run}
+    if cfg.flow != "signal":
+        stages |= {"stage2": stage2_run, "evaluate": evaluate_run}
+    if cfg.schedule.flow not in ("pipeline", *stages):
+        raise ConfigError(f"key 'schedule.flow': a `flow: {cfg.flow}` preset has no {cfg.schedule.flow} deployment "
+                          f"(one of pipeline, {', '.join(stages)})")
+
+    def when(name: str) -> dict:                   # the nightly schedule goes on one deployment
+        return {"schedule": nightly} if cfg.schedule.flow == name else {}
+    return [pipeline.to_deployment(name=f"avr-{cfg.preset}", parameters=params, description=DESCRIPTION["pipeline"],
+                                   **when("pipeline")),
+            *[f.to_deployment(name=f"{f.name}-{cfg.preset}", parameters=params, description=DESCRIPTION[f.name],
+                              **when(name)) for name, f in stages.items()]]
 
 
 DESCRIPTION = {
@@ -122,25 +138,73 @@ def resume(flow_run_id: str) -> dict:
 
 
 def deploy_to_pool(preset: str = "tiny", overrides: list[str] = (), pool: str = "avr-gpu") -> list:
-    """Register the same deployments on a work pool (created as a `process` pool if missing):
-    workers such as docker/compose.yaml's GPU worker pull their runs. The code must be at the
-    same path on the worker (the image's /app)."""
+    """Register the same deployments on a work pool that workers such as docker/compose.yaml's GPU
+    worker pull their runs from (the code must be at the same path on the worker: the image's /app).
+
+    The pool (a `process` pool, created if missing) runs at most `schedule.max_runs` flow runs at
+    once: a second nightly run waits while the first holds the node's GPUs (Prefect's work-pool
+    concurrency limit). And Prefect's own zombie detection is set up: an automation that marks a
+    Running run Crashed once its heartbeats stop for `schedule.zombie_after_s` (a worker or node
+    that died), so the UI shows it Crashed and "Retry" or `avr resume <flow-run id>` resumes it."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
     from prefect.exceptions import ObjectNotFound
 
     deps = deployments(preset, overrides)          # validates before anything is registered
+    cfg = load_config(preset, list(overrides))
+    limit = int(cfg.schedule.max_runs)
     with get_client(sync_client=True) as client:
         try:
-            client.read_work_pool(pool)
+            if client.read_work_pool(pool).concurrency_limit != limit:
+                client.update_work_pool(pool, WorkPoolUpdate(concurrency_limit=limit))
         except ObjectNotFound:
-            client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
+            client.create_work_pool(WorkPoolCreate(name=pool, type="process", concurrency_limit=limit))
+    crash_unresponsive_runs(int(cfg.schedule.zombie_after_s))
+    for d in deps:   # a process worker runs each flow in a fresh temporary directory unless told where the code is
+        d.job_variables = {**(d.job_variables or {}), "working_dir": str(ROOT)}
     return [d.apply(work_pool_name=pool) for d in deps]
+
+
+ZOMBIES = "avr: crash runs without heartbeats"
+
+
+def crash_unresponsive_runs(after_s: int) -> None:
+    """The automation of Prefect's "detect zombie flows" guide, created once (by name) and kept at
+    `after_s`: a flow run that sent a heartbeat and then neither another nor a final state within
+    `after_s` seconds is set Crashed."""
+    from datetime import timedelta
+
+    from prefect.automations import Automation
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState
+    from prefect.events.schemas.automations import EventTrigger, Posture
+    from prefect.events.schemas.events import ResourceSpecification
+
+    trigger = EventTrigger(
+        after={"prefect.flow-run.heartbeat"},
+        expect={"prefect.flow-run.heartbeat", "prefect.flow-run.Completed", "prefect.flow-run.Failed",
+                "prefect.flow-run.Cancelled", "prefect.flow-run.Crashed"},
+        match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
+        for_each={"prefect.resource.id"}, posture=Posture.Proactive, threshold=1,
+        within=timedelta(seconds=after_s))
+    action = ChangeFlowRunState(state=StateType.CRASHED,
+                                message=f"no heartbeat for {after_s} s: the worker or its node died")
+    try:
+        old = Automation.read(name=ZOMBIES)
+    except ValueError:
+        old = None
+    if old is not None:
+        if old.trigger.within == trigger.within:
+            return
+        old.delete()
+    Automation(name=ZOMBIES, trigger=trigger, actions=[action]).create()
 
 
 def serve(preset: str = "tiny", overrides: list[str] = ()) -> None:
     """Register the deployments and serve them (blocks; Ctrl-C stops). Needs a real server:
-    `avr server`, or PREFECT_API_URL pointing at one."""
+    `avr server`, or PREFECT_API_URL pointing at one. At most `schedule.max_runs` runs at once, as
+    on a work pool (`deploy_to_pool`): more wait their turn."""
     from prefect import serve as prefect_serve
 
-    prefect_serve(*deployments(preset, overrides))
+    deps = deployments(preset, overrides)
+    prefect_serve(*deps, limit=int(load_config(preset, list(overrides)).schedule.max_runs))

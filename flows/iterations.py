@@ -15,6 +15,7 @@ import json
 from avr_core import iterations as core
 from avr_core.config import ConfigError
 from avr_core.store import ArtifactRef, Store
+from run_records.record import RunRecord
 from tasks.runtime import publish_plot
 from tasks.training import policy_of
 
@@ -43,7 +44,7 @@ def start(cfg: dict, prompt_rows: int) -> tuple[dict, range]:
                               f"the store any more; rebuild it or set iterate.continue_last=false")
         seed, first = policy_of(cfg, ref), last["iteration"] + 1
     todo = range(first, first + it["count"])
-    if todo.stop > 1:                              # iteration 0 alone: preflight (flows/runs.py) checked it
+    if todo.stop > 1:                              # iteration 0 alone: preflight (run_records/preflight.py) checked it
         core.check_slices(cfg["data"], prompt_rows, todo, core.stride(cfg["data"], it["prompt_stride"]),
                           source=cfg["data"]["prompts"])
     print(f"iterations {list(todo)} of chain {core.chain_id(cfg)}, starting from "
@@ -63,14 +64,14 @@ def next_seed(cfg: dict, stage1: dict, stage2: dict) -> dict:
     return stage1["model"] if cfg["iterate"]["model"] == "stage1" else stage2["model"]
 
 
-def record(cfg: dict, run: dict, t: int, seed: dict, stage1: dict, stage2: dict, signal: ArtifactRef) -> str:
+def record(cfg: dict, run: RunRecord, t: int, seed: dict, stage1: dict, stage2: dict, signal: ArtifactRef) -> str:
     """Write iteration t's record, then the chain's per-iteration table and plot (store + a
     Prefect artifact); returns the table as markdown."""
     from tasks.evaluate import SMOKE_LABEL, read_leaderboard, smoke_title
 
     store, chain = Store(cfg["store"]["root"]), core.chain_id(cfg)
     nxt = next_seed(cfg, stage1, stage2)
-    rec = {"iteration": t, "run": run["id"], "chain": chain, "seed": seed.get("artifact") or seed["path"],
+    rec = {"iteration": t, "run": run.id, "chain": chain, "seed": seed.get("artifact") or seed["path"],
            "stage1_model": str(stage1["model_ref"]), "stage2_model": str(stage2["model_ref"]),
            "next_model": nxt["artifact"], "model": cfg["iterate"]["model"],
            "slices": {s: cfg["data"][s] for s in core.TRAIN_SLICES},

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from prefect import flow
 
-from flows.params import RunParams
-from flows.runs import finish_run, release_all_engines, start_run
+from flows.params import RunParams, as_params
 from flows.stage1 import stage1
+from run_records.lifecycle import finish_run, release_all_engines, start_run
 from tasks import learning_signal as signal_tasks
 from tasks.scaling import tts_answers, tts_curve
 from tasks.synthesis import prompts, respond, rm_score
@@ -31,7 +31,8 @@ def greedy_heldout(cfg: dict) -> dict:
 @flow(name="avr-signal", log_prints=True, on_completion=[release_all_engines], on_failure=[release_all_engines],
       on_crashed=[release_all_engines])
 def signal_run(params: RunParams = RunParams(preset="signal")) -> dict:  # noqa: B008 (Prefect parameter)
-    run, cfg = start_run(params)
+    params = as_params(params)
+    run, cfg = start_run(params.preset, params.to_overrides(), params.model_dump())
     seed = cfg["policy"]
     s1 = stage1(cfg, seed)                                   # synthesis -> RSFT -> synthesis -> DPO
     heldout = prompts(cfg, "heldout")

@@ -15,9 +15,9 @@ from flows import iterations
 from flows.evaluate import evaluate, test_time_scaling
 from flows.learning_signal import signal_run
 from flows.params import RunParams, as_params
-from flows.runs import finish_run, release_all_engines, start_run
 from flows.stage1 import learning_signal, stage1
 from flows.stage2 import stage2
+from run_records.lifecycle import finish_run, release_all_engines, start_run
 
 
 @flow(name="avr-pipeline", log_prints=True, on_completion=[release_all_engines], on_failure=[release_all_engines],
@@ -26,8 +26,8 @@ def pipeline(params: RunParams = RunParams()) -> dict:  # noqa: B008 (Prefect pa
     params = as_params(params)
     if params.config().flow == "signal":           # stage 1 + learning signal + test-time scaling, no stage 2
         return signal_run(params)                 # (a subflow run: its artifacts are on the avr-signal run)
-    run, cfg = start_run(params)                   # validated, config saved, inputs checked: before any work
-    seed, pending = iterations.start(cfg, run["prompt_rows"])   # the policy, or the last completed iteration's model
+    run, cfg = start_run(params.preset, params.to_overrides(), params.model_dump())   # checked, saved: before any work
+    seed, pending = iterations.start(cfg, run.prompt_rows)   # the policy, or the last completed iteration's model
     for t in pending:
         c = iterations.config_for(cfg, t)          # iteration t: fresh prompt slices
         s1 = stage1(c, seed)                       # synthesis -> RSFT -> synthesis -> PO
@@ -35,7 +35,7 @@ def pipeline(params: RunParams = RunParams()) -> dict:  # noqa: B008 (Prefect pa
         s2 = stage2(c, s1["model"])                # search -> thoughts -> CoT RSFT -> thought pairs -> PO
         tts = test_time_scaling(c, s1["model"])    # R = 0..5 refinement rounds at inference
         board = evaluate(c, {"seed": seed, "rsft": s1["rsft"], "stage1": s1["model"], "stage2": s2["model"]},
-                         run["id"], t)
+                         run.id, t)
         iterations.record(c, run, t, seed, s1, s2, learned)     # per-iteration table + plot (win rate, scorer score)
         seed = iterations.next_seed(c, s1, s2)             # iteration t+1 starts from this iteration's model
     return finish_run(run, cfg, {"stage1_synthesis": s1["rsft_data"], "stage1_pairs": s1["pairs"],

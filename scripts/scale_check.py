@@ -132,7 +132,7 @@ def check_s3(work: Path) -> str:
         hits = sum(s["cached"] for s in rc["stages"])
         if hits != len(rc["stages"]) or rc["refs"] != ra["refs"]:
             raise AssertionError(f"rerun: {hits} of {len(rc['stages'])} stages cached; refs {rc['refs']}")
-        v = subprocess.run([sys.executable, "-m", "flows.cli", "artifacts", "verify", "--store", root], cwd=ROOT,
+        v = subprocess.run([sys.executable, "-m", "avr_cli", "artifacts", "verify", "--store", root], cwd=ROOT,
                            env=env, capture_output=True, text=True, timeout=120)
         if v.returncode != 0:
             raise AssertionError(f"avr artifacts verify on {root}: {v.stdout}{v.stderr}")

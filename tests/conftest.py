@@ -61,7 +61,7 @@ def _avr_server(tmp_path_factory, database_url: str | None):
         env["PREFECT_API_DATABASE_CONNECTION_URL"] = database_url
     log = home / "server.log"              # a file, not a pipe: a session's worth of output never blocks it
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "server", "--port", str(port)], env=env,
+        proc = subprocess.Popen([sys.executable, "-m", "avr_cli", "server", "--port", str(port)], env=env,
                                 cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}/api"
     try:

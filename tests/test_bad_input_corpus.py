@@ -17,7 +17,7 @@ from typing import Callable, NamedTuple
 
 import pytest
 
-from flows.cli import main
+from avr_cli.main import main
 
 
 class Case(NamedTuple):
@@ -129,6 +129,13 @@ CASES = [
          ["{d}/ds", "not a dataset"]),
     Case("prompts-unsupported-extension", _text("p.csv", "prompt\nhi\n"), _run("data.prompts={d}/p.csv"),
          ["{d}/p.csv", "unsupported file type '.csv'"]),
+    # issue 34: what json.loads raises besides JSONDecodeError, and text that parses but cannot be written
+    Case("prompts-integer-too-long", _text("p.jsonl", '{"prompt": "a"}\n{"prompt": "b", "id": ' + "9" * 5000 + "}\n"),
+         _run(P), ["{d}/p.jsonl:2", "invalid JSON", "more than 4300 digits"]),
+    Case("prompts-lone-surrogate", _jsonl("p.jsonl", OK, {"prompt": "caf\ud800"}),
+         _run(P), ["{d}/p.jsonl:2", "field 'prompt'", "not valid Unicode", "lone surrogate"]),
+    Case("prompts-nested-too-deep", _text("p.json", '[\n {"prompt": "a"},\n ' + "[" * 100_000 + "]" * 100_000 + "\n]"),
+         _run("data.prompts={d}/p.json"), ["{d}/p.json:3", "invalid JSON", "nested too deeply"]),
     # ---- eval files (eval.prompts): avr_core/evaluation/evalset.py ---------------------------
     Case("eval-missing-instruction", _jsonl("e.jsonl", {"instruction": "q", "output": "a"}, {"output": "b"}),
          _run(E), ["{d}/e.jsonl:2", "field 'instruction'", "missing"]),
@@ -139,7 +146,9 @@ CASES = [
     Case("eval-output-not-text", _jsonl("e.jsonl", {"instruction": "q", "output": 3}),
          _run(E), ["{d}/e.jsonl:1", "field 'output'", "must be text"]),
     Case("eval-missing-file", None, _run("eval.prompts={d}/none.json"), ["{d}/none.json", "not found"]),
-    # ---- configs: avr_core/config.py and the pre-flight checks in flows/runs.py --------------
+    Case("eval-lone-surrogate", _jsonl("e.jsonl", {"instruction": "q", "output": "a\udfff"}),
+         _run(E), ["{d}/e.jsonl:1", "field 'output'", "lone surrogate"]),
+    # ---- configs: avr_core/config.py and the pre-flight checks in run_records/preflight.py --------------
     Case("config-unknown-key", None, _run("policy.pth=x"), ["key 'policy.pth'"]),
     Case("config-wrong-type", None, _run("critique.k=abc"), ["key 'critique.k'", "abc"]),
     Case("config-wrong-type-bool", None, _run("policy.trust_remote_code=maybe"),
@@ -184,6 +193,10 @@ CASES = [
          ["run", "--preset", "{d}/my.yaml"], ["{d}/my.yaml:3", "key 'refine.m'"]),
     Case("config-yaml-not-a-mapping", _text("my.yaml", "- a\n- b\n"),
          ["run", "--preset", "{d}/my.yaml"], ["{d}/my.yaml"]),
+    Case("config-yaml-control-byte", _bytes("my.yaml", b"preset: mine\ncritique:\n  k: 2\x01\n"),
+         ["run", "--preset", "{d}/my.yaml"], ["{d}/my.yaml:3", "invalid YAML", "#x0001"]),
+    Case("config-yaml-missing-interpolation", _text("my.yaml", "preset: mine\ncritique:\n  k: ${nope.k}\n"),
+         ["run", "--preset", "{d}/my.yaml"], ["{d}/my.yaml:3", "key 'critique.k'", "'nope.k' not found"]),
     Case("config-command-rejects-too", None, ["config", "--preset", "tiny", "critique.k=0"], ["key 'critique.k'"]),
     # ---- key=value overrides -----------------------------------------------------------------
     Case("override-without-equals", None, _run("critique.k"), ["'critique.k'", "key=value"]),
@@ -191,6 +204,13 @@ CASES = [
     Case("override-space-in-key", None, _run("critique .k=3"), ["key=value"]),
     Case("override-section-with-scalar", None, _run("critique=3"), ["key 'critique'"]),
     Case("override-scalar-with-section", None, _run("critique.k.x=1"), ["critique.k"]),
+    Case("override-not-yaml", None, _run("critique.k=[1"), ["override 'critique.k=[1'", "key 'critique.k'",
+                                                          "not valid YAML"]),
+    Case("override-control-character", None, _run("data.prompts=a\x01b"), ["key 'data.prompts'",
+                                                                           "control character", "'\\x01'"]),
+    Case("override-newline", None, _run("policy.path=a\nb"), ["key 'policy.path'", "control character"]),
+    Case("override-missing-interpolation", None, _run("policy.path=${nope.key}"),
+         ["override 'policy.path=${nope.key}': key 'policy.path'", "'nope.key' not found"]),
     # ---- other commands ----------------------------------------------------------------------
     Case("eval-leaderboard-wrong-columns", _leaderboard("foo,bar\n1,2\n"), ["eval", "--store", "{d}/st"],
          ["{d}/st/leaderboard/leaderboard.csv", "line 1", "'win_rate'"]),

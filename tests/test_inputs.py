@@ -219,6 +219,14 @@ MALFORMED_JSONL = {
     "duplicate_ids": ([{"id": "x", "prompt": "a"}, ok(), {"id": "x", "prompt": "b"}], 3, "id", "line 1"),
     "duplicate_int_and_str_id": ([{"id": 5, "prompt": "a"}, {"id": "5", "prompt": "b"}], 2, "id", "line 1"),
     "duplicate_rows_without_id": ([{"prompt": "same"}, {"prompt": "same"}], 2, "id", "line 1"),
+    # issue 34: what json.loads raises besides JSONDecodeError, and strings that parse but cannot be written
+    "integer_too_long": ([ok(), '{"prompt": "a", "id": ' + "9" * 5000 + "}"], 2, None, "more than 4300 digits"),
+    "nested_too_deep": ([ok(), "[" * 100_000 + "]" * 100_000], 2, None, "nested too deeply"),
+    "lone_surrogate_prompt": ([ok(), {"prompt": "bad \ud800 text"}], 2, "prompt", "lone surrogate '\\ud800'"),
+    "lone_surrogate_answer": ([{"messages": [U("a"), A("b\udfff")]}], 1, "messages[1].content", "not valid Unicode"),
+    "lone_surrogate_id": ([{"id": "x\ud83d", "prompt": "a"}], 1, "id", "lone surrogate"),
+    "lone_surrogate_constraint": ([{"prompt": "a", "constraints": [{"id": "c", "kwargs": {"w": "\ud800"}}]}], 1,
+                                  "constraints[0].kwargs.w", "lone surrogate"),
 }
 
 
@@ -277,6 +285,21 @@ def test_json_errors_name_the_line_of_the_row(tmp_path):
     assert "JSON array" in str(load_error(str(path)))
     path.write_text('[{"prompt": "a"}, 7]', encoding="utf-8")
     assert_names(load_error(str(path)), path, 1, None)
+
+
+def test_json_number_and_nesting_errors_name_the_line_outside_strings(tmp_path):
+    """json.loads gives no position for these: the line is found by a scan that skips strings (a
+    prompt made of digits or brackets is text, not the problem)."""
+    path = tmp_path / "p.json"
+    path.write_text('[\n {"prompt": "' + "1" * 5000 + '"},\n {"prompt": "[[[[\\"",\n  "id": ' + "9" * 5000
+                    + "}\n]", encoding="utf-8")
+    err = load_error(str(path))
+    assert_names(err, path, 4, None)
+    assert "a number with more than 4300 digits" in str(err)
+    path.write_text('[\n {"prompt": "a"},\n ' + "[" * 100_000 + "]" * 100_000 + "\n]", encoding="utf-8")
+    err = load_error(str(path))
+    assert_names(err, path, 3, None)
+    assert "nested too deeply" in str(err)
 
 
 def test_parquet_wrong_columns(tmp_path):

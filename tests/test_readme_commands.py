@@ -44,7 +44,7 @@ class _Parsed(Exception):
 
 def parse_only(argv: list[str], monkeypatch) -> argparse.Namespace:
     """The Namespace `avr argv` would run with: main() stops right after its parser (nothing runs)."""
-    from flows.cli import main
+    from avr_cli.main import main
 
     real = argparse.ArgumentParser.parse_args
 

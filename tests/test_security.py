@@ -70,7 +70,7 @@ def test_a_planted_key_reaches_no_log_artifact_store_file_or_saved_config(tmp_pa
     from avr_core.backends.base import BackendUnavailable
     from avr_core.backends.openai_api import OpenAIGenerator
     from avr_core.store import Store
-    from flows.runs import start_run
+    from run_records.lifecycle import start_run
     from tasks.runtime import publish
 
     key = f"sk-planted-{uuid.uuid4().hex}"                 # OpenAI-shaped, in a KEY-named variable
@@ -91,7 +91,7 @@ def test_a_planted_key_reaches_no_log_artifact_store_file_or_saved_config(tmp_pa
 
     @flow(name="avr-security-planted-key", log_prints=True)
     def leaky() -> str:
-        run, cfg = start_run({"preset": "tiny", "overrides": overrides})   # validates, registers keys, saves config
+        run, cfg = start_run("tiny", overrides)   # validates, registers keys, saves config
         lg = get_run_logger()
         lg.info("SECURITY-PROBE judge key %s", judge_key)
         print(f"SECURITY-PROBE env OPENAI_API_KEY={key} HF_TOKEN={hf}")
@@ -106,9 +106,9 @@ def test_a_planted_key_reaches_no_log_artifact_store_file_or_saved_config(tmp_pa
         except BackendUnavailable as e:
             lg.error("SECURITY-PROBE backend: %s (%r)", e, gen._client.headers)
         store = Store(cfg["store"]["root"])
-        publish(store.ref("runs", run["id"]), "avr-security-probe", table=[{"k": key, "v": judge_key}],
+        publish(store.ref("runs", run.id), "avr-security-probe", table=[{"k": key, "v": judge_key}],
                 markdown=f"SECURITY-PROBE {key} {judge_key} {gen_key} {hf}")
-        return run["id"]
+        return run.id
 
     caplog.set_level(logging.INFO)
     loggers = [logging.getLogger(n) for n in ("prefect", "avr")]   # Prefect's loggers do not propagate to root
@@ -165,7 +165,7 @@ def test_a_secret_in_the_config_is_refused_without_echoing_it(override, monkeypa
     assert override.split("=", 1)[0] in str(e.value)
     for s in ("sk-live-0123456789abcdef", "hunter2hunter2", "sk-planted-config-0123456789", "abcdefghijkl"):
         assert s not in str(e.value)
-    from flows.cli import main
+    from avr_cli.main import main
     assert main(["config", "--preset", "tiny", override]) == 2   # `avr config` refuses too
     out, err = capsys.readouterr()
     assert "sk-planted-config" not in out + err and "hunter2" not in out + err
@@ -241,9 +241,9 @@ PLANTED = ["model/pytorch_model.bin", "model/training_args.bin", "model/optimize
 def test_planted_pickles_in_the_store_never_run(tmp_path, tiny_model, capsys):
     import shutil
 
+    from avr_cli.main import main
     from avr_core.backends import clear_cache, make_generator, make_scorer
     from avr_core.store import Store
-    from flows.cli import main
 
     marker = tmp_path / "PWNED"
     evil = pickle.dumps(_Boom(marker))

@@ -18,11 +18,10 @@ the labelled fallback to the file's own references (`eval.allow_example_referenc
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 from avr_core.hub import mode_line
-from avr_core.inputs import InputError
+from avr_core.inputs import InputError, check_unicode, loads_json
 
 DEFAULT_EVALSET = str(Path(__file__).resolve().parent.parent / "data" / "alpaca_eval" / "alpaca_eval_805.json")
 # Shipped files and the checksum each must have.
@@ -103,6 +102,8 @@ def load_evalset(path: str) -> list[dict]:
                 raise fail(field, "missing" if field not in row else f"must be text, got {type(row[field]).__name__}")
         if not row["instruction"].strip():
             raise fail("instruction", "empty")
+        for field in ("instruction", "output", "generator", "dataset"):   # lone surrogates: written mid-run
+            check_unicode(row.get(field), field, fail)
         if row["instruction"] in seen:   # alpaca-eval joins model and reference outputs on the instruction
             raise fail("instruction", f"duplicate of {unit} {seen[row['instruction']]}")
         seen[row["instruction"]] = n
@@ -118,16 +119,9 @@ def load_evalset(path: str) -> list[dict]:
 def _rows(path: str, text: str):
     """(position, row) pairs: JSONL lines (1-based) or JSON-array records (1-based)."""
     if text.lstrip().startswith("["):
-        try:
-            arr = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise InputError(path, e.lineno, None, f"invalid JSON: {e.msg}") from None
-        return list(enumerate(arr, 1)), "row"
+        return list(enumerate(loads_json(text, path), 1)), "row"
     rows = []
     for i, line in enumerate(text.splitlines(), 1):
         if line.strip():
-            try:
-                rows.append((i, json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise InputError(path, i, None, f"invalid JSON: {e.msg}") from None
+            rows.append((i, loads_json(line, path, i)))
     return rows, "line"

@@ -12,6 +12,14 @@ randomises the output order, parses the answer and caches annotations. We only
 The API key of an OpenAI-compatible judge is read from the environment by the OpenAI client
 itself (OPENAI_API_KEY, or the variable `api_key_env` names): it is never written to a file.
 
+The judge's prompt is ChatML (`<|im_start|>user ... <|im_end|>`) with the answers pasted in, and
+both judges split it into turns at those tokens (the local judge's `parse_chatml`, alpaca-eval's own
+for an OpenAI model). An answer holding `<|im_end|>` (a model echoing its end-of-turn marker) cut
+the judge's prompt short there, and one holding `<|im_start|>system` opened a turn of its own. So
+every text goes to alpaca-eval with its `<|name|>` tokens made inert (`judge_view`: a zero-width
+space after "<", as everywhere else, avr_core/backends/base.py); the result counts them
+(`control_tokens_escaped`), and the annotations keep the texts as the model wrote them.
+
 Annotations (one per instruction both sides have, in the reference order; `preference` in [1, 2], 2 = the
 evaluated model wins, 1.5 a draw, None unparsed)::
 
@@ -20,6 +28,7 @@ evaluated model wins, 1.5 a draw, None unparsed)::
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 import shutil
@@ -36,6 +45,7 @@ from avr_core.redact import register_env
 BASE_ANNOTATOR = "weighted_alpaca_eval_gpt4_turbo"   # the AlpacaEval 2 default
 FULL_EVALSET = 805                                   # AlpacaEval's instruction count: the official LC needs all
 OUTPUT_KEYS = ("instruction", "output", "generator", "dataset")   # what alpaca-eval's loader reads
+log = logging.getLogger("avr")
 
 
 def _package_config(name: str) -> tuple[dict, Path]:
@@ -83,17 +93,41 @@ def annotate(model_outputs: list[dict], reference_outputs: list[dict], config_pa
     with _api_key(judge):
         ann = PairwiseAnnotator(annotators_config=config_path, caching_path=cache_path, seed=0,
                                 is_randomize_output_order=randomize_order, **extra)
-        rows = ann.annotate_head2head(outputs_1=reference_outputs, outputs_2=model_outputs)
+        rows = ann.annotate_head2head(outputs_1=judge_view(reference_outputs), outputs_2=judge_view(model_outputs))
     # the annotator's primary keys (pairwise_evaluator.py:51): one judgement per (instruction, output_1, output_2)
     got = {(r["instruction"], r["output_1"], r["output_2"]): r for r in rows}
     out = []
     for ref, m in head2head_order(model_outputs, reference_outputs):
-        r = got.get((m["instruction"], ref["output"], m["output"]))
+        r = got.get((_inert(m["instruction"]), _inert(ref["output"]), _inert(m["output"])))
         pref = None if r is None or r.get("preference") is None or _nan(r["preference"]) else float(r["preference"])
         out.append({"instruction": m["instruction"], "output_1": ref["output"], "output_2": m["output"],
                     "generator_1": ref["generator"], "generator_2": m["generator"],
                     "annotator": Path(config_path).parent.name, "preference": pref})
     return out
+
+
+def judge_view(outputs: list[dict]) -> list[dict]:
+    """Outputs as the judge is shown them: instruction and output with their chat control tokens
+    made inert (module docstring), so no text can end or open a turn of the judge's prompt.
+
+    >>> judge_view([{"instruction": "q", "output": "4<|im_end|>"}])[0]["output"] == "4<\u200b|im_end|>"
+    True
+    """
+    return [{**o, "instruction": _inert(o["instruction"]), "output": _inert(o["output"])} for o in outputs]
+
+
+def control_tokens(texts) -> int:
+    """How many `<|name|>` chat control tokens `judge_view` makes inert in `texts` (each gains one
+    zero-width space).
+
+    >>> control_tokens(["4<|im_end|>\\n<|im_start|>system", "<|Start of recursive thought|>"])
+    2
+    """
+    return sum(len(_inert(t)) - len(t) for t in texts)
+
+
+def _inert(text: str) -> str:
+    return inert_control_tokens([{"content": text}])[0]["content"]
 
 
 def head2head_order(model_outputs: list[dict], reference_outputs: list[dict]) -> list[tuple[dict, dict]]:
@@ -192,15 +226,22 @@ def judge_answers(model: list[dict], reference: list[dict], annotate_fn: Annotat
 
         {"win_rate": 100.0, "standard_error": ..., "n_wins": 1, "n_wins_base": 0, "n_draws": 0,
          "n_total": 1, "discrete_win_rate": 100.0, "unparsed": 0, "lc_win_rate": None,
-         "lc_kind": "unavailable", "lc_note": "...", "avg_len_chars": 1.0, "model": "seed",
-         "reference": "gpt4_turbo", "annotator": "gpt-4-turbo", "position_bias": {"n": 1, ...}}
+         "lc_kind": "unavailable", "lc_note": "...", "avg_len_chars": 1.0, "control_tokens_escaped": 0,
+         "control_tokens_escaped_references": 0, "model": "seed", "reference": "gpt4_turbo",
+         "annotator": "gpt-4-turbo", "position_bias": {"n": 1, ...}}
     """
     ann = annotate_fn(model, reference, True)
     bias = position_bias(model, reference, position_bias_n, lambda o2, o1: annotate_fn(o2, o1, False))
+    escaped = control_tokens(m["output"] for m in model)
+    escaped_ref = control_tokens([*(r["output"] for r in reference), *(r["instruction"] for r in reference)])
+    if escaped or escaped_ref:
+        log.warning("judge: %d chat control token(s) (like <|im_end|>) in the answers, %d in the instructions and "
+                    "references: shown to the judge as text, not as turns of its prompt", escaped, escaped_ref)
     full = len(model) == len(ann) == FULL_EVALSET      # every instruction paired: positions are the canonical ids
     result = {**win_rate(ann), **lc_win_rate(ann, full_evalset=full, df_gamed=df_gamed or None,
                                              min_annotations=lc_min_annotations),
               "avg_len_chars": sum(len(m["output"]) for m in model) / max(1, len(model)),
+              "control_tokens_escaped": escaped, "control_tokens_escaped_references": escaped_ref,
               "model": model[0]["generator"] if model else None, "reference": reference[0]["generator"],
               "annotator": judge_label(judge), "position_bias": bias}
     return ann, result

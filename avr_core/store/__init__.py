@@ -2,7 +2,8 @@
 
 Layout (root is a path or any fsspec URL, e.g. s3://bucket/avr)::
 
-    <root>/<stage>/<key>/manifest.json    the commit: files (logical name -> sha256, bytes, object)
+    <root>/<stage>/<key>/manifest.json    the commit: files (logical name -> sha256, bytes, object),
+                                          and the sha256 of its own content (manifests.py)
     <root>/<stage>/<key>/data/...         a local store: files in place
     <root>/<stage>/<key>/attempts/<a>/... an object store: each attempt's own files (attempts.py)
     <root>/.locks/...                     locks and leases (leases.py)
@@ -10,7 +11,8 @@ Layout (root is a path or any fsspec URL, e.g. s3://bucket/avr)::
 An artifact without its manifest does not exist. A long stage commits shards as it goes; a
 restarted stage skips committed shards (their marker exists), so a kill loses at most the shard in
 flight and never duplicates a record. Nothing is ever pickled into the store. Every read through
-the store (`read_records`, `read_file`, `fetch`) is checked against the manifest's digests.
+the store (`read_records`, `read_file`, `fetch`) is checked against the manifest's digests, and the
+manifest against its own.
 
 Concurrency: `Store.lock(ref)` is an exclusive per-artifact lock that a stage holds around
 "exists? -> compute -> manifest", so two processes running the same stage with the same config
@@ -26,6 +28,7 @@ cache keyed by artifact key and manifest checksum (`Store.fetch`).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -36,7 +39,8 @@ from typing import Any, Iterable
 
 import fsspec
 
-from avr_core.store.attempts import ATTEMPTS, FORMAT_VERSION, MANIFEST, ArtifactWriter, sweep
+from avr_core.store import manifests
+from avr_core.store.attempts import ATTEMPTS, FORMAT_VERSION, ArtifactWriter, sweep
 from avr_core.store.leases import (
     LOCKS,
     ArtifactLockTimeout,
@@ -48,6 +52,7 @@ from avr_core.store.leases import (
     note_progress,
     worker_id,
 )
+from avr_core.store.manifests import MANIFEST
 from avr_core.store.objects import (
     IntegrityError,
     check_conditional_create,
@@ -147,8 +152,9 @@ class Store:
         return self.fs.exists(self._p(ref.stage, ref.key, MANIFEST))
 
     def manifest(self, ref: ArtifactRef) -> dict:
-        with self.fs.open(self._p(ref.stage, ref.key, MANIFEST), "r") as f:
-            return json.load(f)
+        """The artifact's manifest, checked against its own digest: `IntegrityError` in one line
+        naming the file if it is damaged (FileNotFoundError if there is none)."""
+        return manifests.parse(self.fs.cat_file(self._p(ref.stage, ref.key, MANIFEST)), self.url(ref, MANIFEST))
 
     def object_path(self, ref: ArtifactRef, rel: str, manifest: dict | None = None) -> str:
         """Where the file the manifest calls `rel` lives (an attempt's object on an object store)."""
@@ -203,7 +209,7 @@ class Store:
         from pathlib import Path
 
         raw = self.fs.cat_file(self.path(ref, MANIFEST))
-        manifest = json.loads(raw)
+        manifest = manifests.parse(raw, self.url(ref, MANIFEST))
         dest = Path(cache_dir or artifact_cache_dir()) / ref.stage / f"{ref.key}-{hashlib.sha256(raw).hexdigest()[:12]}"
         if dest.is_dir() and _sizes_match(dest, manifest):
             return str(dest)
@@ -266,8 +272,19 @@ class Store:
         name = f"{target.stage}.{target.key}" if isinstance(target, ArtifactRef) else str(target)
         if self.remote:
             self._check_server()
-            return lease(self, self._p(LOCKS, name), what, timeout, logger or log, stall_s=self.stall_s)
+            held = lease(self, self._p(LOCKS, name), what, timeout, logger or log, stall_s=self.stall_s)
+            return self._swept_after(held, target) if isinstance(target, ArtifactRef) else held
         return flock(self._p(LOCKS, f"{name}.lock"), what, timeout, logger or log)
+
+    @contextlib.contextmanager
+    def _swept_after(self, held, ref: ArtifactRef):
+        """An artifact's lease that, when released after a commit (or a cache hit), sweeps what a
+        stale holder wrote after the committing attempt's own sweep: late garbage never stays past
+        the next process that takes the artifact's lock (docs/RELIABILITY.md "Object stores")."""
+        with held:
+            yield
+            if not (held_state(self, ref) or {}).get("lost") and self.exists(ref):
+                sweep(self, ref)
 
     def write_atomic(self, path: str, data: bytes) -> None:
         """Write to a temporary name, fsync, then rename: readers see all of it or nothing. On an

@@ -10,15 +10,18 @@ On an object store every attempt writes under names no other attempt uses::
 so a stale holder (paused past its lease, then resumed) can never overwrite or mix into what another
 attempt wrote or committed: its files are garbage under its own name, and its commit fails. A
 restarted attempt resumes: it adopts the shards earlier attempts committed (their markers, read once
-when it starts) by copying them under its own name (a server-side copy on S3), so the manifest names
-exactly one attempt's files, every one with the digest recorded when it was written: finalize never
-re-reads the data to hash it. After a commit the other attempts' files are swept (`sweep`).
+when it starts) by copying them under its own name (a server-side copy on S3) and hashing the copy
+against the marker, so the manifest names exactly one attempt's files, every one with the digest
+recorded when it was written and checked before it is committed; a shard whose data no longer
+matches its marker is not adopted but computed again. After a commit the other attempts' files are
+swept (`sweep`), unfinished multipart uploads included.
 
 On a local store the kernel's `flock` makes one writer at a time a certainty, so files go in place
 (`<artifact>/data/...`, `<artifact>/shards/...`), where tools read them directly.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import platform
@@ -27,8 +30,12 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from avr_core.store.leases import LeaseLost, assert_lease, note_progress
+from avr_core.store import manifests
+from avr_core.store.leases import LeaseLost, assert_lease, commit, note_progress
+from avr_core.store.manifests import MANIFEST
 from avr_core.store.objects import (
+    IntegrityError,
+    abort_uploads,
     checked_bytes,
     digest,
     file_digest,
@@ -36,11 +43,9 @@ from avr_core.store.objects import (
     jsonl,
     local_file_meta,
     parse_jsonl,
-    put_exclusive,
     remove_tree,
 )
 
-MANIFEST = "manifest.json"
 FORMAT_VERSION = 2    # part of every cache key; 2: code versions by definition, not by file (issue 33)
 ATTEMPTS = "attempts"
 log = logging.getLogger("avr")
@@ -65,15 +70,17 @@ class ArtifactWriter:
         # where this attempt's files go: its own prefix on an object store, in place locally
         self.base = f"{self.dir}/{ATTEMPTS}/{self.attempt}" if store.remote else self.dir
         self.files: dict[str, dict] = {}      # logical name -> {sha256, bytes, object}: what this attempt wrote
-        self.markers: dict[int, dict] = self._earlier_markers()   # shard index -> marker (adopted or own)
+        self.markers: dict[int, dict] = self._adopt()   # shard index -> marker (adopted or own)
 
     # -- what earlier attempts left ------------------------------------------------------------
-    def _earlier_markers(self) -> dict[int, dict]:
-        """Shards committed before this attempt started (a killed run): read ONCE, here, under the
-        lock. A marker a stale holder writes later is never adopted."""
+    def _earlier_markers(self) -> dict[int, list[dict]]:
+        """Shard markers earlier attempts wrote (a killed run), per shard index, in path order: read
+        ONCE, when this attempt starts, under the lock. A marker a stale holder writes later is
+        never adopted; one that landed before this listing is (docs/RELIABILITY.md: only a marker,
+        never a shard's data, can land after a takeover)."""
         fs = self.store.fs
         where = f"{self.dir}/{ATTEMPTS}" if self.store.remote else f"{self.dir}/shards"
-        found: dict[int, dict] = {}
+        found: dict[int, list[dict]] = {}
         for p in files_under(fs, where):
             if p.rsplit("/", 2)[-2] != "shards" or not p.endswith(".json"):
                 continue
@@ -82,8 +89,45 @@ class ArtifactWriter:
             except (FileNotFoundError, ValueError):   # a marker is one PUT; a torn local one is no commit
                 continue
             if "files" in m:
-                found.setdefault(int(m["index"]), m)
+                found.setdefault(int(m["index"]), []).append(m)
         return found
+
+    def _adopt(self) -> dict[int, dict]:
+        """The earlier shards this attempt keeps: each shard's files made this attempt's (on an
+        object store a server-side copy under its own name) and hashed against the marker. A shard
+        whose data no longer matches its marker (a flipped bit, a truncated object) is not adopted:
+        it is computed again, rather than committed into an artifact that would fail `verify`."""
+        adopted: dict[int, dict] = {}
+        for index, candidates in sorted(self._earlier_markers().items()):
+            for m in candidates:
+                files = self._adopt_files(index, m)
+                if files is not None:
+                    adopted[index] = {**m, "files": files}
+                    break
+        return adopted
+
+    def _adopt_files(self, index: int, m: dict) -> dict[str, dict] | None:
+        """The marker's files as this attempt's (copied and checked), or None if one fails its check
+        (then no copy of this shard stays under this attempt's name: the shard is computed again)."""
+        files, fs = {}, self.store.fs
+        for rel, meta in m["files"].items():
+            if self.store.remote:
+                assert_lease(self.store, self.ref)
+                try:
+                    fs.cp_file(f"{self.dir}/{meta['object']}", f"{self.base}/{rel}")   # no glob
+                except FileNotFoundError:
+                    pass                  # reported by the check below, as missing
+                meta = {**meta, "object": self._object(rel)}
+            files[rel] = meta
+            try:
+                checked_bytes(fs, f"{self.dir}/{meta['object']}", meta, f"{self.ref}: {rel}", "marker")
+            except IntegrityError as e:
+                log.warning("%s (shard %d of attempt %s): not adopted, computed again", e, index, m.get("attempt"))
+                for copy in files if self.store.remote else ():
+                    with contextlib.suppress(FileNotFoundError):
+                        fs.rm_file(f"{self.base}/{copy}")
+                return None
+        return files
 
     def committed(self) -> set[int]:
         return set(self.markers)
@@ -140,7 +184,7 @@ class ArtifactWriter:
             meta = self.markers[i]["files"].get(rel)
             if meta is not None:
                 path = f"{self.dir}/{meta['object']}"
-                out.extend(parse_jsonl(checked_bytes(self.store.fs, path, meta, f"{self.ref}: {rel}")))
+                out.extend(parse_jsonl(checked_bytes(self.store.fs, path, meta, f"{self.ref}: {rel}", "marker")))
         return out
 
     def shard_counts(self) -> tuple[dict[str, int], dict[str, int]]:
@@ -156,8 +200,10 @@ class ArtifactWriter:
 
     # -- the commit ----------------------------------------------------------------------------
     def finalize(self, extra: dict | None = None, counts: dict | None = None):
-        """Write the manifest, last: on an object store a conditional create naming only this
-        attempt's files; a late holder's commit fails with `LeaseLost` (another attempt committed)."""
+        """Write the manifest, last, with its own digest (manifests.py): on an object store a
+        conditional create naming only this attempt's files, fenced by the lease's generation
+        (`leases.commit`): a holder whose lease was taken over, or that finds another manifest
+        committed, fails with `LeaseLost`."""
         assert_lease(self.store, self.ref)
         shard_counts, rows = self.shard_counts()
         files = {**self._shard_files(), **self.files}
@@ -175,13 +221,12 @@ class ArtifactWriter:
             **({"shard_workers": workers} if workers else {}),
             **(extra or {}),
         }
-        data = json.dumps(manifest, indent=2, default=str).encode()
+        data = manifests.seal(manifest)
         path = f"{self.dir}/{MANIFEST}"
         if not self.store.remote:
             self.store.write_atomic(path, data)   # under the flock: the one writer
             return self.ref
-        assert_lease(self.store, self.ref)
-        if not put_exclusive(self.store.fs, path, data):
+        if not commit(self.store, self.ref, path, data):
             sweep(self.store, self.ref, only=self.attempt)   # our files are garbage now
             raise LeaseLost(f"{self.ref}: another attempt committed this artifact first; its manifest stands "
                             "and this attempt's files were removed")
@@ -189,17 +234,9 @@ class ArtifactWriter:
         return self.ref
 
     def _shard_files(self) -> dict[str, dict]:
-        """Every committed shard's files, as this attempt's: adopted ones are copied under its name
-        first (server-side on S3), so the manifest names one attempt."""
-        files: dict[str, dict] = {}
-        for _, m in sorted(self.markers.items()):
-            for rel, meta in m["files"].items():
-                if self.store.remote and m.get("attempt") != self.attempt:
-                    assert_lease(self.store, self.ref)
-                    self.store.fs.cp_file(f"{self.dir}/{meta['object']}", f"{self.base}/{rel}")   # no glob
-                    meta = {**meta, "object": self._object(rel)}
-                files[rel] = meta
-        return files
+        """Every committed shard's files, all this attempt's (adopted ones were copied under its name
+        when it started), so the manifest names one attempt."""
+        return {rel: meta for _, m in sorted(self.markers.items()) for rel, meta in m["files"].items()}
 
     def _unrecorded_local_files(self, recorded: dict) -> dict[str, dict]:
         """Local store: files a tool wrote into the artifact directory itself (a trained model, the
@@ -226,21 +263,34 @@ class ArtifactWriter:
 
 def sweep(store, ref, only: str | None = None) -> int:
     """Remove attempts the manifest does not name (or just attempt `only`): a stale holder's or a
-    killed attempt's files. Returns how many attempts were removed. Never fails the caller."""
+    killed attempt's files, and their unfinished multipart uploads (a killed model upload, which no
+    listing of files shows). Returns how many attempts had files removed. Never fails the caller,
+    and never sweeps on the word of a manifest that fails its own check."""
     fs, base = store.fs, f"{store._p(ref.stage, ref.key)}/{ATTEMPTS}"
+    path = f"{store._p(ref.stage, ref.key)}/{MANIFEST}"
     try:
-        keep = None if only else json.loads(fs.cat_file(f"{store._p(ref.stage, ref.key)}/{MANIFEST}")).get("attempt")
-        names = [p.rsplit("/", 1)[-1] for p in fs.ls(base, detail=False)]
-    except (FileNotFoundError, ValueError):
+        keep = None if only else manifests.parse(fs.cat_file(path), path).get("attempt")
+    except (FileNotFoundError, IntegrityError):   # nothing committed (a live attempt may write), or damaged
         return 0
+    try:
+        names = [p.rsplit("/", 1)[-1] for p in fs.ls(base, detail=False)]
+    except FileNotFoundError:                     # no attempt has a file; one may have an unfinished upload
+        names = []
+
+    def gone_attempt(a: str) -> bool:
+        return (a == only) if only else (a != keep)
     gone = 0
     for a in names:
-        if (a == only) if only else (a != keep):
+        if gone_attempt(a):
             try:
                 remove_tree(fs, f"{base}/{a}")
                 gone += 1
             except Exception as e:  # noqa: BLE001  garbage left for the next sweep
                 log.warning("%s: could not remove attempt %s (%s)", ref, a, e)
+    try:    # an attempt whose only trace is an unfinished upload has no file for `ls` to list
+        abort_uploads(fs, base, keep=lambda p: not gone_attempt(p[len(base.rstrip("/")) + 1:].split("/", 1)[0]))
+    except Exception as e:  # noqa: BLE001
+        log.warning("%s: could not abort unfinished uploads (%s)", ref, e)
     return gone
 
 

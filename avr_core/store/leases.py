@@ -22,6 +22,15 @@ its `lease_s` and how often it is renewed. Three rules keep it honest:
 A lost lease raises `LeaseLost` at the holder's next write (every write path calls `assert_lease`).
 A write already past that check when the holder froze still cannot harm the taker: every attempt
 writes under its own names (avr_core/store/attempts.py) and only the committed manifest says which.
+
+The commit itself is fenced by the generation (`commit`): the holder of generation g commits by
+creating generation g+1 with its manifest in it, a conditional create, and only then the manifest.
+A taker also needs g+1, so of a stale holder's commit and a takeover exactly one wins: a holder
+whose generation was taken over can no longer commit, even if it passed `assert_lease` just before
+it froze. A commit record counts as released; whoever reads it next creates the manifest from it
+(`_finish_commit`: the same bytes, so whichever of the two creates lands first, the other agrees),
+which covers a holder frozen between its commit record and its manifest. Once the manifest exists
+the holder rewrites the record as a plain release.
 """
 from __future__ import annotations
 
@@ -74,7 +83,7 @@ def assert_lease(store, ref) -> None:
     """Raise `LeaseLost` unless this process may still write `ref`: called before every write. A
     no-op on a local store and for an artifact this process holds no lease on."""
     state = held_state(store, ref)
-    if state is None:
+    if state is None or state.get("committed"):   # committed: nothing more of it is written, or fenced
         return
     if state.get("lost"):
         raise LeaseLost(f"{ref}: lease lost ({state['lost']}); this process stops writing it")
@@ -83,6 +92,42 @@ def assert_lease(store, ref) -> None:
         state["lost"] = f"not renewed for {quiet:.0f} s"
         raise LeaseLost(f"{ref}: lease not renewed for {quiet:.0f} s (over 2/3 of lease_s={state['lease_s']:g}); "
                         "another process may have taken it over, so this one stops writing it")
+
+
+def commit(store, ref, path: str, data: bytes) -> bool:
+    """Create `path` (the manifest of `ref`) with `data`, as THE commit of `ref`: True if this is
+    the artifact's manifest now (ours, or a taker finished our commit with our bytes), False if
+    another manifest stands. Under a lease the commit is fenced by the generation (module
+    docstring): `LeaseLost` if a taker holds the next generation. Without a lease (a local store, or
+    a caller that took none) it is the plain conditional create."""
+    state = held_state(store, ref)
+    if state is None:
+        return put_exclusive(store.fs, path, data)
+    assert_lease(store, ref)
+    d, gen = lock_path(store, f"{ref.stage}.{ref.key}"), state["gen"]
+    record = {"commit": {"path": path, "data": data.decode()}, "holder": state["me"], "gen": gen + 1}
+    state["closing"] = True            # our own next generation is no takeover: the heartbeat stops
+    if not put_exclusive(store.fs, f"{d}/{_lease_name(gen + 1)}", json.dumps(record).encode()):
+        state["lost"] = "taken over before its commit"
+        raise LeaseLost(f"{ref}: lease taken over before this process committed; its commit is refused "
+                        "(the process that took over commits)")
+    state["committed"] = gen + 1
+    if not put_exclusive(store.fs, path, data):
+        return False
+    # The manifest exists: the record becomes a plain release, so a manifest deleted by hand later (to
+    # have the artifact computed again) is not created anew from it by the next process to lock it.
+    with contextlib.suppress(Exception):
+        store.fs.pipe_file(f"{d}/{_lease_name(gen + 1)}", json.dumps(
+            {"released": True, "committed": True, "holder": state["me"], "gen": gen + 1}).encode())
+    return True
+
+
+def _finish_commit(fs, record: dict) -> None:
+    """A commit record read as the top generation: create its manifest if its holder has not (it
+    died or froze between the two creates). The same bytes: if the holder's own create lands too,
+    `put_exclusive` on either side sees its own content and agrees."""
+    c = record["commit"]
+    put_exclusive(fs, c["path"], c["data"].encode())
 
 
 def note_progress(store, ref) -> None:
@@ -181,7 +226,9 @@ def generations(fs, d: str) -> list[int]:
 
 
 def _acquire(fs, d: str, me: str, what: str, lease_s: float, timeout: float | None, log, poll_s: float):
-    """Wait for the lease in `d` and take it: (generation, generations seen when taken)."""
+    """Wait for the lease in `d` and take it: (generation, generations seen when taken, the
+    monotonic time the taking create was SENT: the holder's first "renewal", as conservative as
+    the later ones)."""
     t0, warned, seen = time.monotonic(), False, {}    # (gen, seq) -> when this process first saw it
     body = {"holder": me, "seq": 0, "what": what, "lease_s": lease_s, "renew_every_s": lease_s / 3}
     while True:
@@ -195,16 +242,20 @@ def _acquire(fs, d: str, me: str, what: str, lease_s: float, timeout: float | No
                 continue
             expiry = max(lease_s, float(cur.get("lease_s") or 0))   # the holder's own setting counts too
             first = seen.setdefault((top, cur.get("seq")), time.monotonic())
-            if cur.get("released"):
+            if "commit" in cur:         # committed (module docstring): made whole, then free
+                _finish_commit(fs, cur)
+                take = True
+            elif cur.get("released"):
                 take = True
             elif time.monotonic() - first >= expiry:
                 log.warning("%s: lease of %s not renewed for %.0f s: taking it over", what, cur.get("holder"),
                             time.monotonic() - first)
                 take = True
+        sent = time.monotonic()
         if take and put_exclusive(fs, f"{d}/{_lease_name(top + 1)}", json.dumps({**body, "gen": top + 1}).encode()):
             if warned:
                 log.info("%s: lease acquired after %.1f s waiting", what, time.monotonic() - t0)
-            return top + 1, gens
+            return top + 1, gens, sent
         if not take:
             warned = still_waiting(log, what, lambda c=cur: c.get("holder"), f"lease {d}",
                                    f", taken over after {lease_s:g} s without renewal", timeout, t0, warned)
@@ -222,12 +273,12 @@ def lease(store, d: str, what: str, timeout: float | None, log: logging.Logger, 
             return
     fs, lease_s = store.fs, store.lease_s
     me = f"{worker_id()} since={time.strftime('%H:%M:%S')}"
-    gen, older = _acquire(fs, d, me, what, lease_s, timeout, log, poll_s)
+    gen, older, sent = _acquire(fs, d, me, what, lease_s, timeout, log, poll_s)
     for g in older:             # older generations are history: only the highest counts
         with contextlib.suppress(FileNotFoundError):
             fs.rm_file(f"{d}/{_lease_name(g)}")
     now = time.monotonic()
-    state: dict = {"gen": gen, "lease_s": lease_s, "renewed": now, "progress": now, "lost": None}
+    state: dict = {"gen": gen, "lease_s": lease_s, "renewed": sent, "progress": now, "lost": None, "me": me}
     stop = threading.Event()
     beat = threading.Thread(target=_heartbeat, args=(fs, d, gen, me, what, state, stop, stall_s, log),
                             name=f"lease:{what}", daemon=True)
@@ -240,13 +291,15 @@ def lease(store, d: str, what: str, timeout: float | None, log: logging.Logger, 
         beat.join()
         _unhold(d)
         if not state.get("lost"):
-            _release(fs, d, gen, me)
+            _release(fs, d, gen, me, committed=bool(state.get("committed")))
 
 
-def _release(fs, d: str, gen: int, me: str) -> None:
-    """The next generation says "released" (a waiter takes it at once); then drop our own."""
+def _release(fs, d: str, gen: int, me: str, committed: bool = False) -> None:
+    """The next generation says "released" (a waiter takes it at once); then drop our own. After a
+    commit the next generation is the commit record, which a waiter reads as released."""
     with contextlib.suppress(Exception):
-        put_exclusive(fs, f"{d}/{_lease_name(gen + 1)}", json.dumps({"released": True, "holder": me}).encode())
+        if not committed:
+            put_exclusive(fs, f"{d}/{_lease_name(gen + 1)}", json.dumps({"released": True, "holder": me}).encode())
         fs.rm_file(f"{d}/{_lease_name(gen)}")
 
 
@@ -254,6 +307,8 @@ def _heartbeat(fs, d: str, gen: int, me: str, what: str, state: dict, stop: thre
                stall_s: float | None, log) -> None:
     seq, every = 0, state["lease_s"] / 3
     while not stop.wait(every):
+        if state.get("closing"):       # committing: the next generation is our own commit record
+            return
         if stall_s and time.monotonic() - state["progress"] > stall_s:
             state["lost"] = f"given up: no progress for {stall_s:g} s (store.stall_s)"
             log.error("%s: no progress for %.0f s (store.stall_s=%g): giving up the lease so another process can "
@@ -264,6 +319,8 @@ def _heartbeat(fs, d: str, gen: int, me: str, what: str, state: dict, stop: thre
         try:
             gens = generations(fs, d)
             if not gens or gens[-1] != gen:   # a taker created the next generation (or removed ours)
+                if state.get("closing"):
+                    return
                 top = gens[-1] if gens else None
                 taker = json.loads(fs.cat_file(f"{d}/{_lease_name(top)}")).get("holder") if top is not None else None
                 state["lost"] = f"taken over by {taker or 'another process'}"

@@ -75,12 +75,45 @@ def files_under(fs, base: str) -> list[str]:
 
 
 def remove_tree(fs, base: str) -> None:
-    """Remove every file below `base`, one by one (`fs.rm(recursive=True)` globs its argument)."""
+    """Remove every file below `base`, one by one (`fs.rm(recursive=True)` globs its argument), and
+    abort the unfinished multipart uploads below it (a killed model upload): their parts are no
+    object, so no listing shows them, yet they are stored and billed until aborted."""
     for p in files_under(fs, base):
         try:
             fs.rm_file(p)
         except FileNotFoundError:
             pass
+    abort_uploads(fs, base)
+
+
+def pending_uploads(fs, prefix: str) -> list[dict]:
+    """The unfinished multipart uploads whose key starts with `prefix` (a path of `fs`), as
+    {"path", "upload_id", "initiated"}; none on a filesystem that has no such thing (local, memory)."""
+    if not hasattr(fs, "call_s3"):       # s3fs; other object stores' partial uploads are not handled here
+        return []
+    bucket, key, _ = fs.split_path(prefix)
+    key = key.rstrip("/") + "/" if key else ""    # below `prefix`: never a sibling that starts alike
+    out, marks = [], {}
+    while True:
+        page = fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=key, **marks)
+        out += [{"path": f"{bucket}/{u['Key']}", "upload_id": u["UploadId"], "initiated": str(u.get("Initiated", ""))}
+                for u in page.get("Uploads") or []]
+        if not page.get("IsTruncated"):
+            return out
+        marks = {"KeyMarker": page["NextKeyMarker"], "UploadIdMarker": page["NextUploadIdMarker"]}
+
+
+def abort_uploads(fs, prefix: str, keep=lambda path: False) -> int:
+    """Abort every unfinished multipart upload below `prefix` except those `keep(path)` names;
+    returns how many were aborted."""
+    n = 0
+    for u in pending_uploads(fs, prefix):
+        if keep(u["path"]):
+            continue
+        bucket, key, _ = fs.split_path(u["path"])
+        fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=u["upload_id"])
+        n += 1
+    return n
 
 
 def storage_options(root: str) -> dict:
@@ -108,17 +141,29 @@ def digest(data: bytes) -> dict:
     return {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
 
 
-def checked_bytes(fs, path: str, meta: dict, what: str) -> bytes:
+# What recorded a file's digest -> what a mismatch means. A shard marker's files are not committed
+# yet (an attempt in progress, or one a taker adopts): saying "changed after it was committed" of
+# them would send the reader looking for a committed artifact that was never damaged.
+_RECORDED_BY = {
+    "manifest": ("its manifest names", "differs from its manifest (the file changed after it was committed); "
+                 "`avr artifacts verify` lists every problem"),
+    "marker": ("its shard marker names", "differs from its shard marker (the file changed after its shard was "
+               "written, before any commit)"),
+}
+
+
+def checked_bytes(fs, path: str, meta: dict, what: str, recorded_by: str = "manifest") -> bytes:
     """The bytes of `path`, refused with `IntegrityError` (one line naming the file) unless they match
-    the digest `meta` recorded when they were written. Hashing while reading is cheap next to the read."""
+    the digest `meta` recorded when they were written; `recorded_by`: "manifest" (a committed file)
+    or "marker" (a shard not committed yet). Hashing while reading is cheap next to the read."""
+    names, differs = _RECORDED_BY[recorded_by]
     try:
         data = fs.cat_file(path)
     except FileNotFoundError:
-        raise IntegrityError(f"{what}: missing from the store (its manifest names {path}); "
+        raise IntegrityError(f"{what}: missing from the store ({names} {path}); "
                              "`avr artifacts verify` lists every problem") from None
     if hashlib.sha256(data).hexdigest() != meta["sha256"]:
-        raise IntegrityError(f"{what}: sha256 differs from its manifest (the file changed after it was committed); "
-                             "`avr artifacts verify` lists every problem")
+        raise IntegrityError(f"{what}: sha256 {differs}")
     return data
 
 

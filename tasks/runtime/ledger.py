@@ -1,7 +1,7 @@
 """What this process records about its stage calls: the run's logger, the wall-time table
 (`STAGE_LOG`), which artifacts it computed rather than found (`COMPUTED`), and one line per engine
 start or weight reload. Flows run their stages one after another in the flow's own process, so
-plain module-level lists suffice; the run record (flows/runs.py) reads them at the end."""
+plain module-level lists suffice; the run record (run_records/lifecycle.py) reads them at the end."""
 from __future__ import annotations
 
 import logging

@@ -52,7 +52,7 @@ def test_preflight_stops_cuda_on_a_machine_without_it(monkeypatch):
     from omegaconf import OmegaConf
 
     from avr_core.config import ConfigError, load_config
-    from flows.runs import preflight
+    from run_records.preflight import preflight
 
     monkeypatch.setenv("AVR_FORCE_NO_CUDA", "1")
     for key in ("scorer.device", "generator.device", "po.device", "eval.judge.device"):

@@ -59,6 +59,39 @@ def test_malformed_override(bad):
         parse_overrides([bad])
 
 
+@pytest.mark.parametrize("item, starts, phrase", [
+    # issue 34: each was a YAML or OmegaConf traceback (or a line naming no key)
+    ("critique.k=[1", "override 'critique.k=[1': key 'critique.k': not valid YAML", "expected ',' or ']'"),
+    ("policy.path=a: b: c", "override 'policy.path=a: b: c': key 'policy.path': not valid YAML", "quote it"),
+    ("policy.path=${bad", "override 'policy.path=${bad': key 'policy.path': ", "${bad"),
+    ("data.prompts=a\x01b", "override 'data.prompts=a\\x01b': key 'data.prompts': a control character",
+     "'\\x01', character 15"),
+    ("policy.path=a\nb", "override 'policy.path=a\\nb': key 'policy.path': a control character", "'\\n'"),
+    ("policy.path=${nope.key}", "override 'policy.path=${nope.key}': key 'policy.path': ", "'nope.key' not found"),
+    ("store.root=${oc.env:AVR_NO_SUCH_VAR}", "override 'store.root=${oc.env:AVR_NO_SUCH_VAR}': key 'store.root': ",
+     "AVR_NO_SUCH_VAR"),
+])
+def test_a_bad_override_is_one_line_naming_the_item_and_key(item, starts, phrase):
+    with pytest.raises(ConfigError) as e:
+        load_config("tiny", [item])
+    assert str(e.value).startswith(starts) and phrase in str(e.value), str(e.value)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("text, line, phrase", [
+    (b"preset: mine\ncritique:\n  k: 2\n  x\x01: 3\n", 4, "unacceptable character #x0001"),
+    (b"preset: mine\x07\n", 1, "unacceptable character #x0007"),
+    (b"preset: mine\ncritique:\n  k: \xff\n", 3, "not UTF-8"),
+    (b"preset: mine\ncritique:\n  k: ${nope.x}\n", 3, "key 'critique.k': Interpolation key 'nope.x' not found"),
+])
+def test_a_preset_file_with_control_bytes_or_a_dangling_interpolation_is_one_line(tmp_path, text, line, phrase):
+    p = tmp_path / "mine.yaml"
+    p.write_bytes(text)
+    with pytest.raises(ConfigError) as e:
+        load_config(str(p))
+    assert str(e.value).startswith(f"{p}:{line}: ") and phrase in str(e.value) and "\n" not in str(e.value)
+
+
 def test_unknown_key_in_a_preset_file_names_file_and_key(tmp_path):
     p = tmp_path / "mine.yaml"
     p.write_text("critique:\n  kay: 3\n")

@@ -45,3 +45,16 @@ def test_jsonl_lines_and_invalid_json(tmp_path):
         load_evalset(str(f))
     f.write_text('{"instruction": "a", "output": "x", "generator": "gpt4_turbo"}\n')
     assert load_evalset(str(f))[0]["reference_generator"] == "gpt4_turbo"
+
+
+@pytest.mark.parametrize("line, phrase", [
+    ('{"instruction": "a", "output": "x\\ud800"}', "field 'output': not valid Unicode"),
+    ('{"instruction": "a", "output": ' + "1" * 5000 + "}", "more than 4300 digits"),
+    ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+])
+def test_what_json_reads_but_cannot_use_is_one_line_naming_the_line(tmp_path, line, phrase):
+    f = tmp_path / "mine.jsonl"
+    f.write_text('{"instruction": "q", "output": "x"}\n' + line + "\n")
+    with pytest.raises(InputError) as e:
+        load_evalset(str(f))
+    assert str(e.value).startswith(f"{f}:2: ") and phrase in str(e.value) and "\n" not in str(e.value)

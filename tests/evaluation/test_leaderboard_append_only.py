@@ -91,7 +91,7 @@ def test_a_rerun_replaces_its_rows_and_never_doubles_them(tmp_path):
 
 
 def test_a_damaged_row_file_is_one_line_naming_the_file(tmp_path, capsys):
-    from flows.cli import main
+    from avr_cli.main import main
 
     store = Store(str(tmp_path))
     lb.append(store, _rows("r1"))

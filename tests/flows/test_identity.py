@@ -109,7 +109,7 @@ def test_hub_id_offline_without_a_cached_snapshot_is_one_clear_line(tmp_path):
 
 def test_preflight_names_the_config_key(tmp_path):
     from avr_core.config import ConfigError
-    from flows.runs import check_identities
+    from run_records.preflight import check_identities
 
     cfg = {"policy": {"path": "org/absent"}, "generator": {"kind": "hf"}, "scorer": {"kind": "rules"}}
     with pytest.raises(ConfigError, match=r"^key 'policy.path': model 'org/absent': the hub is offline"):

@@ -8,12 +8,12 @@ import json
 import pytest
 
 import flows.pipeline as fp
+from avr_cli.main import main
 from avr_core import catalog, compare
 from avr_core.config import ConfigError
 from avr_core.evaluation import leaderboard as lb
 from avr_core.store import Store
 from flows import iterations as it
-from flows.cli import main
 from flows.params import RunParams
 from tasks.runtime import policy_identity
 from tasks.training import policy_of
@@ -59,9 +59,9 @@ def fake_stages(monkeypatch):
     monkeypatch.setattr(fp, "learning_signal", signal)
     monkeypatch.setattr(fp, "test_time_scaling", lambda cfg, model: art(cfg, "tts_curve", {"m": model["path"]}))
     monkeypatch.setattr(fp, "evaluate", evaluate)
-    import flows.runs
+    import run_records.lifecycle as lifecycle
     published = []   # no Prefect API here (the UI test shows the artifacts): collect what would be published
-    for mod, name in ((flows.runs, "publish"), (flows.runs, "publish_plot"), (it, "publish_plot")):
+    for mod, name in ((lifecycle, "publish"), (lifecycle, "publish_plot"), (it, "publish_plot")):
         monkeypatch.setattr(mod, name, lambda ref, key, *a, **k: published.append(key))
     return calls
 

@@ -10,7 +10,8 @@ import pytest
 from omegaconf import OmegaConf
 from prefect import flow
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+from prefect.runtime import flow_run
 
 import tasks.synthesis as t
 from avr_core.config import load_config
@@ -34,9 +35,11 @@ class HeldGenerator(FakeGenerator):
         return super().generate(conversations, params)
 
 
-def progress_values(key: str) -> list[float]:
+def progress_values(key: str, flow_run_id) -> list[float]:
+    """The progress artifacts `key` of one flow run (other tests' runs share the harness's database)."""
     with get_client(sync_client=True) as c:
-        arts = c.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+        arts = c.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key]),
+                                                               flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
     return [a.data for a in arts if a.type == "progress"]
 
 
@@ -48,23 +51,26 @@ def test_a_sharded_stage_shows_its_progress_while_it_runs(tmp_path, monkeypatch)
                                                       "shard_size=2", "respond.use_dataset_answer=false"]),
                                  resolve=True)
 
+    result = {}
+
     @flow(name="progress-test")
     def answers():
+        result["flow_run_id"] = flow_run.id
         return t.respond(cfg, cfg["policy"], t.prompts(cfg, "stage1_sft"))
 
-    result, runner = {}, threading.Thread(target=lambda: result.update(ref=answers()), daemon=True)
+    runner = threading.Thread(target=lambda: result.update(ref=answers()), daemon=True)
     runner.start()
     assert gen.held.wait(120), "the stage never reached its second shard"
     seen = []
     for _ in range(100):                                   # a bound against hanging, not a timing check
-        seen = progress_values("progress-respond")
+        seen = progress_values("progress-respond", result["flow_run_id"])
         if seen:
             break
         time.sleep(0.2)
     gen.release.set()
     runner.join(120)
     assert seen == [pytest.approx(100 / 3, abs=0.1)], seen    # 1 of 3 shards, while the 2nd was held
-    assert result["ref"] and progress_values("progress-respond") == [100.0]
+    assert result["ref"] and progress_values("progress-respond", result["flow_run_id"]) == [100.0]
 
 
 def test_training_steps_reach_the_progress_hook(tmp_path):

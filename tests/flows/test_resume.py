@@ -63,14 +63,14 @@ def test_resume_after_a_late_failure_redoes_nothing_before_it(tmp_path, monkeypa
 
 @pytest.mark.slow
 def test_a_failed_run_ends_with_one_line_and_resumes_by_its_run_id(tmp_path, monkeypatch, gens, capsys):
-    """`avr run`'s path (flows/cli.py `_run_flow`): a failure in critique ends with one line naming
+    """`avr run`'s path (avr_cli/run.py `run_flow`): a failure in critique ends with one line naming
     the stage, what is kept and `avr resume <run id>`, its traceback logged once; resuming by that
     id recomputes critique and what follows it, nothing before it."""
     import json
     import logging
 
-    from flows.cli import _run_flow
-    from flows.resume import resumer
+    from avr_cli.resume import resumer
+    from avr_cli.run import run_flow
 
     logged = []
     handler = logging.Handler()
@@ -79,7 +79,7 @@ def test_a_failed_run_ends_with_one_line_and_resumes_by_its_run_id(tmp_path, mon
         logging.getLogger(name).addHandler(handler)
     monkeypatch.setenv("AVR_FAIL_TASK", "critique")
     try:
-        rc = _run_flow(lambda: synthesis_run({"preset": "tiny", "overrides": overrides(tmp_path)}), ["run"])
+        rc = run_flow(lambda: synthesis_run({"preset": "tiny", "overrides": overrides(tmp_path)}), ["run"])
     finally:
         for name in ("prefect.flow_runs", "prefect.task_runs"):
             logging.getLogger(name).removeHandler(handler)
@@ -93,7 +93,7 @@ def test_a_failed_run_ends_with_one_line_and_resumes_by_its_run_id(tmp_path, mon
     assert record["flow"] == "avr-synthesis-run" and record["flow_run_id"] and record["failed"]["stage"] == "critique"
 
     again, resumes = resumer(failed[:12], str(tmp_path))         # a unique prefix of the run id
-    assert resumes == failed and _run_flow(again, ["resume", failed], resumes) == 0
+    assert resumes == failed and run_flow(again, ["resume", failed], resumes) == 0
     [resumed] = [p.name for p in (tmp_path / "runs").iterdir() if p.name != failed]
     summary = json.loads((tmp_path / "runs" / resumed / "summary.json").read_text())
     assert [(s["task"], s["cached"]) for s in summary["stages"]] == [

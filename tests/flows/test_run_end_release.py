@@ -2,7 +2,7 @@
 from avr_core import backends
 from flows.learning_signal import signal_run
 from flows.pipeline import pipeline
-from flows.runs import release_all_engines
+from run_records.lifecycle import release_all_engines
 
 
 class FakeKeptEngine:   # control flow only: records its close()

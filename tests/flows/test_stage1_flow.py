@@ -119,8 +119,8 @@ def test_run_records_resolved_config_and_summary(tmp_path, backends):
 
     import yaml
 
-    from flows.runs import finish_run, start_run
-    run, cfg = start_run({"preset": "tiny", "overrides": [f"store.root={tmp_path}", "critique.k=3"]})
+    from run_records.lifecycle import finish_run, start_run
+    run, cfg = start_run("tiny", [f"store.root={tmp_path}", "critique.k=3"])
     ref = synthesis(cfg, cfg["policy"], "stage1_sft")
     summary = finish_run(run, cfg, {"stage1_synthesis": ref})
     runs = list((tmp_path / "runs").iterdir())

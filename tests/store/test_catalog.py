@@ -4,9 +4,9 @@ import json
 
 import pytest
 
+from avr_cli.main import main
 from avr_core import catalog
 from avr_core.store import Store
-from flows.cli import main
 
 
 @pytest.fixture()

@@ -183,3 +183,40 @@ def test_reentry_is_per_thread_another_thread_waits(tmp_path):
         order.append("released")
     t.join(5)
     assert order == ["nested", "released", "thread"]
+
+
+def test_a_commit_whose_generation_a_taker_created_is_refused_and_writes_no_manifest(memstore, monkeypatch):
+    """The commit fence in one process (the frozen-holder version: test_store_takeover_s3.py): a
+    taker's generation lands after our last lease check, right before our commit's create."""
+    ref = memstore.ref("critique", "k6")
+    real = leases.put_exclusive
+
+    def takeover_first(fs, path, data):
+        if b'"commit"' in data:
+            assert real(fs, path, json.dumps({"holder": "taker:1", "seq": 0}).encode())
+        return real(fs, path, data)
+    monkeypatch.setattr(leases, "put_exclusive", takeover_first)
+    with pytest.raises(LeaseLost, match="taken over before this process committed"):
+        with memstore.lock(ref):
+            w = memstore.writer(ref.stage, ref.key, {}, [], "v1")
+            w.commit_shard(0, {"records": [{"id": 1}]}, {})
+            w.finalize()
+    assert not memstore.exists(ref)
+
+
+def test_a_committed_record_becomes_a_release_so_a_deleted_manifest_stays_deleted(memstore):
+    ref = _artifact_locked(memstore, "k7")
+    d = memstore.path(".locks", "critique.k7")
+    top = json.loads(memstore.fs.cat_file(f"{d}/lease-00000001.json"))
+    assert top["released"] and "commit" not in top                     # no manifest left in the lease
+    memstore.fs.rm_file(memstore.path(ref, "manifest.json"))            # by hand: compute it again
+    with memstore.lock(ref, timeout=1.0):
+        assert not memstore.exists(ref)
+
+
+def _artifact_locked(store, key):
+    ref = store.ref("critique", key)
+    with store.lock(ref):
+        w = store.writer(ref.stage, ref.key, {}, [], "v1")
+        w.commit_shard(0, {"records": [{"id": 1}]}, {})
+        return w.finalize()

@@ -179,7 +179,7 @@ def test_avr_artifacts_commands_read_an_s3_store(store):
     env = {**os.environ}
 
     def avr(*args):
-        return subprocess.run([sys.executable, "-m", "flows.cli", "artifacts", *args, "--store", root], cwd=ROOT,
+        return subprocess.run([sys.executable, "-m", "avr_cli", "artifacts", *args, "--store", root], cwd=ROOT,
                               env=env, capture_output=True, text=True, timeout=120)
     out = avr("list")
     assert out.returncode == 0 and "critique/c1" in out.stdout and "respond/a1" in out.stdout, out.stderr

@@ -39,12 +39,15 @@ def test_five_sigkills_then_resume_equal_an_uninterrupted_run(chaos_run):
 
 
 def _refinalize(artifact: Path, rel: str, rows: dict | None = None) -> None:
-    """Make the manifest agree with a changed file, as a resume that wrote bad data would."""
+    """Make the manifest agree with a changed file, as a resume that wrote bad data would (sealed
+    with its own digest, as the store writes it: the comparison, not the digest, must catch it)."""
+    from avr_core.store.manifests import seal
+
     m = json.loads((artifact / "manifest.json").read_text())
     data = (artifact / rel).read_bytes()
     m["files"][rel] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
     m["rows"].update(rows or {})
-    (artifact / "manifest.json").write_text(json.dumps(m))
+    (artifact / "manifest.json").write_bytes(seal(m))
 
 
 def _damage_duplicate(root: Path) -> None:

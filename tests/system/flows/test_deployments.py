@@ -108,7 +108,7 @@ def test_a_run_triggered_like_the_ui_validates_its_parameters_first(server, tmp_
     override fails that run at once, naming the key, before any stage."""
     root = ROOT
     env = {**server["env"], "AVR_STORE": str(tmp_path / "store")}
-    serve = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--preset", "tiny"], env=env, cwd=root,
+    serve = subprocess.Popen([sys.executable, "-m", "avr_cli", "serve", "--preset", "tiny"], env=env, cwd=root,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         r = subprocess.run([sys.executable, "-c", TRIGGER], env=env, capture_output=True, text=True, timeout=400,

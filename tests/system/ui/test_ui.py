@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[3]
 SHOTS = Path(os.environ.get("AVR_UI_SCREENSHOTS") or ROOT / "tests" / "ui" / "screenshots")
 CHROMIUM = os.environ.get("AVR_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 DEPLOYMENT = "avr-synthesis-run-tiny"
+SUBMITS = 20
 QUICK = "data.stage1_sft=[0,2]"         # the one override the user adds: 2 prompts
 # the deployments' own defaults (shown in the form's Overrides list): short answers, one critique,
 # one refinement, so the tiny synthesis takes a minute or two on 2 busy cores
@@ -56,13 +57,15 @@ def browser_ok():
 
 
 @pytest.fixture(scope="module")
-def ui(browser_ok, avr_server_pg, tmp_path_factory):
+def ui(browser_ok, request, tmp_path_factory):
     """`avr serve --preset tiny` against the session's `avr server` on PostgreSQL (as deployed; on
-    SQLite a busy database answers the form's submit with 503); yields the UI's base URL."""
-    avr_server = avr_server_pg
+    SQLite a busy database answers the form's submit with 503), or on SQLite with
+    AVR_UI_DATABASE=sqlite (the README's figure for the embedded default); yields the UI's base URL."""
+    sqlite = os.environ.get("AVR_UI_DATABASE") == "sqlite"
+    avr_server = request.getfixturevalue("avr_server" if sqlite else "avr_server_pg")
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     with open(log, "wb") as out:
-        serve = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--preset", "tiny", *SERVE], cwd=ROOT,
+        serve = subprocess.Popen([sys.executable, "-m", "avr_cli", "serve", "--preset", "tiny", *SERVE], cwd=ROOT,
                                  env={**avr_server["env"], "AVR_STORE": str(tmp_path_factory.mktemp("default-store"))},
                                  stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{avr_server['port']}"
@@ -232,3 +235,25 @@ def test_a_bad_override_fails_the_run_at_once_naming_the_key(ui, page, tmp_path)
     page.get_by_text("critique.kk").first.wait_for()                     # the key, on the run's page
     shot(page, "ui-bad-override")
     assert not (tmp_path / "store").exists()                             # nothing was written
+
+
+def test_the_form_holds_under_load(ui, page, tmp_path):
+    """Issue 35: the form submitted 20 times in a row while the first run computes (`avr serve` runs
+    one at a time, `schedule.max_runs`; the others queue): every submit creates its run and no API
+    call of the UI fails. README "Deploy" gives the figure for SQLite."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    store, t0 = str(tmp_path / "store"), time.time()
+    for _ in range(SUBMITS):
+        open_form(page, ui["base"])
+        fill_form(page, store, QUICK)
+        page.get_by_role("button", name="Submit").click()
+        page.wait_for_url("**/deployments/deployment/**tab=Runs**", wait_until="commit")
+    print(f"{SUBMITS} submits in {time.time() - t0:.0f} s; failed API calls: {len(page.failed_api)}", flush=True)
+    assert page.failed_api == []
+    with temporary_settings({PREFECT_API_URL: f"{ui['base']}/api"}), get_client(sync_client=True) as c:
+        runs = c.read_flow_runs(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[DEPLOYMENT])))
+    assert sum(r.parameters["params"].get("store_root") == store for r in runs) == SUBMITS
+    assert sum(r.state.type.value == "RUNNING" for r in runs) <= 1              # one at a time

@@ -10,11 +10,12 @@ from __future__ import annotations
 import pytest
 from omegaconf import OmegaConf
 
+from avr_cli import supervisor
+from avr_cli.main import main
 from avr_core.backends import device as dev
 from avr_core.config import ConfigError, load_config
-from flows import supervisor
-from flows.cli import main
-from flows.runs import TRAINED, check_gpus, preflight, start_run
+from run_records.lifecycle import start_run
+from run_records.preflight import TRAINED, check_gpus, preflight
 
 ONE_GPU = "1 is visible on this machine (CUDA_VISIBLE_DEVICES is not set)"
 
@@ -71,7 +72,7 @@ def test_avr_run_refuses_a_gpus_list_naming_a_missing_device(gpus, nothing_runs,
 def test_a_deployment_run_is_refused_before_its_run_record(gpus, tmp_path):
     gpus(1)
     with pytest.raises(ConfigError, match=r"^key 'scorer.gpus': \[3\] names device\(s\) \[3\], but 1 is visible"):
-        start_run({"preset": "tiny", "overrides": [f"store.root={tmp_path}", "scorer.gpus=[3]"]})
+        start_run("tiny", [f"store.root={tmp_path}", "scorer.gpus=[3]"])
     assert not tmp_path.joinpath("runs").exists()
 
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from avr_cli.main import main
 from avr_core.config import ConfigError, load_config
 from avr_core.inputs import InputError
-from flows.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -66,7 +66,7 @@ def test_paper_without_references_is_one_line_error_tiny_falls_back(hub_unreacha
 def test_serve_without_api_url_refuses_in_one_line_and_starts_nothing(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     env.update(PREFECT_HOME=str(tmp_path / "home"), PYTHONPATH=str(REPO))
-    out = subprocess.run([sys.executable, "-m", "flows.cli", "serve", "--preset", "tiny"], env=env, cwd=tmp_path,
+    out = subprocess.run([sys.executable, "-m", "avr_cli", "serve", "--preset", "tiny"], env=env, cwd=tmp_path,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and out.stdout == ""
     assert out.stderr.count("\n") == 1 and "export PREFECT_API_URL=http://127.0.0.1:4200/api" in out.stderr
@@ -131,7 +131,7 @@ def test_artifacts_list_names_a_missing_store_or_stage(tmp_path, capsys):
 def test_a_closed_pipe_is_no_traceback():
     r, w = os.pipe()
     os.close(r)                                             # like `| head` that has stopped reading
-    out = subprocess.run([sys.executable, "-m", "flows.cli", "config", "--preset", "tiny"], stdout=w,
+    out = subprocess.run([sys.executable, "-m", "avr_cli", "config", "--preset", "tiny"], stdout=w,
                          stderr=subprocess.PIPE, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
     os.close(w)
     assert out.returncode == 141 and "Traceback" not in out.stderr, out.stderr

@@ -1,6 +1,6 @@
 """The end of a run fits on a screen (issue #24): where the outputs are, the wall-time table, the
 learning signal and test-time scaling as numbers, and THIS run's leaderboard rows only, once."""
-from flows.runs import end_of_run
+from run_records.report import end_of_run
 
 
 def _row(run: str, model: str, wr: float) -> dict:

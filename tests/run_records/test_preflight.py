@@ -7,10 +7,10 @@ import pytest
 from omegaconf import OmegaConf
 
 import flows.pipeline as fp
+from avr_cli.main import main
 from avr_core.config import ConfigError, load_config
-from flows.cli import main
 from flows.params import PRESETS, RunParams
-from flows.runs import preflight
+from run_records.preflight import preflight
 
 
 def _cfg(preset, *overrides):

@@ -45,7 +45,7 @@ def supervise(argv: list[str]) -> int:
     got: list[int] = []
     for s in (signal.SIGTERM, signal.SIGINT):
         signal.signal(s, lambda sig, _frame: got.append(sig))
-    worker = subprocess.Popen([sys.executable, "-m", "flows.cli", *argv], env={**os.environ, TOKEN_ENV: token},
+    worker = subprocess.Popen([sys.executable, "-m", "avr_cli", *argv], env={**os.environ, TOKEN_ENV: token},
                               start_new_session=True)
     try:
         while worker.poll() is None and not got:
@@ -109,9 +109,9 @@ def _end_worker(sig: int) -> None:
 
 
 def record_run(flow_run_id: str | None, resume: str) -> None:
-    """Called as a run starts (flows/runs.py start_run): tell the supervisor, if any, the resume
-    command and flow run id (for the stop line) and the API the run reports to (whether waiting
-    on it makes sense)."""
+    """Called as a run starts (run_records/lifecycle.py start_run, through the launch that
+    avr_cli/run.py `run_flow` opens): tell the supervisor, if any, the resume command and flow run
+    id (for the stop line) and the API the run reports to (whether waiting on it makes sense)."""
     if not is_worker():
         return
     from prefect.context import FlowRunContext

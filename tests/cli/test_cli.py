@@ -2,7 +2,7 @@
 import subprocess
 import sys
 
-from flows.cli import main
+from avr_cli.main import main
 
 
 def run(argv, capsys):
@@ -35,7 +35,7 @@ def test_config_command_prints_the_resolved_config(capsys):
 
 
 def test_console_script_is_installed():
-    out = subprocess.run([sys.executable, "-m", "flows.cli", "config", "--preset", "tiny"],
+    out = subprocess.run([sys.executable, "-m", "avr_cli", "config", "--preset", "tiny"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "force_rating: true" in out.stdout
 

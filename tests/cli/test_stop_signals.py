@@ -1,6 +1,6 @@
 """Stopping is prompt (issue #23): SIGTERM or Ctrl-C ends a real `avr run` mid-stage within 30 s,
 with one line saying how to resume, no tracebacks, no process of the run left behind, and the
-flow run recorded Crashed on a server that outlives it (flows/supervisor.py)."""
+flow run recorded Crashed on a server that outlives it (avr_cli/supervisor.py)."""
 import os
 import re
 import signal
@@ -38,7 +38,7 @@ def _stop_mid_stage(tmp_path, env: dict, sig: int, group: bool) -> tuple[int, fl
     mark = f"AVR_STOP_TEST={token}"
     log = tmp_path / "avr.log"
     with open(log, "wb") as out:   # own session: a group signal reaches this run only, not pytest
-        proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", "--preset", "tiny",
+        proc = subprocess.Popen([sys.executable, "-m", "avr_cli", "run", "--preset", "tiny",
                                  f"store.root={tmp_path / 'store'}"], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
                                 env={**env, "AVR_STOP_TEST": token}, start_new_session=True)
     try:
