@@ -53,6 +53,7 @@ def run(args) -> int:
 def resumer(run: str, store_root: str | None = None) -> tuple[Callable[[], object], str | None]:
     """(what to call to resume `run`, the avr run id it resumes); ValueError naming the problem."""
     from avr_core.store import Store
+    from avr_core.store.probe import probe
     from run_records.resume import UUID, find_run, local_config, read_record
 
     if UUID.match(run):
@@ -60,7 +61,10 @@ def resumer(run: str, store_root: str | None = None) -> tuple[Callable[[], objec
         return lambda: resume(run), None
     from flows.params import RunParams
 
-    store = Store(store_root or os.environ.get("AVR_STORE") or "./artifacts")
+    root = store_root or os.environ.get("AVR_STORE") or "./artifacts"
+    if problem := probe(root) if "://" in root and not root.startswith("file://") else None:
+        raise ValueError(problem)                  # before any read retries against a store that is not there
+    store = Store(root)
     run_id = find_run(store, run)
     record = read_record(store, run_id)
     flow, extra = flow_of(record, store, run_id)

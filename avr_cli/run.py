@@ -4,6 +4,7 @@ worker process that SIGTERM or Ctrl-C stops in seconds (avr_cli/supervisor.py sa
 failure ends with one line (run_records/failure.py). `run_flow` is shared with `avr resume`."""
 from __future__ import annotations
 
+import signal
 import sys
 
 from avr_cli import supervisor
@@ -43,12 +44,18 @@ def _run(params, argv: list[str]) -> int:
 def run_flow(call, argv: list[str], resumes: str | None = None) -> int:
     """Run a flow in this (the worker) process. A failure ends with one line: the stage, the
     error, what is kept and the resume command; its traceback is in the log above, once."""
-    from run_records.failure import failure_line
+    from prefect.exceptions import TerminationSignal
+
+    from run_records.failure import failed_stage, failure_line
     from run_records.record import launched
 
     with launched(argv, resumes, on_start=_tell_supervisor) as launch:
         try:
             call()
+        except TerminationSignal as e:      # SIGTERM: run.json says it stopped, and where
+            if launch.run is not None:
+                launch.run.record_stop(signal.Signals(e.signal).name, failed_stage(e) or _in_flight())
+            raise
         except Exception as e:
             line = failure_line(e, launch.run)
             if line is None:       # it failed before the run started: nothing to resume
@@ -61,3 +68,10 @@ def run_flow(call, argv: list[str], resumes: str | None = None) -> int:
 def _tell_supervisor(run) -> None:
     """As the run starts: the supervisor (if any) learns its flow run id and resume command, for the stop line."""
     supervisor.record_run(run.flow_run_id, run.resume_command())
+
+
+
+def _in_flight() -> str | None:
+    """The stage call this process began last: the one a signal between traceback frames interrupted."""
+    from tasks.runtime.ledger import STARTED
+    return STARTED[-1] if STARTED else None

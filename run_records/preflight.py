@@ -10,6 +10,7 @@ from pathlib import Path
 from avr_core.config import ConfigError
 from avr_core.iterations import ALL_SLICES, check_slices
 from avr_core.model_refs import model_ref_problem
+from avr_core.store.probe import probe
 from tasks.evaluate import validate_evalset
 from tasks.runtime import policy_identity, scorer_identity
 from tasks.synthesis import validate_prompts
@@ -101,8 +102,11 @@ def check_schedule(cfg: dict) -> None:
 
 
 def _check_store_root(root: str) -> None:
-    """A local store root must be (or be creatable as) a writable directory; URLs are not checked."""
+    """A local store root must be (or be creatable as) a writable directory; an object store must
+    take a write within seconds (avr_core/store/probe.py)."""
     if "://" in root and not root.startswith("file://"):
+        if problem := probe(root):
+            raise ConfigError(f"key 'store.root': {problem}")
         return
     p = Path(root.removeprefix("file://")).expanduser().absolute()
     if p.exists() and not p.is_dir():

@@ -70,10 +70,17 @@ class RunRecord:
 
     def record_failure(self, stage: str | None, error: str) -> None:
         """The failed run's run.json says where it failed (best effort: the failure line is what counts)."""
+        self._note("failed", {"stage": stage, "error": error, "at": time.time()})
+
+    def record_stop(self, signal_name: str, stage: str | None) -> None:
+        """A run stopped by a signal says so in run.json, with the stage it was in: not a running run."""
+        self._note("stopped", {"signal": signal_name, "stage": stage, "at": time.time()})
+
+    def _note(self, key: str, value: dict) -> None:
         store = Store(self.store)
         with contextlib.suppress(Exception):
             record = json.loads(store.fs.cat_file(self.path("run.json")))
-            record["failed"] = {"stage": stage, "error": error, "at": time.time()}
+            record[key] = value
             store.write_atomic(self.path("run.json"), json.dumps(record, indent=2, default=str).encode())
 
     def resume_command(self) -> str:

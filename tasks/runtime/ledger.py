@@ -23,6 +23,7 @@ STAGE_LOG: list[dict] = []
 
 
 COMPUTED: set[str] = set()   # artifacts this process computed (not cache hits): for STAGE_LOG
+STARTED: list[str] = []      # every stage call this process began, as it began: the one a signal interrupts
 
 
 def log_engine_events(stage_name: str, events: list[dict]) -> None:

@@ -24,7 +24,7 @@ from avr_core.catalog import verify
 from avr_core.codeversion import CodeVersion
 from avr_core.store import ArtifactRef, LeaseLost, Store, cache_key, sweep
 from tasks.runtime.keys import Spec, named_models, stage_code
-from tasks.runtime.ledger import COMPUTED, STAGE_LOG, log_engine_events, logger
+from tasks.runtime.ledger import COMPUTED, STAGE_LOG, STARTED, log_engine_events, logger
 from tasks.runtime.output import Output
 from tasks.runtime.publish import publish_stage
 from tasks.runtime.ray_workers import Expect, environment
@@ -181,6 +181,7 @@ class StageTask(Task):
         t0 = time.perf_counter()
         built = len(backends.builds())
         COMPUTED.discard(str(ref))
+        STARTED.append(self.name)
         try:
             return super().__call__(*args, **kwargs)
         finally:

@@ -182,7 +182,6 @@ def test_worker_computes_the_drivers_environment_and_refuses_on_a_difference(tmp
         bad.run([{"id": "x"}], 0)
 
 
-@pytest.mark.system
 @pytest.mark.slow
 def test_ray_workers_on_other_code_refuse_before_any_shard(tmp_path):
     """Real Ray actors; the driver's expectation carries another code version (as a node on

@@ -251,8 +251,10 @@ def test_the_form_holds_under_load(ui, page, tmp_path):
         fill_form(page, store, QUICK)
         page.get_by_role("button", name="Submit").click()
         page.wait_for_url("**/deployments/deployment/**tab=Runs**", wait_until="commit")
-    print(f"{SUBMITS} submits in {time.time() - t0:.0f} s; failed API calls: {len(page.failed_api)}", flush=True)
-    assert page.failed_api == []
+    # requests the browser itself cancels when the test navigates to the next form are not failures
+    failed = [f for f in page.failed_api if not f.endswith("net::ERR_ABORTED")]
+    print(f"{SUBMITS} submits in {time.time() - t0:.0f} s; failed API calls: {len(failed)}", flush=True)
+    assert failed == []
     with temporary_settings({PREFECT_API_URL: f"{ui['base']}/api"}), get_client(sync_client=True) as c:
         runs = c.read_flow_runs(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[DEPLOYMENT])))
     assert sum(r.parameters["params"].get("store_root") == store for r in runs) == SUBMITS

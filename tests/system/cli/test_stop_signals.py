@@ -1,6 +1,7 @@
 """Stopping is prompt (issue #23): SIGTERM or Ctrl-C ends a real `avr run` mid-stage within 30 s,
 with one line saying how to resume, no tracebacks, no process of the run left behind, and the
 flow run recorded Crashed on a server that outlives it (avr_cli/supervisor.py)."""
+import json
 import os
 import re
 import signal
@@ -14,7 +15,7 @@ import httpx
 import pytest
 
 pytestmark = [pytest.mark.system, pytest.mark.slow]
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def _marked(mark: str) -> list[str]:
@@ -43,7 +44,7 @@ def _stop_mid_stage(tmp_path, env: dict, sig: int, group: bool) -> tuple[int, fl
                                 env={**env, "AVR_STOP_TEST": token}, start_new_session=True)
     try:
         deadline = time.monotonic() + 180
-        while "respond:" not in log.read_text(errors="replace"):   # the stage's progress bar
+        while not list((tmp_path / "store" / ".locks").glob("respond.*.lock")):   # the stage holds its lock
             assert proc.poll() is None, f"avr run ended before its first stage:\n{log.read_text()[-3000:]}"
             assert time.monotonic() < deadline, f"no stage running after 180 s:\n{log.read_text()[-3000:]}"
             time.sleep(0.5)
@@ -78,6 +79,8 @@ def test_sigterm_to_avr_ends_it_promptly_and_the_server_records_the_run_crashed(
     flow_run_id = _resume_id(after, "SIGTERM")
     state = httpx.get(f"{avr_server['url']}/flow_runs/{flow_run_id}", timeout=10).json()["state"]["type"]
     assert state == "CRASHED"                      # `avr resume` reads its parameters from here
+    (record,) = [json.loads(p.read_text()) for p in (tmp_path / "store" / "runs").glob("*/run.json")]
+    assert record["stopped"]["signal"] == "SIGTERM" and record["stopped"]["stage"] == "respond", record
 
 
 def test_ctrl_c_to_the_process_group_ends_it_promptly_with_the_temporary_server(tmp_path):
