@@ -6,21 +6,6 @@ from __future__ import annotations
 
 import pytest
 
-from tests.s3server import BUCKET, moto_s3
-
-
-@pytest.fixture(scope="module")
-def s3():
-    with moto_s3() as env:
-        yield env
-
-
-@pytest.fixture
-def store(s3, request):
-    from avr_core.store import Store
-
-    return Store(f"s3://{BUCKET}/{request.node.name}", lease_s=1.0)
-
 
 def _killed_upload(store, path: str) -> str:
     """What a model upload killed after its first part leaves: an unfinished multipart upload (the

@@ -16,22 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.s3server import BUCKET, moto_s3
-
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def s3():
-    with moto_s3() as env:
-        yield env
-
-
-@pytest.fixture
-def store(s3, request):
-    from avr_core.store import Store
-
-    return Store(f"s3://{BUCKET}/{request.node.name}", lease_s=1.0)
 
 
 def _artifact(store, stage="respond", key="k1", n=3):

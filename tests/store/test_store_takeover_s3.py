@@ -19,8 +19,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.s3server import BUCKET, moto_s3
-
 pytestmark = pytest.mark.slow     # each case waits out one lease time (1 s) in a child process
 ROOT = Path(__file__).resolve().parents[2]
 CHILD = r"""
@@ -69,19 +67,6 @@ try:
 except LeaseLost as e:
     print("LEASELOST", e, flush=True)
 """
-
-
-@pytest.fixture(scope="module")
-def s3():
-    with moto_s3() as env:
-        yield env
-
-
-@pytest.fixture
-def store(s3, request):
-    from avr_core.store import Store
-
-    return Store(f"s3://{BUCKET}/{request.node.name}", lease_s=1.0)
 
 
 class Child:
