@@ -159,9 +159,14 @@ def judge(out: Output, cfg: dict, answers: ArtifactRef, prompts: ArtifactRef) ->
     reference = reference_outputs(store.read_records(prompts))
     fixed = cache.replace(".json", ".fixed-order.json")   # own cache: the main pass randomises the order
 
+    passes, done = out.progress(1 + bool(cfg["eval"]["position_bias_n"]), "judging passes"), []
+
     def annotate_fn(outputs_2, outputs_1, randomize):
-        return annotate(outputs_2, outputs_1, config_path, cache if randomize else fixed, jcfg,
-                        randomize_order=randomize)
+        annotated = annotate(outputs_2, outputs_1, config_path, cache if randomize else fixed, jcfg,
+                             randomize_order=randomize)
+        done.append(randomize)
+        passes.update(len(done))             # the main pass, then the position-bias pass
+        return annotated
     t0 = time.time()
     ann, result = judge_answers(model, reference, annotate_fn, jcfg, cfg["eval"]["position_bias_n"],
                                 cfg["eval"]["df_gamed"], lc_min_annotations=cfg["eval"]["lc_min_annotations"])
