@@ -57,8 +57,8 @@ def resumer(run: str, store_root: str | None = None) -> tuple[Callable[[], objec
     from run_records.resume import UUID, find_run, local_config, read_record
 
     if UUID.match(run):
-        from flows.deploy import resume
-        return lambda: resume(run), None
+        from flows.deploy import resume, resumed_run
+        return lambda: resume(run), resumed_run(run)
     from flows.params import RunParams
 
     root = store_root or os.environ.get("AVR_STORE") or "./artifacts"

@@ -62,6 +62,8 @@ def run_flow(call, argv: list[str], resumes: str | None = None) -> int:
                 raise
             print(line, file=sys.stderr, flush=True)
             return 1
+    if launch.report:      # the end of the run on stdout, after the logs (stderr): `avr run ... > report.txt`
+        print(launch.report, flush=True)
     return 0
 
 

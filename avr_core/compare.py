@@ -13,6 +13,9 @@ manifest's `result`: learning signal, win rate, ...); then the leaderboard rows 
 from __future__ import annotations
 
 import json
+import os
+
+import yaml
 
 from avr_core.store import Store
 
@@ -131,9 +134,38 @@ def compare(store: Store, a_id: str, b_id: str) -> dict:
                        "metrics": diff(_numbers(ma.get("result")), _numbers(mb.get("result"))) if ma and mb else {},
                        "wall_s": ((ra or {}).get("wall_s"), (rb or {}).get("wall_s"))})
     return {"a": a_id, "b": b_id, "a_wall_s": a.get("wall_s"), "b_wall_s": b.get("wall_s"),
-            "config": diff(_flat(a.get("params") or {"overrides": a.get("overrides")}),
-                           _flat(b.get("params") or {"overrides": b.get("overrides")})),
+            "config": diff(resolved_config(store, a_id, a), resolved_config(store, b_id, b)),
             "stages": stages, "leaderboard": leaderboard_deltas(store, a_id, b_id)}
+
+
+def resolved_config(store: Store, run_id: str, run: dict) -> dict:
+    """The run's resolved config (runs/<id>/config.yaml) as dotted keys, so two runs of the same
+    config compare equal however they were given: a preset and overrides, or a resume's saved
+    config.yaml. A local store root counts by its absolute path. A run without config.yaml (older
+    records): the parameters it was given.
+
+    >>> flat_config({"critique": {"k": 3, "tags": ["a"]}, "store": {"root": "x"}})
+    {'critique.k': 3, 'critique.tags': '["a"]', 'store.root': 'x'}
+    """
+    try:
+        cfg = yaml.safe_load(store.fs.cat_file(store.path(RUNS, run_id, "config.yaml")))
+    except FileNotFoundError:
+        return _flat(run.get("params") or {"overrides": run.get("overrides")})
+    flat = flat_config(cfg or {})
+    root = flat.get("store.root")
+    if isinstance(root, str) and "://" not in root:
+        flat["store.root"] = os.path.abspath(root)
+    return flat
+
+
+def flat_config(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out |= flat_config(v, f"{prefix}{k}.")
+        else:
+            out[f"{prefix}{k}"] = json.dumps(v) if isinstance(v, (list, dict)) else v
+    return out
 
 
 def _flat(d: dict) -> dict:

@@ -289,8 +289,8 @@ class ScheduleConfig:
     max_runs: int = 1                # flow runs at once on the `avr deploy` work pool: a second run waits
                                      #   (Scheduled, then Late) while the first holds the node's GPUs
     zombie_after_s: int = 600        # `avr deploy`'s automation marks a Running run Crashed after this long
-                                     #   without a heartbeat (runs beat every PREFECT_FLOWS_HEARTBEAT_FREQUENCY
-                                     #   seconds, 180 by default: keep this above twice that)
+                                     #   without a heartbeat (the deployments and `avr serve` make runs beat
+                                     #   three times in it: flows/deploy.py heartbeat_s)
 
 
 @dataclass

@@ -11,6 +11,7 @@ work (`start_run`): a bad override fails at once, naming the key.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -117,6 +118,24 @@ DESCRIPTION = {
 }
 
 
+def resumed_run(flow_run_id: str) -> str:
+    """Whom `avr resume <flow-run UUID>` resumes, for its run record: the avr run id, which names
+    the flow run (run_records/record.py `name_flow_run`), else the UUID itself (a run that died
+    before it was named)."""
+    from uuid import UUID
+
+    from prefect.client.orchestration import get_client
+
+    from run_records.resume import RUN_ID
+
+    try:
+        with get_client(sync_client=True) as client:
+            name = client.read_flow_run(UUID(flow_run_id)).name
+    except Exception:  # noqa: BLE001 -- the resume itself reports a missing run or server
+        return flow_run_id
+    return name if RUN_ID.match(name or "") else flow_run_id
+
+
 def resume(flow_run_id: str) -> dict:
     """Run a failed or crashed run again, with its own parameters read from the Prefect API:
     finished stages come back from cache and a half-finished sharded stage continues from its
@@ -160,9 +179,19 @@ def deploy_to_pool(preset: str = "tiny", overrides: list[str] = (), pool: str = 
         except ObjectNotFound:
             client.create_work_pool(WorkPoolCreate(name=pool, type="process", concurrency_limit=limit))
     crash_unresponsive_runs(int(cfg.schedule.zombie_after_s))
+    beat = {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(heartbeat_s(cfg.schedule.zombie_after_s))}
     for d in deps:   # a process worker runs each flow in a fresh temporary directory unless told where the code is
-        d.job_variables = {**(d.job_variables or {}), "working_dir": str(ROOT)}
+        jobs = d.job_variables or {}
+        d.job_variables = {**jobs, "working_dir": str(ROOT), "env": {**jobs.get("env", {}), **beat}}
     return [d.apply(work_pool_name=pool) for d in deps]
+
+
+def heartbeat_s(zombie_after_s: int) -> int:
+    """How often a run beats so that the zombie automation never crashes a live one: three beats
+    per `schedule.zombie_after_s`, and at least Prefect's minimum of 30 s. Set by the deployment
+    (workers) and by `avr serve` (its runs), not left to each machine's PREFECT_FLOWS_HEARTBEAT_FREQUENCY:
+    Prefect's default of 180 s under a 60 s automation crashed every served run (CI, 7 December 2026)."""
+    return max(30, int(zombie_after_s) // 3)
 
 
 ZOMBIES = "avr: crash runs without heartbeats"
@@ -205,6 +234,13 @@ def serve(preset: str = "tiny", overrides: list[str] = ()) -> None:
     `avr server`, or PREFECT_API_URL pointing at one. At most `schedule.max_runs` runs at once, as
     on a work pool (`deploy_to_pool`): more wait their turn."""
     from prefect import serve as prefect_serve
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
     deps = deployments(preset, overrides)
-    prefect_serve(*deps, limit=int(load_config(preset, list(overrides)).schedule.max_runs))
+    schedule = load_config(preset, list(overrides)).schedule
+    beat = heartbeat_s(schedule.zombie_after_s)
+    # the served runs are child processes of this one (they get its environment and its settings):
+    # they beat as often as the zombie automation of `avr deploy` needs, whatever this shell exported
+    os.environ["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] = str(beat)
+    with temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: beat}):
+        prefect_serve(*deps, limit=int(schedule.max_runs))

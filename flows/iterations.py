@@ -76,7 +76,12 @@ def record(cfg: dict, run: RunRecord, t: int, seed: dict, stage1: dict, stage2: 
            "next_model": nxt["artifact"], "model": cfg["iterate"]["model"],
            "slices": {s: cfg["data"][s] for s in core.TRAIN_SLICES},
            "signal_artifact": str(signal), "signal": store.manifest(signal).get("result")}
-    store.write_atomic(store.path(ITER, chain, f"iter-{t:04d}.json"), json.dumps(rec, indent=2).encode())
+    path = store.path(ITER, chain, f"iter-{t:04d}.json")
+    if store.fs.exists(path):                      # a cached rerun: the iteration stays the run's that computed it
+        old = json.loads(store.fs.cat_file(path))
+        if all(old.get(k) == rec[k] for k in ("seed", "stage1_model", "stage2_model", "next_model", "signal_artifact")):
+            rec["run"] = old["run"]
+    store.write_atomic(path, json.dumps(rec, indent=2).encode())
     rows = core.table(completed(store, chain), read_leaderboard(cfg["store"]["root"]))
     md = core.to_markdown(rows, smoke_title(cfg))   # the leaderboard's rule: tiny numbers say they are a smoke run
     png = core.plot(rows, SMOKE_LABEL if smoke_title(cfg) else None)

@@ -40,6 +40,7 @@ def start_run(preset: str, overrides: list[str], params: dict | None = None,
     launch = current_launch()
     run = RunRecord.begin(store, preset, list(overrides), params or {}, n, launch)
     run.save(to_yaml(cfg_obj))
+    run.name_flow_run()
     resumes = f" (resumes run {run.resumes})" if run.resumes else ""
     print(f"run {run.id}{resumes}: preset={preset} overrides={overrides} prompts={n} store={store.root}\n"
           f"  if it fails or is stopped, resume it with: {run.resume_command()}")
@@ -82,7 +83,12 @@ def finish_run(run: RunRecord, cfg: dict, outputs: dict[str, ArtifactRef], leade
         from tasks.evaluate import read_leaderboard
         summary["leaderboard"] = [r for r in read_leaderboard(store.root) if r["run"] == run.id]
     store.write_atomic(f"{store.path('runs', run.id)}/summary.json", json.dumps(summary, indent=2).encode())
-    print(end_of_run(summary, per_stage_table(STAGE_LOG, wall), smoke=cfg["eval"]["smoke"]))
+    report = end_of_run(summary, per_stage_table(STAGE_LOG, wall), smoke=cfg["eval"]["smoke"])
+    launch = current_launch()
+    if launch.command:           # `avr run` / `avr resume`: the report is the command's output, on stdout
+        launch.report = report
+    else:                        # a deployment's run: its log (the flow's log_prints), shown in the UI
+        print(report)
     return summary
 
 

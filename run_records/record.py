@@ -12,6 +12,7 @@ without one.
 from __future__ import annotations
 
 import contextlib
+import logging
 import json
 import os
 import shlex
@@ -86,6 +87,19 @@ class RunRecord:
     def resume_command(self) -> str:
         return resume_command(self.id, self.store)
 
+    def name_flow_run(self) -> None:
+        """Name the Prefect flow run after this run (`20261207-071807-890d19`), so the UI's run
+        list and the CLI speak of the same run and `avr resume <flow-run UUID>` can say which run it
+        resumes. Best effort: a run never fails for its name."""
+        if not self.flow_run_id:
+            return
+        from prefect.client.orchestration import get_client
+        try:
+            with get_client(sync_client=True) as client:
+                client.update_flow_run(self.flow_run_id, name=self.id)
+        except Exception as e:  # noqa: BLE001 -- an API hiccup costs the name, not the run
+            logging.getLogger(__name__).warning("could not name flow run %s %s: %s", self.flow_run_id, self.id, e)
+
 
 def resume_command(run_id: str, store_root: str) -> str:
     """`avr resume <run id>`, with `--store` when the store is not the one `avr` finds by default.
@@ -119,6 +133,7 @@ class Launch:
     resumes: str | None = None
     on_start: Callable[[RunRecord], None] | None = None
     run: RunRecord | None = None
+    report: str | None = None       # the end of the run, for `avr` to print on stdout once the flow returns
 
     def started(self, run: RunRecord) -> None:
         self.run = run

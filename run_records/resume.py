@@ -19,6 +19,7 @@ import tempfile
 from avr_core.store import Store
 
 UUID = re.compile(r"^[0-9a-f]{8}-([0-9a-f]{4}-){3}[0-9a-f]{12}$", re.IGNORECASE)
+RUN_ID = re.compile(r"^\d{8}-\d{6}-[0-9a-f]{6}$")          # run_records/record.py RunRecord.begin
 
 
 def find_run(store: Store, prefix: str) -> str:

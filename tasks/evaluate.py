@@ -195,7 +195,8 @@ def leaderboard(cfg: dict, run_id: str, judged: dict[str, ArtifactRef], stages: 
                 iteration: int = 0) -> str:
     """Append this run's rows (one per evaluated model) to `<store>/leaderboard/` (one new row file;
     the CSV and markdown views are rewritten), publish the table on the Prefect run, and return
-    the markdown."""
+    the markdown. A model whose judged artifact is already a row (a cached rerun) adds none: the
+    run's table shows that row, of the run that computed it."""
     store = store_of(cfg)
     new = []
     for name, ref in judged.items():
@@ -206,6 +207,11 @@ def leaderboard(cfg: dict, run_id: str, judged: dict[str, ArtifactRef], stages: 
                     "lc": r["lc_win_rate"], "lc_kind": r["lc_kind"], "avg_len": r["avg_len_chars"],
                     "judge": r["annotator"], "evalset": cfg["eval"]["prompts"].rsplit("/", 1)[-1],
                     "artifact": str(ref)})
-    md = lb.append(store, new, smoke_title(cfg))   # append-only: no row lost
-    publish(store.ref("leaderboard", "leaderboard.csv"), "avr-leaderboard", table=new, markdown=md)
+    again = lb.reused(lb.read(store), new)          # a cached rerun: its results are already rows
+    fresh = [r for r in new if r["artifact"] not in {a["artifact"] for a in again}]
+    for r in again:
+        logger().info(f"leaderboard: {r['model']} reuses the row of run {r['run']} (the same judged artifact "
+                      f"{r['artifact']}); no row added")
+    md = lb.append(store, fresh, smoke_title(cfg))  # append-only: no row lost
+    publish(store.ref("leaderboard", "leaderboard.csv"), "avr-leaderboard", table=[*again, *fresh], markdown=md)
     return md

@@ -128,3 +128,24 @@ def avr_server_pg(tmp_path_factory, postgres):
     the deployment, worker and UI tests run against it (on SQLite, Prefect answers a busy database
     with 503 and the UI's form submit fails under load; issue 35)."""
     yield from _avr_server(tmp_path_factory, postgres)
+
+
+@pytest.fixture
+def deploy_server(avr_server_pg):
+    """The session's PostgreSQL `avr server` for a test that registers deployments, left as found:
+    afterwards its deployments (with their scheduled runs), work pools and automations are deleted.
+    Tests share the server and the deployment names (`avr-synthesis-run-tiny`); without this the
+    UI test once ran a deployment a worker test had left, with that test's store and a 60 s zombie
+    automation (CI, 7 December 2026)."""
+    yield avr_server_pg
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: avr_server_pg["url"]}), get_client(sync_client=True) as c:
+        for d in c.read_deployments():
+            c.delete_deployment(d.id)
+        for p in c.read_work_pools():
+            if not p.name.startswith("default"):
+                c.delete_work_pool(p.name)
+        for a in c.read_automations():
+            c.delete_automation(a.id)

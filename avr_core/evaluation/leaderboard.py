@@ -1,5 +1,6 @@
-"""The leaderboard: one row per (run, evaluated model), appended by every run, so a nightly
-regression shows as a drop between consecutive rows of the same model.
+"""The leaderboard: one row per result (a judged artifact: a run and an evaluated model), appended
+by the run that computed it, so a nightly regression shows as a drop between consecutive rows of
+the same model, and a cached rerun (the same models, answers and judge) adds no row (`merge`).
 
     >>> rows = merge([], [{"run": "r1", "model": "stage1", "stage": "stage1", "R": 1, "n": 4, "win_rate": 50.0,
     ...                    "se": 12.5, "lc": None, "lc_kind": "unavailable", "avg_len": 120.0, "judge": "j",
@@ -18,7 +19,8 @@ Storage (append-only; docs/RELIABILITY.md "The leaderboard: append-only")::
 Every `append` creates one new object under `rows/` with a conditional create and never
 rewrites or deletes one, so no writer -- however stale, paused or slow -- can remove or change
 another's rows, and no lock is needed. `read` lists `rows/`, reads every file in name order and
-`merge`s them (a later file replaces the earlier rows of the same (run, artifact)). A store from
+`merge`s them (a later file replaces the earlier rows of the same (run, artifact); a row of an
+artifact an earlier file holds for another run is dropped: two racing reruns still show one row). A store from
 before `rows/` existed has only `leaderboard.csv`; it is read as it is, and the first `append`
 copies it into `rows/` under a name that sorts first (`LEGACY`).
 """
@@ -43,10 +45,26 @@ COLUMNS = ["date", "run", "iteration", "model", "stage", "R", "n", "win_rate", "
 
 
 def merge(existing: list[dict], new: list[dict]) -> list[dict]:
-    """Append `new`, replacing rows of the same (run, artifact): a rerun of one run never doubles it."""
+    """Append `new`, one row per result (judged artifact): a row of the same run and artifact
+    replaces its earlier one (a resumed run never doubles), and a row of an artifact another run
+    already recorded is dropped -- a cached rerun reused that run's result, so the row stays the
+    one of the run that computed it.
+
+    >>> a = {"run": "r1", "artifact": "eval_judge/ab", "win_rate": 50.0}
+    >>> [r["run"] for r in merge(merge([], [a]), [{**a, "run": "r2"}])]
+    ['r1']
+    """
+    owner = {r["artifact"]: r["run"] for r in existing}
+    new = [r for r in new if owner.get(r["artifact"], r["run"]) == r["run"]]
     keys = {(r["run"], r["artifact"]) for r in new}
     kept = [r for r in existing if (r["run"], r["artifact"]) not in keys]
     return kept + [{c: r.get(c) for c in COLUMNS} for r in new]
+
+
+def reused(existing: list[dict], new: list[dict]) -> list[dict]:
+    """The rows of `existing` whose result (artifact) another run's `new` rows would repeat."""
+    runs = {r["artifact"]: r["run"] for r in new}
+    return [r for r in existing if r["artifact"] in runs and runs[r["artifact"]] != r["run"]]
 
 
 def to_csv(rows: list[dict]) -> str:

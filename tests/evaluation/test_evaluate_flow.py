@@ -90,8 +90,9 @@ def test_evaluate_judges_through_alpaca_eval_and_appends_the_leaderboard(tmp_pat
     rows = ev.read_leaderboard(str(tmp_path))
     assert [r["model"] for r in rows] == ["seed", "stage2"]
     n_req = len(judge.requests)
-    with FakeJudgeServer() as judge2:   # a new run, same models: cached answers and judgements, rows appended
+    with FakeJudgeServer() as judge2:   # a new run, same models: cached answers and judgements, no row added
         cfg2 = cfg_for(tmp_path, f"eval.judge.base_url={judge.url}")
-        evaluate(cfg2, models, run_id="run-2")
+        board2 = evaluate(cfg2, models, run_id="run-2")
     assert judge2.requests == [] and len(judge.requests) == n_req
-    assert [r["run"] for r in ev.read_leaderboard(str(tmp_path))] == ["run-1", "run-1", "run-2", "run-2"]
+    assert [r["run"] for r in ev.read_leaderboard(str(tmp_path))] == ["run-1", "run-1"]   # the rows it reused
+    assert board2 == board

@@ -90,6 +90,19 @@ def test_a_rerun_replaces_its_rows_and_never_doubles_them(tmp_path):
     assert deltas["m0"]["wr_a"] == 60.0 and deltas["m0"]["wr_b"] == 45.0 and deltas["m1"]["wr_delta"] == 5.0
 
 
+def test_a_cached_rerun_adds_no_row_even_when_two_race(tmp_path):
+    """Issue 37: one row per result. A rerun of the same judged artifacts (another run id) adds
+    nothing; two reruns that both appended anyway (a race) still read as the first run's rows."""
+    store = Store(str(tmp_path))
+    lb.append(store, _rows("r1"))
+    again = [{**r, "run": "r2"} for r in _rows("r1")]        # the same artifacts, another run
+    assert _runs(lb.reused(lb.read(store), again)) == _runs(_rows("r1"))
+    lb.append(store, again)                                   # what two racing reruns might both do
+    lb.append(store, [{**r, "run": "r3"} for r in _rows("r1")])
+    assert _runs(lb.read(store)) == _runs(_rows("r1"))
+    assert lb.from_csv((tmp_path / "leaderboard" / "leaderboard.csv").read_text()) == lb.read(store)
+
+
 def test_a_damaged_row_file_is_one_line_naming_the_file(tmp_path, capsys):
     from avr_cli.main import main
 

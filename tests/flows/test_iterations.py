@@ -106,7 +106,16 @@ def test_iterations_continue_from_the_last_model_on_fresh_prompts(tmp_path, fake
     assert f"Run {second['id']} compared with {first['id']}" in md and "| 2 | stage1 | — | 60 |" in md
     c = compare.compare(store, first["id"], second["id"])
     assert {(r["iteration"], r["model"]) for r in c["leaderboard"]} >= {(2, "stage1"), (0, "stage1")}
-    assert any("iterations" in k for k in c["config"])     # the form's iterations / continue_from differ
+    assert c["config"]["iterate.count"] == (2, 1)          # the form's iterations, as the resolved config has them
+
+
+def test_a_cached_rerun_leaves_each_iteration_to_the_run_that_computed_it(tmp_path, fake_stages):
+    """Issue 37: iterations.md names the run that computed an iteration, not the latest cache hit."""
+    first = run(tmp_path)
+    again = run(tmp_path)
+    table = json.loads(_read(Store(str(tmp_path)), f"iterations/{_chain(Store(str(tmp_path)))}/iterations.json"))
+    assert again["id"] != first["id"] and [r["run"] for r in table] == [first["id"]]
+    assert table[0]["wr_stage1"] == 40.0                    # that run's leaderboard row
 
 
 def test_stage2_model_starts_the_next_iteration(tmp_path, fake_stages):
@@ -130,7 +139,7 @@ def test_iterations_that_run_out_of_fresh_prompts_are_refused_before_any_work(tm
     assert fake_stages == []
 
 
-def test_avr_compare_prints_stages_and_leaderboard(tmp_path, fake_stages, capsys):
+def test_avr_compare_prints_stages_and_leaderboard(tmp_path, fake_stages, capsys, monkeypatch):
     a = run(tmp_path)
     b = run(tmp_path, overrides=["critique.k=3"])
     # A prefix of A's id that B's id does not share: unambiguous by construction, even when both
@@ -139,8 +148,14 @@ def test_avr_compare_prints_stages_and_leaderboard(tmp_path, fake_stages, capsys
     assert main(["compare", a["id"][:common + 1], b["id"], "--store", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert f"Run {b['id']} compared with {a['id']}" in out and "**Leaderboard**" in out
-    assert "critique.k=3" in out                                               # the parameters that differ
+    assert "parameters: critique.k: 2 → 3" in out          # the resolved configs, key by key, nothing else
     assert main(["compare", b["id"], "--store", str(tmp_path)]) == 0           # B alone: against its previous run
+    # issue 37: the same config given another way (the store root as an override, relative; a
+    # resume gives the saved config.yaml) is no change
+    monkeypatch.chdir(tmp_path)
+    c = fp.pipeline.fn(RunParams(preset="tiny", overrides=["critique.k=3", "store.root=."]))
+    assert main(["compare", b["id"], c["id"], "--store", str(tmp_path)]) == 0
+    assert "same parameters" in capsys.readouterr().out
     assert main(["compare", "nope", "--store", str(tmp_path)]) == 2
 
 

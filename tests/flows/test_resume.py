@@ -91,10 +91,16 @@ def test_a_failed_run_ends_with_one_line_and_resumes_by_its_run_id(tmp_path, mon
     assert "the artifacts of 2 finished stages" in line and line.endswith(f"avr resume {failed} --store {tmp_path}")
     record = json.loads((tmp_path / "runs" / failed / "run.json").read_text())
     assert record["flow"] == "avr-synthesis-run" and record["flow_run_id"] and record["failed"]["stage"] == "critique"
+    from prefect.client.orchestration import get_client
+    with get_client(sync_client=True) as client:                 # the UI's run list names it as the CLI does
+        assert client.read_flow_run(record["flow_run_id"]).name == failed
 
     again, resumes = resumer(failed[:12], str(tmp_path))         # a unique prefix of the run id
+    capsys.readouterr()
     assert resumes == failed and run_flow(again, ["resume", failed], resumes) == 0
     [resumed] = [p.name for p in (tmp_path / "runs").iterdir() if p.name != failed]
+    out, err = capsys.readouterr()                               # the end of the run on stdout, logs on stderr
+    assert f"run {resumed} finished in" in out and f"run {resumed} finished in" not in err
     summary = json.loads((tmp_path / "runs" / resumed / "summary.json").read_text())
     assert [(s["task"], s["cached"]) for s in summary["stages"]] == [
         ("prompts", True), ("respond", True), ("critique", False), ("refine", False), ("rm_score", False),

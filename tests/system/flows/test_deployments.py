@@ -18,7 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.a
 def server(request):
     """A real `avr server` (tests/conftest.py), already answering: on PostgreSQL, the deployed
     arrangement, unless a test asks for Prefect's embedded SQLite too."""
-    return request.getfixturevalue("avr_server_pg" if request.param == "postgresql" else "avr_server")
+    return request.getfixturevalue("deploy_server" if request.param == "postgresql" else "avr_server")
 
 
 REGISTER = """
@@ -60,7 +60,8 @@ from flows.deploy import deploy_to_pool
 ids = deploy_to_pool("tiny", [], "avr-test-pool")
 with get_client(sync_client=True) as c:
     print(json.dumps({"pool": c.read_work_pool("avr-test-pool").type,
-                      "deps": [c.read_deployment(i).work_pool_name for i in ids]}))
+                      "deps": [c.read_deployment(i).work_pool_name for i in ids],
+                      "env": [c.read_deployment(i).job_variables["env"] for i in ids]}))
 """
 
 
@@ -71,7 +72,9 @@ def test_deployments_on_a_work_pool_for_workers(server):
                        cwd=ROOT)
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
-    assert out == {"pool": "process", "deps": ["avr-test-pool"] * 5}
+    # the runs beat three times per `schedule.zombie_after_s` (600 s), whatever the worker's machine says
+    assert out == {"pool": "process", "deps": ["avr-test-pool"] * 5,
+                   "env": [{"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "200"}] * 5}
 
 
 def test_bad_override_is_refused_before_registering():

@@ -11,7 +11,8 @@
    and `avr resume <flow-run id>` completes it, recomputing only shards that were not committed.
 
 Each step prints its time (pytest -s shows them). The worker polls every 2 s instead of 10 and
-the run's heartbeat is 30 s instead of 180, so the test waits seconds where a night waits minutes.
+the run's heartbeat is 30 s (`schedule.zombie_after_s=60`: the deployment sets a third, at least
+30), so the test waits seconds where a night waits minutes.
 """
 import contextlib
 import json
@@ -98,9 +99,9 @@ class Api:
         raise AssertionError(f"{note}: still {self.state(run_id)} after {bound_s} s")
 
 
-def test_a_worker_runs_submitted_and_scheduled_runs_one_at_a_time(avr_server_pg, tmp_path):
-    env = {**avr_server_pg["env"], "AVR_STORE": str(tmp_path / "store")}
-    pool, api = "avr-worker-test", Api(avr_server_pg["url"])
+def test_a_worker_runs_submitted_and_scheduled_runs_one_at_a_time(deploy_server, tmp_path):
+    env = {**deploy_server["env"], "AVR_STORE": str(tmp_path / "store")}
+    pool, api = "avr-worker-test", Api(deploy_server["url"])
     t0 = time.monotonic()
     # the nightly schedule, set to fire within the test: every minute, on the synthesis deployment
     avr(env, "deploy", "--preset", "tiny", "--pool", pool, f"store.root={tmp_path / 'store'}", *CHEAP,
@@ -131,22 +132,21 @@ def test_a_worker_runs_submitted_and_scheduled_runs_one_at_a_time(avr_server_pg,
     from flows.deploy import synthesis_run
     from flows.params import RunParams
     from tasks.runtime.ledger import STAGE_LOG
-    before = len(STAGE_LOG)
     synthesis_run.fn(RunParams(preset="tiny", overrides=[f"store.root={tmp_path / 'store'}", *CHEAP]))
-    assert STAGE_LOG[before:] and all(r["cached"] for r in STAGE_LOG[before:])
+    assert STAGE_LOG and all(r["cached"] for r in STAGE_LOG), STAGE_LOG   # a run's table starts empty
     records = [json.loads(p.read_text()) for p in (tmp_path / "store" / "runs").glob("*/run.json")]
     flow_runs = {str(r.get("flow_run_id")) for r in records}
     assert {str(first), str(second), str(scheduled[0].id)} <= flow_runs, records
 
 
-def test_a_killed_worker_leaves_a_crashed_run_that_resumes(avr_server_pg, tmp_path):
-    env = {**avr_server_pg["env"], "AVR_STORE": str(tmp_path / "store")}
-    pool, api = "avr-crash-test", Api(avr_server_pg["url"])
+def test_a_killed_worker_leaves_a_crashed_run_that_resumes(deploy_server, tmp_path):
+    env = {**deploy_server["env"], "AVR_STORE": str(tmp_path / "store")}
+    pool, api = "avr-crash-test", Api(deploy_server["url"])
     store = tmp_path / "store"
     avr(env, "deploy", "--preset", "tiny", "--pool", pool, f"store.root={store}", *CHEAP,
         "data.stage1_sft=[0,4]", "schedule.zombie_after_s=60")
     dep = api.deployment("avr-synthesis-run/avr-synthesis-run-tiny")
-    worker = start_worker(env, pool, tmp_path / "worker.log", PREFECT_FLOWS_HEARTBEAT_FREQUENCY="30")
+    worker = start_worker(env, pool, tmp_path / "worker.log")   # the deployment sets the heartbeat: 30 s
     run = api.submit(dep.id)
     try:
         t0 = time.monotonic()
@@ -163,4 +163,7 @@ def test_a_killed_worker_leaves_a_crashed_run_that_resumes(avr_server_pg, tmp_pa
     r = avr(env, "resume", str(run))
     print(f"  resumed in {time.monotonic() - t_kill:.0f} s after the kill", flush=True)
     assert "already committed" in r.stdout + r.stderr
+    records = {p.parent.name: json.loads(p.read_text()) for p in (store / "runs").glob("*/run.json")}
+    [crashed] = [i for i, rec in records.items() if rec.get("flow_run_id") == str(run)]
+    assert [rec["resumes"] for rec in records.values() if rec.get("resumes")] == [crashed]   # whom it resumed
     assert UUID(str(run))

@@ -72,8 +72,8 @@ def ui(browser_ok, request, tmp_path_factory):
     try:
         for _ in range(480):
             r = httpx.get(f"{base}/api/deployments/name/avr-synthesis-run/{DEPLOYMENT}", timeout=5)
-            if r.status_code == 200:
-                break
+            if r.status_code == 200 and r.json()["parameters"]["params"]["overrides"] == SERVE:
+                break                      # registered by this `avr serve`, not one a test before left
             assert serve.poll() is None, log.read_text(errors="replace")[-3000:]
             time.sleep(0.5)
         else:
