@@ -250,18 +250,20 @@ def to_markdown(c: dict) -> str:
 
 
 def plot_wall_times(stages: list[dict]) -> bytes:
-    """PNG: one bar per stage call of a run (wall seconds), computed ones in orange, cached ones
-    in blue -- what a run spent its time on at a glance (published with the wall-time table)."""
+    """PNG: one bar per computed stage call of a run (wall seconds, orange) and ONE bar for all
+    its cache hits together (blue): a nightly run that was mostly cache hits shows what it computed,
+    not forty bars of lookups. The wall-time table beside it keeps every call."""
     from avr_core.scaling import _png, _pyplot
 
     plt = _pyplot()
-    names = list(_occurrences(stages)) or ["(no stages)"]
-    walls = [r["wall_s"] for r in stages] or [0.0]
-    colors = ["tab:blue" if r["cached"] else "tab:orange" for r in stages] or ["tab:gray"]
-    fig, ax = plt.subplots(figsize=(8, max(2.2, 0.28 * len(names) + 1)))
-    ax.barh(range(len(names)), walls, color=colors)
-    ax.set_yticks(range(len(names)), names, fontsize=8)
+    computed = [(name, r["wall_s"]) for name, r in zip(_occurrences(stages), stages) if not r["cached"]]
+    hits = [r["wall_s"] for r in stages if r["cached"]]
+    bars = computed + ([(f"from cache ({len(hits)} calls)", sum(hits))] if hits else [])
+    bars = bars or [("(no stages)", 0.0)]
+    colors = ["tab:orange"] * len(computed) + ["tab:blue"] * bool(hits) or ["tab:gray"]
+    fig, ax = plt.subplots(figsize=(8, max(2.2, 0.28 * len(bars) + 1)))
+    ax.barh(range(len(bars)), [w for _, w in bars], color=colors)
+    ax.set_yticks(range(len(bars)), [n for n, _ in bars], fontsize=8)
     ax.invert_yaxis()
-    ax.set(xlabel="wall time (s)", title=f"{sum(not r['cached'] for r in stages)} computed (orange), "
-                                         f"{sum(r['cached'] for r in stages)} from cache (blue)")
+    ax.set(xlabel="wall time (s)", title=f"{len(computed)} computed (orange), {len(hits)} from cache (blue)")
     return _png(fig)

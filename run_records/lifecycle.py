@@ -19,7 +19,7 @@ from run_records.preflight import preflight
 from run_records.record import RunRecord, current_launch
 from run_records.report import end_of_run, per_stage_table, wall_time_table
 from tasks.runtime import publish, publish_plot
-from tasks.runtime.ledger import STAGE_LOG
+from tasks.runtime.ledger import RUN, STAGE_LOG
 
 
 def start_run(preset: str, overrides: list[str], params: dict | None = None,
@@ -39,6 +39,7 @@ def start_run(preset: str, overrides: list[str], params: dict | None = None,
     quiet_repeated_tracebacks()
     launch = current_launch()
     run = RunRecord.begin(store, preset, list(overrides), params or {}, n, launch)
+    RUN["id"] = run.id                             # the stages' manifests say which run computed them
     run.save(to_yaml(cfg_obj))
     run.name_flow_run()
     resumes = f" (resumes run {run.resumes})" if run.resumes else ""

@@ -24,6 +24,7 @@ STAGE_LOG: list[dict] = []
 
 COMPUTED: set[str] = set()   # artifacts this process computed (not cache hits): for STAGE_LOG
 STARTED: list[str] = []      # every stage call this process began, as it began: the one a signal interrupts
+RUN: dict = {"id": None}     # the avr run in progress (run_records/lifecycle.py start_run): a manifest names it
 
 
 def log_engine_events(stage_name: str, events: list[dict]) -> None:

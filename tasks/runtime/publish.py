@@ -6,7 +6,7 @@ import base64
 import json
 import os
 
-from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from avr_core.catalog import sample_markdown
 from avr_core.redact import redact  # artifacts live in Prefect's database: no secret goes there
@@ -15,20 +15,25 @@ from tasks.runtime.ledger import logger
 
 
 def publish(ref: ArtifactRef, key: str, table: list[dict] | None = None, markdown: str | None = None) -> None:
-    """Show a stage's result on its Prefect run (UI "Artifacts" tab): a table and/or markdown,
-    plus a link to the artifact directory. Never fails the stage: the store is the record."""
+    """Show a stage's result on its Prefect run (UI "Artifacts" tab): a table (`key`) and/or
+    markdown (`key-report`), each naming the artifact and its place in the store. No link
+    artifact: a `file://` link is one a browser will not open. Never fails the stage: the store is
+    the record."""
     if table is not None:
         table = [{k: redact(v) if isinstance(v, str) else v for k, v in row.items()} for row in table]
     markdown = redact(markdown) if markdown is not None else None
     try:
         if table is not None:
-            create_table_artifact(table=table, key=key, description=f"{ref} ({ref.path})")
+            create_table_artifact(table=table, key=key, description=f"{ref} ({_where(ref)})")
         if markdown is not None:
-            create_markdown_artifact(markdown=markdown, key=f"{key}-report", description=str(ref))
-        create_link_artifact(link=ref.path if "://" in ref.path else f"file://{os.path.abspath(ref.path)}",
-                             link_text=str(ref), key=f"{key}-dir", description="artifact directory")
+            create_markdown_artifact(markdown=markdown, key=f"{key}-report", description=f"{ref} ({_where(ref)})")
     except Exception as e:  # no API reachable: the artifact in the store is what counts
         logger().warning("could not publish Prefect artifact %s: %s", key, e)
+
+
+def _where(ref: ArtifactRef) -> str:
+    """The artifact's place: its s3:// URL, or its absolute local path."""
+    return ref.path if "://" in ref.path else os.path.abspath(ref.path)
 
 
 def publish_plot(ref: ArtifactRef, key: str, png: bytes, table: list[dict], caption: str, text: str = "") -> None:
@@ -37,10 +42,13 @@ def publish_plot(ref: ArtifactRef, key: str, png: bytes, table: list[dict], capt
     publish(ref, key, table=table, markdown=f"{img}\n\n{text}\n\nstore: `{ref.path}`")
 
 
-def publish_stage(store: Store, ref: ArtifactRef, manifest: dict) -> None:
-    """The stage's Prefect artifacts: counts (inputs, outputs, every filter's drops, parse
-    failures, tokens, time), a sample of three records, and a link to its directory."""
-    table = [{"count": f"rows:{k}", "value": v} for k, v in manifest["rows"].items()]
+def publish_stage(store: Store, ref: ArtifactRef, manifest: dict, cached: bool = False) -> None:
+    """The stage's Prefect artifacts, a pair: counts (inputs, outputs, every filter's drops, parse
+    failures, tokens, time) and a sample of three records. On a cache hit the same pair, on this
+    run's page, says so and names the run that computed it (manifest `run`)."""
+    origin = f"from cache: computed by run {manifest.get('run') or '(before runs were recorded)'}"
+    table = [{"count": "cached", "value": origin}] if cached else []
+    table += [{"count": f"rows:{k}", "value": v} for k, v in manifest["rows"].items()]
     table += [{"count": k, "value": v} for k, v in sorted(manifest["counts"].items())]
     table.append({"count": "compute_s", "value": manifest.get("compute_s")})
     names = sorted(manifest["rows"], key=lambda n: (n != "records", n))
@@ -50,6 +58,7 @@ def publish_stage(store: Store, ref: ArtifactRef, manifest: dict) -> None:
         with store.fs.open(store.object_path(ref, first, manifest), "r", encoding="utf-8") as f:
             recs = [json.loads(line) for _, line in zip(range(3), f)]
     sample = sample_markdown(recs)
+    note = f"**{origin}**\n\n" if cached else ""
     publish(ref, ref.stage.replace("_", "-"), table=table,
-            markdown=f"### {ref}\n\n{sample}\n\nstore: `{ref.path}`")
+            markdown=f"### {ref}\n\n{note}{sample}\n\nstore: `{_where(ref)}`")
 

@@ -24,7 +24,7 @@ from avr_core.catalog import verify
 from avr_core.codeversion import CodeVersion
 from avr_core.store import ArtifactRef, LeaseLost, Store, cache_key, sweep
 from tasks.runtime.keys import Spec, named_models, stage_code
-from tasks.runtime.ledger import COMPUTED, STAGE_LOG, STARTED, log_engine_events, logger
+from tasks.runtime.ledger import COMPUTED, RUN, STAGE_LOG, STARTED, log_engine_events, logger
 from tasks.runtime.output import Output
 from tasks.runtime.publish import publish_stage
 from tasks.runtime.ray_workers import Expect, environment
@@ -100,12 +100,18 @@ def _build(task: "StageTask", r: "Resolved", params: dict, body: Callable[..., N
     store, ref, spec = r.store, r.ref, r.spec
     if store.exists(ref):
         logger().info("%s: cache hit (%s)", ref.stage, ref.path)
+        try:                            # this run's page shows the stage too, marked as a cache hit
+            publish_stage(store, ref, store.manifest(ref), cached=True)
+        except Exception as e:
+            logger().warning("%s: could not publish Prefect artifacts: %s", ref, e)
         return
     check_inputs(store, ref, [*spec.inputs, *spec.models])   # before any work and before anything is written
     expect = expectation(task, params["cfg"], spec)
     out = Output(store, ref, store.writer(ref.stage, ref.key, spec.config, list(spec.inputs), r.code.version),
                  scale=params["cfg"].get("scale") if hasattr(params["cfg"], "get") else None, expect=expect)
     out.extra["environment"] = expect.driver     # code, torch/transformers/vllm, models: W-4
+    if RUN["id"]:
+        out.extra["run"] = RUN["id"]             # which run computed it: a cache hit's page names it
     ok = False
     try:
         body(out, **params)

@@ -211,7 +211,7 @@ def _stage(name: str):
 @pytest.fixture
 def no_publish(monkeypatch):
     import tasks.runtime.skeleton as common
-    monkeypatch.setattr(common, "publish_stage", lambda *a: None)   # no Prefect API needed
+    monkeypatch.setattr(common, "publish_stage", lambda *a, **k: None)   # no Prefect API needed
 
 
 @pytest.mark.slow

@@ -261,7 +261,7 @@ def test_a_failed_stage_releases_its_kept_engines(tmp_path, monkeypatch, caplog)
     import tasks.runtime.skeleton as common
     from tasks.runtime import Spec, stage
 
-    monkeypatch.setattr(common, "publish_stage", lambda *a: None)   # no Prefect API needed
+    monkeypatch.setattr(common, "publish_stage", lambda *a, **k: None)   # no Prefect API needed
     backends.clear_cache()
 
     @stage(lambda cfg: Spec("fake_ok", {}), retries=0)

@@ -44,11 +44,14 @@ def test_curve_from_one_run(tmp_path, monkeypatch):
     with get_client(sync_client=True) as client:
         arts = client.read_artifacts()
     keys = {a.key for a in arts}
-    assert {"tts-curve", "tts-curve-report", "tts-curve-dir"} <= keys
-    # every sharded stage publishes its counts, a sample of records and a link to its directory
-    assert {"tts-answers", "tts-answers-report", "tts-answers-dir", "prompts"} <= keys
+    assert {"tts-curve", "tts-curve-report"} <= keys
+    # every sharded stage publishes a pair: its counts and a sample of records; no file:// link
+    assert {"tts-answers", "tts-answers-report", "prompts"} <= keys and not any(k.endswith("-dir") for k in keys)
     counts = next(a for a in arts if a.key == "tts-answers" and a.type == "table")
-    assert "answers_scored" in str(counts.data)
+    assert "answers_scored" in str(counts.data) and "from cache" not in str(counts.data)
 
     gens.clear()
     assert tts_flow(cfg, cfg["policy"]) == ref and gens == []               # cache hit: no model built
+    with get_client(sync_client=True) as client:   # ... and the cached run's page still shows each stage
+        again = [a for a in client.read_artifacts() if a.key == "tts-answers" and a.type == "table"]
+    assert len(again) == 2 and sum("from cache: computed by run" in str(a.data) for a in again) == 1
