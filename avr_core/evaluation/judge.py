@@ -48,6 +48,20 @@ OUTPUT_KEYS = ("instruction", "output", "generator", "dataset")   # what alpaca-
 log = logging.getLogger("avr")
 
 
+class _MeaninglessWarnings(logging.Filter):
+    """alpaca-eval warns on the root logger, once per annotator, that a fixed `caching_path` must
+    differ per seed: ours is the judge artifact's own directory, one per (answers, judge config),
+    so the warning says nothing to a user (12 of them in a tiny run's log). Dropped here, once."""
+    TEXT = "Saving_path is given but not 'auto'"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.TEXT)
+
+
+if not any(isinstance(f, _MeaninglessWarnings) for f in logging.getLogger().filters):
+    logging.getLogger().addFilter(_MeaninglessWarnings())
+
+
 def _package_config(name: str) -> tuple[dict, Path]:
     import alpaca_eval
 

@@ -48,6 +48,7 @@ class Spec:
     reads (their keys go into the key); models: trained-model artifacts it loads (verified with
     the inputs before any work; a model is already in `config` through `policy_identity`).
 
+    >>> from avr_core.store import ArtifactRef
     >>> Spec("critique", {"critique": {"k": 2}}, inputs=(ArtifactRef("/st", "respond", "ab12"),)).stage
     'critique'
     """

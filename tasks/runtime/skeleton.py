@@ -123,11 +123,20 @@ def _build(task: "StageTask", r: "Resolved", params: dict, body: Callable[..., N
     for fn in out.after:
         fn()
     m = store.manifest(ref)
-    logger().info("%s: wrote %s rows=%s counts=%s", ref.stage, ref.path, m["rows"], m["counts"])
+    logger().info("%s: wrote %s rows=%s counts=%s", ref.stage, ref.path, m["rows"], readable(m["counts"]))
     try:
         publish_stage(store, ref, m)
     except Exception as e:  # showing a stage must never fail it: the store is the record
         logger().warning("%s: could not publish Prefect artifacts: %s", ref, e)
+
+
+def readable(counts: dict) -> dict:
+    """Counts for a log line: floats to 4 significant digits (the manifest keeps them exact).
+
+    >>> readable({"answers": 12, "mean_score": 6.123456789, "share": 0.000123456})
+    {'answers': 12, 'mean_score': 6.123, 'share': 0.0001235}
+    """
+    return {k: float(f"{v:.4g}") if isinstance(v, float) else v for k, v in counts.items()}
 
 
 def expectation(task: "StageTask", cfg: dict, spec: Spec):

@@ -87,3 +87,17 @@ def test_lc_min_annotations_reaches_the_lc_and_the_stage_key():
     spec = [ev.judge_spec(OmegaConf.to_container(load_config("tiny", [f"eval.lc_min_annotations={n}"]), resolve=True),
                           None, None) for n in (0, 10)]
     assert [s.config["lc_min_annotations"] for s in spec] == [0, 10]
+
+
+def test_alpaca_evals_caching_path_warning_is_dropped_once_at_the_source(caplog):
+    """Issue 37: the warning alpaca-eval logs per annotator about `caching_path` means nothing for
+    our per-artifact paths; other root warnings still pass."""
+    import logging
+
+    import avr_core.evaluation.judge  # noqa: F401  (installs the filter)
+    from alpaca_eval.annotators import base  # noqa: F401  (the module that warns)
+
+    with caplog.at_level(logging.WARNING):
+        logging.warning("Saving_path is given but not 'auto', make sure that it's different for different seeds.")
+        logging.warning("something a user should see")
+    assert [r.getMessage() for r in caplog.records] == ["something a user should see"]
