@@ -1,7 +1,6 @@
 """`avr artifacts list|show|lineage|verify`: read the store's manifests directly (no server; avr_core/catalog.py)."""
 from __future__ import annotations
 
-import os
 import sys
 
 
@@ -17,9 +16,10 @@ def run(args) -> int:
     import json
 
     from avr_core import catalog
+    from avr_core.config import default_store_root
     from avr_core.store import IntegrityError, Store
 
-    store = Store(args.store or os.environ.get("AVR_STORE") or "./artifacts")
+    store = Store(args.store or default_store_root())
     try:
         _check_store(store, args.stage)
         ref = catalog.resolve(store, args.key) if args.key else None

@@ -2,7 +2,6 @@
 the previous run of its deployment."""
 from __future__ import annotations
 
-import os
 import sys
 
 
@@ -16,9 +15,10 @@ def add_parser(subparsers) -> None:
 
 def run(args) -> int:
     from avr_core import compare
+    from avr_core.config import default_store_root
     from avr_core.store import Store
 
-    store = Store(args.store or os.environ.get("AVR_STORE") or "./artifacts")
+    store = Store(args.store or default_store_root())
     if len(args.runs) > 2:
         print("avr: error: `avr compare` takes RUN_A RUN_B, or RUN_B alone", file=sys.stderr)
         return 2

@@ -3,7 +3,6 @@ markdown (with the smoke banner where its rows are smoke results) or CSV."""
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 
@@ -24,10 +23,11 @@ def _non_negative(text: str) -> int:
 
 
 def run(args) -> int:
+    from avr_core.config import default_store_root
     from avr_core.evaluation import leaderboard as lb
     from avr_core.store import Store
 
-    root = args.store or os.environ.get("AVR_STORE") or "./artifacts"
+    root = args.store or default_store_root()
     try:
         rows = lb.read(Store(root))
     except ValueError as e:   # a damaged row file or legacy leaderboard.csv: the file, its line/row and field

@@ -5,7 +5,6 @@ that runs it again, supervised as `avr run` is (avr_cli/run.py)."""
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import TYPE_CHECKING, Callable
 
@@ -52,6 +51,7 @@ def run(args) -> int:
 
 def resumer(run: str, store_root: str | None = None) -> tuple[Callable[[], object], str | None]:
     """(what to call to resume `run`, the avr run id it resumes); ValueError naming the problem."""
+    from avr_core.config import default_store_root
     from avr_core.store import Store
     from avr_core.store.probe import probe
     from run_records.resume import UUID, find_run, local_config, read_record
@@ -61,7 +61,7 @@ def resumer(run: str, store_root: str | None = None) -> tuple[Callable[[], objec
         return lambda: resume(run), resumed_run(run)
     from flows.params import RunParams
 
-    root = store_root or os.environ.get("AVR_STORE") or "./artifacts"
+    root = store_root or default_store_root()
     if problem := probe(root) if "://" in root and not root.startswith("file://") else None:
         raise ValueError(problem)                  # before any read retries against a store that is not there
     store = Store(root)

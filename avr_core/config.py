@@ -375,6 +375,13 @@ class ConfigError(ValueError):
     """A config or override problem; the message names the key (and file)."""
 
 
+def default_store_root() -> str:
+    """The store a command uses when not told: $AVR_STORE, else `store.root`'s default (./artifacts)."""
+    import os
+
+    return os.environ.get("AVR_STORE") or StoreConfig.root
+
+
 def preset_path(preset: str) -> Path:
     p = Path(preset)
     if p.suffix in (".yaml", ".yml"):

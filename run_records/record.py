@@ -12,8 +12,8 @@ without one.
 from __future__ import annotations
 
 import contextlib
-import logging
 import json
+import logging
 import os
 import shlex
 import time
@@ -22,6 +22,7 @@ from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator
 
+from avr_core.config import default_store_root
 from avr_core.store import Store
 
 
@@ -107,7 +108,7 @@ def resume_command(run_id: str, store_root: str) -> str:
     >>> resume_command("20261203-080303-fe9764", "/data/avr")
     'avr resume 20261203-080303-fe9764 --store /data/avr'
     """
-    default = os.environ.get("AVR_STORE") or "./artifacts"
+    default = default_store_root()
     a, b = (r if "://" in r else os.path.abspath(r) for r in (store_root, default))
     return f"avr resume {run_id}" + ("" if a == b else f" --store {shlex.quote(store_root)}")
 

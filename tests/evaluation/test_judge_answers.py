@@ -94,8 +94,9 @@ def test_alpaca_evals_caching_path_warning_is_dropped_once_at_the_source(caplog)
     our per-artifact paths; other root warnings still pass."""
     import logging
 
-    import avr_core.evaluation.judge  # noqa: F401  (installs the filter)
     from alpaca_eval.annotators import base  # noqa: F401  (the module that warns)
+
+    import avr_core.evaluation.judge  # noqa: F401  (installs the filter)
 
     with caplog.at_level(logging.WARNING):
         logging.warning("Saving_path is given but not 'auto', make sure that it's different for different seeds.")

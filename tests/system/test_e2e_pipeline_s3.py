@@ -74,7 +74,7 @@ def test_the_pipeline_on_s3_then_a_full_cache_hit(tmp_path, monkeypatch, scripte
         assert len(store.list("ref_logps")) == 2 and len(store.list("signal")) == 1
         thoughts = store.read_records(store.ref(*first["outputs"]["stage2_thoughts"]["ref"].split("/")), "rsft")
         assert len(thoughts) == 2 and thoughts[0]["messages"][-1]["content"].startswith("<|Start of recursive")
-        assert len(store.read_records(store.list("thought_pairs")[0], "pairs")) == 6   # scripted: one per stage2_po prompt
+        assert len(store.read_records(store.list("thought_pairs")[0], "pairs")) == 6  # one per stage2_po prompt
         assert "scaling.png" in store.manifest(store.list("tts_curve")[0])["files"]
         judged = store.list("eval_judge")
         assert len(judged) == 4 and all("metrics.json" in store.manifest(r)["files"] and any(
