@@ -79,10 +79,20 @@ def scaling_table(records: list[dict]) -> list[dict]:
 
 def to_markdown(rows: list[dict], title: str | None = None) -> str:
     """The table as GitHub markdown (what the Prefect artifact and `scaling.md` show), under
-    `title` (the smoke-run banner) when given."""
+    `title` (the smoke-run banner) when given; floats to 4 significant digits, for reading
+    (`scaling.csv` and `scaling.json` keep them exact)."""
     head = "| " + " | ".join(COLUMNS) + " |\n|" + "---|" * len(COLUMNS) + "\n"
     return (f"{title}\n\n" if title else "") + head + "".join(
-        "| " + " | ".join(str(r[c]) for c in COLUMNS) + " |\n" for r in rows)
+        "| " + " | ".join(_cell(r[c]) for c in COLUMNS) + " |\n" for r in rows)
+
+
+def _cell(v) -> str:
+    """A table cell: a float to 4 significant digits.
+
+    >>> _cell(4.729722), _cell(0.013730), _cell(161.5), _cell(4)
+    ('4.73', '0.01373', '161.5', '4')
+    """
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 def to_csv(rows: list[dict]) -> str:

@@ -211,7 +211,9 @@ def _run_training(cmd: list[str], out: Output, poll_s: float = 2.0, progress_fil
     the lease (store.stall_s), and a lost lease stops it at once: the process that took over trains
     this model, and two trainings must not race. The steps it reports in `progress_file`
     (avr_core/training/recipe.py) go to the stage's progress artifact."""
-    proc = subprocess.Popen(cmd, env=child_env(dict(os.environ)))
+    # its stdout (the recipe's JSON summary line, the launcher's chatter) is log, not avr's output:
+    # onto this process's stderr (fd 2), so stdout carries the run's report alone
+    proc = subprocess.Popen(cmd, env=child_env(dict(os.environ)), stdout=2)
     last_cpu, t0 = -1.0, time.monotonic()
     steps = out.progress_hook("training steps")
     try:
