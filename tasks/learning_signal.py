@@ -3,7 +3,17 @@ from __future__ import annotations
 
 import json
 
-from avr_core.learning_signal import paired_difference
+from avr_core.learning_signal import (
+    clustered_difference,
+    cut_at_cap,
+    paired_difference,
+    per_constraint,
+    prompt_topics,
+    refinement_outcomes,
+    signal_markdown,
+    template_rule,
+    unasked_formats,
+)
 from avr_core.store import ArtifactRef
 from tasks.runtime import Output, Spec, logger, scorer_identity, stage, store_of
 
@@ -42,8 +52,6 @@ def signal_report(out: Output, cfg: dict, comparisons: dict, tts_answers: Artifa
     comparisons: name -> `learning_signal` ref; tts_answers: None = no test-time scaling in this
     run; heldout: model -> its scored held-out answers; synthesis: name -> (rm_score ref, select
     ref); trained: name -> trained model ref (its optimizer steps are reported)."""
-    from avr_core.learning_signal import cut_at_cap, per_constraint, refinement_outcomes, signal_markdown
-
     st = out.store
     tts = st.read_records(tts_answers) if tts_answers else []
     rounds = min((len(r["scores"]) for r in tts), default=0)
@@ -55,21 +63,27 @@ def signal_report(out: Output, cfg: dict, comparisons: dict, tts_answers: Artifa
         rows.append({"R": R, "n": len(tts), "mean": sum(rR.values()) / len(rR), "mean_words": sum(words) / len(words),
                      "vs_r0": paired_difference(r0, rR)})
     answered = {name: st.read_records(ref) for name, ref in heldout.items()}
-    checks = {}
+    checks, formats = {}, {}
     if cfg["scorer"]["kind"] == "rules":
         from avr_core.scorers import make_scorer
         scorer = make_scorer(cfg["scorer"])
-        verdicts = lambda records, answer: per_constraint([  # noqa: E731
-            (cid, ok) for r in records
-            for (cid, _), ok in zip(scorer.constraints[r["messages"][-1]["content"].strip()],
-                                    scorer.check(r["messages"][-1]["content"], answer(r)))])
+        judge = lambda records, answer: [  # noqa: E731  (answer, [(constraint id, met)]) per prompt
+            (answer(r), [(cid, ok) for (cid, _), ok in zip(scorer.constraints[r["messages"][-1]["content"].strip()],
+                                                           scorer.check(r["messages"][-1]["content"], answer(r)))])
+            for r in records]
         for name, records in answered.items():
-            checks[name] = verdicts(records, lambda r: r["answer"])
+            judged = judge(records, lambda r: r["answer"])
+            checks[name] = per_constraint([v for _, vs in judged for v in vs])
+            if not name.endswith("(heldout_extra)"):     # the unasked formats: on the headline set only
+                formats[name] = unasked_formats(judged)
         if rounds > 1:
-            checks[f"stage1 R={rounds - 1}"] = verdicts(tts, lambda r: r["answers"][rounds - 1])
+            checks[f"stage1 R={rounds - 1}"] = per_constraint(
+                [v for _, vs in judge(tts, lambda r: r["answers"][rounds - 1]) for v in vs])
     report = {"scorer": cfg["scorer"]["kind"], "heldout": len(next(iter(answered.values()))),
-              "comparisons": {name: st.manifest(ref)["result"] for name, ref in comparisons.items()},
-              "tts": rows, "per_constraint": checks,
+              "comparisons": _with_clustered_ci(st, cfg, comparisons, heldout, answered),
+              "tts": rows, "per_constraint": checks, "formats": formats,
+              "template": template_rule(formats["seed"], formats["stage1"]) if {"seed", "stage1"} <= set(formats)
+              else {},
               "synthesis": {name: {"outcomes": refinement_outcomes(st.read_records(scored)),
                                    "select_counts": st.manifest(sel)["counts"]}
                             for name, (scored, sel) in synthesis.items()},
@@ -81,6 +95,31 @@ def signal_report(out: Output, cfg: dict, comparisons: dict, tts_answers: Artifa
     out.write_file("report.md", md.encode())
     out.extra["result"] = {k: report[k] for k in ("comparisons", "tts")}
     logger().info("signal report:\n%s", md)
+
+
+def _with_clustered_ci(st, cfg: dict, comparisons: dict, heldout: dict, answered: dict) -> dict:
+    """Each comparison's stored result plus its bootstrap clustered by topic (None where the prompt
+    file's rows carry no `topic`), from the scored held-out answers it was computed on."""
+    scores = {str(ref): {x["id"]: x["answer_score"] for x in answered[name]} for name, ref in heldout.items()}
+    topics = prompt_topics(_raw_rows(cfg["data"]["prompts"]))
+    out = {}
+    for name, ref in comparisons.items():
+        d = st.manifest(ref)["result"]
+        out[name] = {**d, **clustered_difference(scores.get(d.get("base")), scores.get(d.get("trained")), topics)}
+    return out
+
+
+def _raw_rows(path: str) -> list[dict]:
+    """The prompt file's rows as written (their `topic` included, which `load_prompts` does not keep);
+    [] for anything but a local .jsonl file (no topics: no clustered CI)."""
+    from pathlib import Path
+
+    from tasks.synthesis import resolve_data_path
+
+    p = Path(resolve_data_path(path))
+    if p.suffix != ".jsonl" or not p.is_file():
+        return []
+    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
 
 
 def _steps(summary: dict) -> dict:

@@ -75,3 +75,19 @@ def test_signal_v2_reports_the_extra_heldout_set_and_runs_no_scaling(tmp_path, m
     md = store.fs.cat_file(store.path(report_ref, "report.md")).decode()
     assert "not part of this run (tts.rounds = 0)" in md and "paired bootstrap 95% CI" in md
     assert "tts_answers" not in {a.split("/")[0] for a in report["cut_at_cap"]}
+
+
+def test_signal_v3_reports_the_clustered_ci_unasked_formats_and_the_template_rule(tmp_path, monkeypatch):
+    fake_generators(monkeypatch)
+    params = RunParams(preset="signal_v3", store_root=str(tmp_path), overrides=[
+        "data.stage1_sft=[0,4]", "data.stage1_po=[96,100]", "data.heldout=[384,392]", "data.heldout_extra=[684,688]",
+        "shard_size=4"])
+    summary = fs.signal_run.fn(params)
+    store = Store(str(tmp_path))
+    report_ref = store.ref(*summary["outputs"]["signal_report"]["ref"].split("/", 1))
+    report = json.loads(store.fs.cat_file(store.path(report_ref, "report.json")))
+    assert all(c["cluster_bootstrap_ci95"] and c["topics"] >= 1 for c in report["comparisons"].values())
+    assert set(report["formats"]) == {"seed", "rsft", "stage1"}          # the headline set's models
+    assert set(report["template"]) == {"title", "P.S.", "no comma", "bullets"}
+    md = store.fs.cat_file(store.path(report_ref, "report.md")).decode()
+    assert "Unasked formats" in md and "Template artefact" in md
