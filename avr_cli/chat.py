@@ -34,6 +34,7 @@ def run(args) -> int:
         print(f"avr: error: --model {args.model}: {problem}", file=sys.stderr)
         return 2
     from avr_core.backends.base import SamplingParams
+    from avr_core.backends.device import size_cpu_threads
     from avr_core.backends.hf import HFGenerator
     from avr_core.inference import answer_prompts
     from avr_core.model_refs import resolve_model_path
@@ -41,6 +42,7 @@ def run(args) -> int:
     if not 0 <= args.rounds <= 5:
         print("avr: error: --rounds must be in 0..5", file=sys.stderr)
         return 2
+    size_cpu_threads()         # AVR_THREADS or this process's cores
     try:
         gen = HFGenerator(resolve_model_path(args.model))
     except OSError as e:   # e.g. a hub id that is not in the local cache (HF_HUB_OFFLINE)
@@ -50,10 +52,59 @@ def run(args) -> int:
         return 2
     prompts = [args.prompt] if args.prompt else [line.strip() for line in sys.stdin if line.strip()]
     params = SamplingParams(n=1, temperature=0.0, max_new_tokens=args.max_new_tokens)
-    convs = [[{"role": "user", "content": q}] for q in prompts]
-    for out in answer_prompts(convs, gen, "thought" if args.thought else "refine", args.rounds, params):
-        print(trace_text(out, args.thought) if args.show_trace else out["answer"])
+    mode = "thought" if args.thought else "refine"
+    plain = not (args.show_trace or args.thought or args.rounds)     # the answer is the only generation
+    for q in prompts:   # one at a time, each streamed as it is generated
+        # the trace and a plain answer stream to stdout; the steps of a longer answer stream to
+        # stderr (progress), and stdout gets the final answer alone
+        live = stream_to(gen, sys.stdout if args.show_trace or plain else sys.stderr,
+                         None if plain else step_labels(args.thought, args.rounds))
+        try:
+            out = answer_prompts([[{"role": "user", "content": q}]], gen, mode, args.rounds, params)[0]
+        finally:
+            stream_to(gen, None)
+        if args.show_trace:
+            print(f"--- final answer ({out['path']}) ---\n{out['answer']}" if live else trace_text(out, args.thought))
+        elif not (plain and live):
+            print(out["answer"])
     return 0
+
+
+def step_labels(thought: bool, rounds: int) -> list[str]:
+    """The generations of one answer, in the order `answer_prompts` makes them."""
+    if thought:
+        return ["thought"]
+    return ["first answer", *[f"round {i} {s}" for i in range(1, rounds + 1) for s in ("critique", "refinement")]]
+
+
+def stream_to(gen, out, labels: list[str] | None = None) -> bool:
+    """Stream `gen`'s generations to `out` as they are made, each under the next of `labels` (None:
+    unlabelled); `out` None stops streaming. False: this generator cannot stream (it prints at the end)."""
+    if not hasattr(gen, "streamer"):
+        return False
+    gen.streamer = None if out is None else _labelled_streamer(gen.tok, out, labels)
+    return True
+
+
+def _labelled_streamer(tok, out, labels):
+    from transformers import TextStreamer
+
+    class Labelled(TextStreamer):
+        """transformers' TextStreamer writing to `out`, a label line before each generation."""
+
+        def __init__(self):
+            super().__init__(tok, skip_prompt=True, skip_special_tokens=True)
+            self.labels = iter(labels or ())
+
+        def put(self, value):
+            if self.next_tokens_are_prompt and (label := next(self.labels, None)):   # a generation starts
+                out.write(f"--- {label} ---\n")
+            super().put(value)
+
+        def on_finalized_text(self, text: str, stream_end: bool = False):
+            out.write(text + ("\n" if stream_end else ""))
+            out.flush()
+    return Labelled()
 
 
 def trace_text(out: dict, thought: bool) -> str:

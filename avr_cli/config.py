@@ -13,7 +13,7 @@ def run(args) -> int:
 
 
 def _print_config(params) -> int:
-    from avr_core.config import load_config, to_yaml
+    from avr_core.config import to_yaml
 
-    print(to_yaml(load_config(params.preset, params.to_overrides())), end="")
+    print(to_yaml(params.config()), end="")
     return 0

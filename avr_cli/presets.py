@@ -40,11 +40,10 @@ def with_params(args, command: Callable) -> int:
         return 2
 
 
-def apply_hub_mode(preset: str, overrides: list[str], cfg=None) -> None:
-    """The config's hub.offline as HF_HUB_OFFLINE, before any HF library is imported (avr_core/hub.py)."""
-    from avr_core.config import load_config
+def apply_hub_mode(params) -> None:
+    """The run's hub.offline as HF_HUB_OFFLINE, before any HF library is imported (avr_core/hub.py)."""
     from avr_core.hub import apply_mode
-    apply_mode(bool((cfg or load_config(preset, overrides)).hub.offline))
+    apply_mode(bool(params.config().hub.offline))
 
 
 def validation_message(e) -> str:

@@ -54,7 +54,7 @@ def resumer(run: str, store_root: str | None = None) -> tuple[Callable[[], objec
     from avr_core.config import default_store_root
     from avr_core.store import Store
     from avr_core.store.probe import probe
-    from run_records.resume import UUID, find_run, local_config, read_record
+    from run_records.resume import UUID, find_run, local_config, read_record, record_crash
 
     if UUID.match(run):
         from flows.deploy import resume, resumed_run
@@ -67,11 +67,13 @@ def resumer(run: str, store_root: str | None = None) -> tuple[Callable[[], objec
     store = Store(root)
     run_id = find_run(store, run)
     record = read_record(store, run_id)
+    if crashed := record_crash(store, run_id, record):
+        print(f"run {run_id} crashed (its process is gone) in stage {crashed['stage'] or 'unknown'}: "
+              "recorded in its run.json", file=sys.stderr)
     flow, extra = flow_of(record, store, run_id)
     params = RunParams(preset=local_config(store, run_id), overrides=[f"store.root={store.root}"])
-    from avr_core.config import load_config
-    from avr_core.hub import apply_mode
-    apply_mode(bool(load_config(params.preset, params.overrides).hub.offline))   # as `avr run` did, before HF loads
+    from avr_cli.presets import apply_hub_mode
+    apply_hub_mode(params)                         # as `avr run` did, before HF loads
     return lambda: flow(params=params, **extra), run_id
 
 

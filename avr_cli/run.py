@@ -23,11 +23,9 @@ def _run(params, argv: list[str]) -> int:
     # fail fast on bad config or prompts, before Prefect starts a server or anything is written
     from omegaconf import OmegaConf
 
-    from avr_core.config import load_config
     from run_records.preflight import preflight
-    overrides = params.to_overrides()
-    cfg = load_config(params.preset, overrides)
-    apply_hub_mode(params.preset, overrides, cfg)   # before preflight reads a hub dataset
+    cfg = params.config()              # loaded once, by the params' validator; the flow runs this one
+    apply_hub_mode(params)             # before preflight reads a hub dataset
     preflight(OmegaConf.to_container(cfg, resolve=True))
     # The run goes on in a worker process that SIGTERM or Ctrl-C stops in seconds, leaving
     # nothing behind; this process waits for it (avr_cli/supervisor.py says why).

@@ -25,7 +25,7 @@ def _register(args, params) -> int:
     if problem := _no_api_server(args.cmd):
         print(f"avr: error: {problem}", file=sys.stderr)
         return 2
-    apply_hub_mode(params.preset, overrides)   # the served runs inherit this process's hub mode
+    apply_hub_mode(params)   # the served runs inherit this process's hub mode
     if args.cmd == "serve":
         from flows.deploy import serve
         serve(params.preset, overrides)

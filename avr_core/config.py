@@ -15,7 +15,7 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from avr_core.backends import GENERATORS, SCORERS
+from avr_core.backends import GENERATORS, SCORERS, backend_class
 
 # The training losses, by name: "sft" and avr_core/losses' PREFERENCE_LOSSES (that package imports
 # torch, too heavy for reading a config; tests/core/test_config.py holds the two equal).
@@ -523,20 +523,18 @@ def validate(cfg: DictConfig) -> None:
     need(cfg.generator.kind in GENERATORS, "generator.kind", _one_of(GENERATORS))
     check_device_settings(cfg, need)
     need(cfg.scorer.kind in SCORERS, "scorer.kind", _one_of(SCORERS))
-    need(cfg.scorer.kind != "rules" or bool(cfg.scorer.constraints), "scorer.constraints",
-         "required when scorer.kind=rules: the prompt file whose rows carry `constraints`")
+    check_required(cfg, "scorer", need)
     need(cfg.flow in ("pipeline", "signal"), "flow", "must be pipeline or signal")
     need(cfg.scale.engine in ("local", "ray"), "scale.engine", "must be local or ray")
     # Ray actors that ask for no GPU see none (tasks/runtime/ray_workers.py, no_gpu_env): a backend that wants
     # one must come with GPUs per actor, or it would silently run on the actors' CPUs.
-    gpu_wanted = [k for k in ("generator", "scorer") if cfg[k].kind not in ("openai", "rules")
+    gpu_wanted = [k for k in ("generator", "scorer") if loads_here(cfg[k])
                   and (str(cfg[k].get("device", "auto")).startswith("cuda") or bool(cfg[k].get("gpus")))]
     need(cfg.scale.engine != "ray" or cfg.scale.gpus_per_worker > 0 or not gpu_wanted, "scale.gpus_per_worker",
          f"must be > 0 with scale.engine=ray when {' and '.join(gpu_wanted) or 'a backend'} asks for a GPU "
          f"(device cuda or gpus); Ray actors without GPUs see none")
     check_ray_actor_gpus(cfg, need)
-    need(cfg.generator.kind != "openai" or bool(cfg.generator.base_url), "generator.base_url",
-         "required when generator.kind=openai")
+    check_required(cfg, "generator", need)
     for stage in ("respond", "critique", "refine", "tts", "thought", "eval"):
         s = f"{stage}.sampling"
         need(0.0 <= cfg[stage].sampling.temperature <= 2.0, f"{s}.temperature", "must be in [0, 2]")
@@ -597,8 +595,9 @@ def validate(cfg: DictConfig) -> None:
     need(cfg.scorer.over_long in ("truncate", "skip"), "scorer.over_long", "must be truncate or skip")
     need(cfg.scorer.model.dtype in ("auto", "float32", "bfloat16", "float16"), "scorer.model.dtype",
          "must be auto (bfloat16 on a GPU, float32 on the CPU), float32, bfloat16 or float16")
-    need(cfg.scorer.over_long == "truncate" or cfg.scorer.kind in ("hf_rm", "vllm_rm"), "scorer.over_long",
-         "skip is for reward models (scorer.kind hf_rm or vllm_rm); the others read no token limit")
+    if cfg.scorer.over_long != "truncate" and not backend_class(cfg.scorer.kind).takes_over_long:
+        need(False, "scorer.over_long", f"skip is for reward models (scorer.kind "
+             f"{' or '.join(_kinds(SCORERS, 'takes_over_long'))}); the others read no token limit")
     need(cfg.thought.s >= 2, "thought.s", "must be >= 2 (pairs need two samples)")
     need(cfg.thought.length_rule in ("pick", "drop"), "thought.length_rule", "must be pick or drop")
     need(cfg.search.start in ("respond", "dataset"), "search.start", "must be respond or dataset")
@@ -615,6 +614,25 @@ def validate(cfg: DictConfig) -> None:
         need(cfg[t].zero_stage in (0, 1, 2, 3), f"{t}.zero_stage", "must be 0..3")
         need(cfg[t].max_length > 0, f"{t}.max_length", "must be > 0")
     check_no_secrets(cfg)
+
+
+def _kinds(registry: dict, fact: str) -> list[str]:
+    """The kinds of `registry` whose class has `fact` (a message names them)."""
+    return [k for k in registry if getattr(backend_class(k), fact)]
+
+
+def check_required(cfg: DictConfig, role: str, need) -> None:
+    """The keys the `role` section's kind cannot run without (its class's `required`)."""
+    kind = cfg[role].kind
+    for key, what in backend_class(kind).required.items():
+        need(bool(cfg[role][key]), f"{role}.{key}", f"required when {role}.kind={kind}" + (f": {what}" if what else ""))
+
+
+def loads_here(sec: DictConfig) -> bool:
+    """Whether a generator/scorer section loads a model in our processes (its device and GPU
+    settings mean something): not an HTTP client, not the model-free rules scorer."""
+    cls = backend_class(sec.kind)
+    return cls.needs_model and not cls.served_elsewhere(sec)
 
 
 def check_device_settings(cfg: DictConfig, need) -> None:
@@ -656,11 +674,11 @@ def actor_gpu_needs(cfg: DictConfig) -> list[tuple[int, str]]:
     out = []
     for name in ("generator", "scorer"):
         sec = cfg[name]
-        if sec.kind in ("openai", "rules") or (sec.kind == "vllm_rm" and sec.base_url) or sec.device == "cpu":
+        if not loads_here(sec) or sec.device == "cpu":
             continue
         gpus, tp, dp = list(sec.gpus), sec.tensor_parallel_size, sec.data_parallel_size
         by_list = max(gpus) + 1 if gpus else 0
-        by_size = tp * max(1, dp) if sec.kind in ("vllm", "vllm_rm", "vllm_judge") else 1
+        by_size = backend_class(sec.kind).gpu_slots(sec)
         why = (f"{name}.gpus {gpus}" if by_list >= by_size
                else f"{name}.tensor_parallel_size {tp} x data_parallel_size {dp}")
         out.append((max(by_list, by_size), why))
@@ -714,7 +732,7 @@ def resolve_max_new_tokens(cap: int | None, generator: dict) -> int | None:
     """
     if cap is not None:
         return cap
-    return int(generator["max_model_len"]) if generator.get("kind", "hf") == "hf" else None
+    return int(generator["max_model_len"]) if backend_class(generator.get("kind", "hf")).needs_token_cap else None
 
 
 def to_yaml(cfg: DictConfig) -> str:

@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Literal
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from prefect import flow
 from prefect.schedules import Cron
 from pydantic import Field
@@ -41,8 +41,7 @@ def synthesis_run(params: RunParams = RunParams(),  # noqa: B008 (Prefect parame
                       description="the prompt slice data.<split> to synthesise on")] = "stage1_sft") -> dict:
     """Stage-1 synthesis alone with the seed policy (respond -> critique -> refine -> rm_score -> select)."""
     params = as_params(params)
-    run, cfg = start_run(params.preset, params.to_overrides(), params.model_dump(),
-                         (split,))                    # preflight checks the slices each flow reads
+    run, cfg = start_run(params, (split,))                    # preflight checks the slices each flow reads
     return finish_run(run, cfg, {"synthesis": synthesis(cfg, cfg["policy"], split)})
 
 
@@ -50,7 +49,7 @@ def synthesis_run(params: RunParams = RunParams(),  # noqa: B008 (Prefect parame
 def stage1_run(params: RunParams = RunParams()) -> dict:  # noqa: B008 (Prefect parameter)
     """Stage 1 alone: synthesis -> RSFT -> synthesis -> PO."""
     params = as_params(params)
-    run, cfg = start_run(params.preset, params.to_overrides(), params.model_dump(), STAGE1_SLICES)
+    run, cfg = start_run(params, STAGE1_SLICES)
     s1 = stage1(cfg, cfg["policy"])
     return finish_run(run, cfg, {"stage1_pairs": s1["pairs"], "stage1_model": s1["model_ref"]})
 
@@ -59,8 +58,7 @@ def stage1_run(params: RunParams = RunParams()) -> dict:  # noqa: B008 (Prefect 
 def stage2_run(params: RunParams = RunParams()) -> dict:  # noqa: B008
     """Stage 2 on the Stage-1 model (stage 1 from cache when done)."""
     params = as_params(params)
-    run, cfg = start_run(params.preset, params.to_overrides(), params.model_dump(),
-                         (*STAGE1_SLICES, "stage2", "stage2_po"))   # signal preset: refused, no stage 2
+    run, cfg = start_run(params, (*STAGE1_SLICES, "stage2", "stage2_po"))   # signal preset: refused, no stage 2
     s2 = stage2(cfg, stage1(cfg, cfg["policy"])["model"])
     return finish_run(run, cfg, {"stage2_pairs": s2["pairs"], "stage2_model": s2["model_ref"]})
 
@@ -69,7 +67,7 @@ def stage2_run(params: RunParams = RunParams()) -> dict:  # noqa: B008
 def evaluate_run(params: RunParams = RunParams()) -> dict:  # noqa: B008
     """Test-time scaling and the AlpacaEval leaderboard for every model (stages from cache when done)."""
     params = as_params(params)
-    run, cfg = start_run(params.preset, params.to_overrides(), params.model_dump(), ALL_SLICES)
+    run, cfg = start_run(params, ALL_SLICES)
     seed = cfg["policy"]
     s1 = stage1(cfg, seed)
     s2 = stage2(cfg, s1["model"])
@@ -85,9 +83,15 @@ def deployments(preset: str = "tiny", overrides: list[str] = ()) -> list:
     `iterate.continue_last=true` the nightly pipeline continues the chain of iterations in the
     store, so each night adds `iterate.count` iterations. A `flow: signal` preset has no stage 2, so
     it gets no stage-2 or evaluation deployment; its `avr-<preset>` runs flows/learning_signal.py."""
+    return _deployments(preset, overrides)[0]
+
+
+def _deployments(preset: str, overrides: list[str]) -> tuple[list, DictConfig]:
+    """`deployments`, and the config they were validated with (registering loads it once)."""
     cfg = load_config(preset, list(overrides))
     check_schedule(OmegaConf.to_container(cfg, resolve=True))
-    params = {"params": as_params(preset=preset, overrides=list(overrides)).model_dump()}
+    # the form's defaults for these deployments: validated just above, so not loaded a second time
+    params = {"params": RunParams.model_construct(preset=preset, overrides=list(overrides)).model_dump()}
     nightly = Cron(cfg.schedule.cron, timezone=cfg.schedule.timezone, active=cfg.schedule.active)
     stages = {"synthesis": synthesis_run, "stage1": stage1_run}
     if cfg.flow != "signal":
@@ -101,7 +105,7 @@ def deployments(preset: str = "tiny", overrides: list[str] = ()) -> list:
     return [pipeline.to_deployment(name=f"avr-{cfg.preset}", parameters=params, description=DESCRIPTION["pipeline"],
                                    **when("pipeline")),
             *[f.to_deployment(name=f"{f.name}-{cfg.preset}", parameters=params, description=DESCRIPTION[f.name],
-                              **when(name)) for name, f in stages.items()]]
+                              **when(name)) for name, f in stages.items()]], cfg
 
 
 DESCRIPTION = {
@@ -169,8 +173,7 @@ def deploy_to_pool(preset: str = "tiny", overrides: list[str] = (), pool: str = 
     from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
     from prefect.exceptions import ObjectNotFound
 
-    deps = deployments(preset, overrides)          # validates before anything is registered
-    cfg = load_config(preset, list(overrides))
+    deps, cfg = _deployments(preset, overrides)     # validates before anything is registered
     limit = int(cfg.schedule.max_runs)
     with get_client(sync_client=True) as client:
         try:
@@ -236,8 +239,8 @@ def serve(preset: str = "tiny", overrides: list[str] = ()) -> None:
     from prefect import serve as prefect_serve
     from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
-    deps = deployments(preset, overrides)
-    schedule = load_config(preset, list(overrides)).schedule
+    deps, cfg = _deployments(preset, overrides)
+    schedule = cfg.schedule
     beat = heartbeat_s(schedule.zombie_after_s)
     # the served runs are child processes of this one (they get its environment and its settings):
     # they beat as often as the zombie automation of `avr deploy` needs, whatever this shell exported

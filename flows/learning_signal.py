@@ -32,7 +32,7 @@ def greedy_heldout(cfg: dict) -> dict:
       on_crashed=[release_all_engines])
 def signal_run(params: RunParams = RunParams(preset="signal")) -> dict:  # noqa: B008 (Prefect parameter)
     params = as_params(params)
-    run, cfg = start_run(params.preset, params.to_overrides(), params.model_dump())
+    run, cfg = start_run(params)
     seed = cfg["policy"]
     s1 = stage1(cfg, seed)                                   # synthesis -> RSFT -> synthesis -> DPO
     heldout = prompts(cfg, "heldout")

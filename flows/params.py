@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from avr_core.config import CONF_DIR, ConfigError, load_config
 
@@ -21,7 +21,10 @@ PRESETS = tuple(sorted(p.stem for p in CONF_DIR.glob("*.yaml")))   # base, paper
 class RunParams(BaseModel):
     """What to run: a preset, the usual knobs, and free `key=value` overrides for anything else."""
 
-    model_config = ConfigDict(extra="forbid", title="AvR run")
+    # frozen: the resolved config is loaded once, by the validator, and travels with the params
+    # (`config()`); a field changed afterwards would leave it stale
+    model_config = ConfigDict(extra="forbid", title="AvR run", frozen=True)
+    _config: object = PrivateAttr(None)
 
     preset: str = Field("tiny", title="Preset", json_schema_extra={"enum": list(PRESETS)},
                         description="The config preset (`conf/<preset>.yaml` over `conf/base.yaml`): tiny = "
@@ -81,8 +84,14 @@ class RunParams(BaseModel):
         return out + list(self.overrides)
 
     def config(self):
-        """The resolved, validated config (a read-only DictConfig). A problem is a ValueError
-        naming the form field it came from and the config key."""
+        """The resolved, validated config (a read-only DictConfig), loaded once per RunParams: the
+        form's validator, `avr run`, the flow and `start_run` all use this one. A problem is a
+        ValueError naming the form field it came from and the config key."""
+        if self._config is None:
+            self._config = self._load()
+        return self._config
+
+    def _load(self):
         if self.preset not in PRESETS and not self.preset.endswith((".yaml", ".yml")):
             raise ValueError(f"field 'preset': {self.preset!r}: preset not found (shipped: {', '.join(PRESETS)}; "
                              "or a path to a YAML file)")

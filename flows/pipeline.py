@@ -26,7 +26,7 @@ def pipeline(params: RunParams = RunParams()) -> dict:  # noqa: B008 (Prefect pa
     params = as_params(params)
     if params.config().flow == "signal":           # stage 1 + learning signal + test-time scaling, no stage 2
         return signal_run(params)                 # (a subflow run: its artifacts are on the avr-signal run)
-    run, cfg = start_run(params.preset, params.to_overrides(), params.model_dump())   # checked, saved: before any work
+    run, cfg = start_run(params)   # checked, saved: before any work
     seed, pending = iterations.start(cfg, run.prompt_rows)   # the policy, or the last completed iteration's model
     for t in pending:
         c = iterations.config_for(cfg, t)          # iteration t: fresh prompt slices

@@ -12,7 +12,8 @@ import time
 from omegaconf import OmegaConf
 
 from avr_core import compare, identity
-from avr_core.config import load_config, to_yaml
+from avr_core.backends.device import size_cpu_threads
+from avr_core.config import to_yaml
 from avr_core.store import ArtifactRef, Store
 from run_records.failure import quiet_repeated_tracebacks
 from run_records.preflight import preflight
@@ -22,24 +23,25 @@ from tasks.runtime import publish, publish_plot
 from tasks.runtime.ledger import RUN, STAGE_LOG
 
 
-def start_run(preset: str, overrides: list[str], params: dict | None = None,
-              slices: tuple | None = None) -> tuple[RunRecord, dict]:
-    """Everything that can reject a run happens here, before any stage runs. `preset` and
-    `overrides` are the run's config (a deployment's form gives them: flows/params.py
-    `RunParams.to_overrides()`), `params` the form itself, recorded as given; `slices` the prompt
-    slices this flow reads (default: those of the config's `flow`). The run record names the flow
-    and deployment, so the run can be compared with the previous run of the same deployment at its
+def start_run(params, slices: tuple | None = None) -> tuple[RunRecord, dict]:
+    """Everything that can reject a run happens here, before any stage runs. `params` is the run's
+    form (flows/params.py `RunParams`): its config, loaded once by its validator, is the one this
+    run checks, saves and runs; the form itself is recorded as given. `slices` the prompt slices
+    this flow reads (default: those of the config's `flow`). The run record names the flow and
+    deployment, so the run can be compared with the previous run of the same deployment at its
     end. Returns the record and the resolved config (a plain dict)."""
-    cfg_obj = load_config(preset, overrides)
+    preset, overrides, cfg_obj = params.preset, params.to_overrides(), params.config()
     cfg = OmegaConf.to_container(cfg_obj, resolve=True)
     identity.forget()                              # a re-pointed path or a new snapshot counts from this run on
+    size_cpu_threads()                             # AVR_THREADS or this process's cores: runs side by side share
     n = preflight(cfg, slices)
     store = Store(cfg["store"]["root"])
     STAGE_LOG.clear()                              # this run's wall-time table starts here
     quiet_repeated_tracebacks()
     launch = current_launch()
-    run = RunRecord.begin(store, preset, list(overrides), params or {}, n, launch)
+    run = RunRecord.begin(store, preset, list(overrides), params.model_dump(), n, launch)
     RUN["id"] = run.id                             # the stages' manifests say which run computed them
+    RUN["on_compute"] = run.record_stage           # run.json: the stage in progress, should the run vanish
     run.save(to_yaml(cfg_obj))
     run.name_flow_run()
     resumes = f" (resumes run {run.resumes})" if run.resumes else ""
@@ -54,6 +56,7 @@ def finish_run(run: RunRecord, cfg: dict, outputs: dict[str, ArtifactRef], leade
     tables and plot, the counts of its outputs and the comparison with the previous run, written and
     published; with `leaderboard` (the run evaluated its models), THIS run's leaderboard rows too.
     Prints the end of the run."""
+    RUN["on_compute"] = None                       # the run's stages are done: no stage to note
     store = Store(cfg["store"]["root"])
     wall = round(time.time() - run.started, 1)
     manifests = {k: store.manifest(v) for k, v in outputs.items()}

@@ -13,6 +13,7 @@ from avr_core.model_refs import model_ref_problem
 from avr_core.store.probe import probe
 from tasks.evaluate import validate_evalset
 from tasks.runtime import policy_identity, scorer_identity
+from tasks.runtime.keys import served_elsewhere
 from tasks.synthesis import validate_prompts
 
 # The prompt slices `data.<split>` each `flow:` reads; a slice a flow never reads is not checked
@@ -59,7 +60,7 @@ def preflight(cfg: dict, slices: tuple | None = None) -> int:
                  cfg["data"]["prompts"])
     validate_evalset(cfg)
     models = [("scorer.model.path", cfg["scorer"]["model"]["path"])]
-    if cfg["generator"]["kind"] != "openai":          # there, the path may be the server's model name
+    if not served_elsewhere(cfg["generator"]):        # there, the path may be the server's model name
         models.insert(0, ("policy.path", cfg["policy"]["path"]))
     if cfg["eval"]["judge"]["kind"] == "local":
         models.append(("eval.judge.local_model", cfg["eval"]["judge"]["local_model"]))

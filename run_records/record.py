@@ -1,7 +1,8 @@
 """The run record: one run of a flow as an object, `RunRecord`, made by `start_run` and handed to
 `finish_run` (run_records/lifecycle.py) and to the failure line (run_records/failure.py). On disk:
 
-    <store>/runs/<id>/run.json       the record (what `avr resume <id>` reads), `failed` added on failure
+    <store>/runs/<id>/run.json       the record (what `avr resume <id>` reads): `stage` (the stage being
+                                     computed), then `failed`, `stopped` or (found by `avr resume`) `crashed`
     <store>/runs/<id>/config.yaml    the run's resolved config
 
 `avr` (avr_cli/run.py) wraps the flow call in `launched(...)`: a `Launch` that says how the run was
@@ -16,6 +17,7 @@ import json
 import logging
 import os
 import shlex
+import socket
 import time
 import uuid
 from contextvars import ContextVar
@@ -44,6 +46,8 @@ class RunRecord:
     store: str = ""                 # the store root
     command: str | None = None      # how `avr` started it (None: a deployment or a test)
     resumes: str | None = None      # the run id it resumes
+    host: str = ""                  # the process that runs it: `avr resume` tells a crashed run from a live one
+    pid: int = 0
 
     @classmethod
     def begin(cls, store: Store, preset: str, overrides: list[str], params: dict, prompt_rows: int,
@@ -52,13 +56,13 @@ class RunRecord:
         run_id = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
         return cls(id=run_id, started=time.time(), preset=preset, overrides=overrides, params=params,
                    prompt_rows=prompt_rows, **_origin(), store=store.root, command=launch.command,
-                   resumes=launch.resumes)
+                   resumes=launch.resumes, host=socket.gethostname(), pid=os.getpid())
 
     def as_json(self) -> dict:
         return asdict(self)
 
     def summary_fields(self) -> dict:
-        return {k: v for k, v in self.as_json().items() if k not in ("command", "resumes")}
+        return {k: v for k, v in self.as_json().items() if k not in ("command", "resumes", "host", "pid")}
 
     def path(self, name: str) -> str:
         """A file of the run's directory in the store, `runs/<id>/<name>`."""
@@ -77,6 +81,11 @@ class RunRecord:
     def record_stop(self, signal_name: str, stage: str | None) -> None:
         """A run stopped by a signal says so in run.json, with the stage it was in: not a running run."""
         self._note("stopped", {"signal": signal_name, "stage": stage, "at": time.time()})
+
+    def record_stage(self, stage: str) -> None:
+        """The stage this run has started computing (a cache hit is not noted): where a run that
+        vanished without a word was (`avr resume` records it as crashed, run_records/resume.py)."""
+        self._note("stage", {"name": stage, "since": time.time()})
 
     def _note(self, key: str, value: dict) -> None:
         store = Store(self.store)

@@ -12,9 +12,12 @@ names the run it resumes.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
+import socket
 import tempfile
+import time
 
 from avr_core.store import Store
 
@@ -38,8 +41,6 @@ def find_run(store: Store, prefix: str) -> str:
 
 def read_record(store: Store, run_id: str) -> dict:
     """runs/<id>/run.json (empty for a run from before it was written)."""
-    import json
-
     path = store.path("runs", run_id, "run.json")
     return json.loads(store.fs.cat_file(path)) if store.fs.exists(path) else {}
 
@@ -62,3 +63,46 @@ def local_config(store: Store, run_id: str) -> str:
     with os.fdopen(fd, "wb") as f:
         f.write(store.fs.cat_file(path))
     return local
+
+
+def record_crash(store: Store, run_id: str, record: dict) -> dict | None:
+    """Before `avr resume` runs `run_id` again: a run with no end in its record (no summary, not
+    failed or stopped) whose process on this host is gone was killed without a word (kill -9, the
+    OOM killer, a reboot), so its run.json gets `crashed`: the stage it was computing, since when,
+    and how that was found. Returns that entry (None: the run had ended or cannot be judged from
+    here, as a run of another host). A run whose process still lives is refused: two runs of
+    one config would only wait on each other's locks.
+
+    ValueError: the run is still running."""
+    if _ended(store, run_id, record) or record.get("host") != socket.gethostname() or not record.get("pid"):
+        return None
+    if _alive(int(record["pid"])):
+        raise ValueError(f"run {run_id} is still running (process {record['pid']} on this host); "
+                         f"stop it (kill -TERM {record['pid']}) or let it finish")
+    stage = record.get("stage") or {}
+    entry = {"stage": stage.get("name"), "since": stage.get("since"), "found_at": time.time(),
+             "how": f"its process {record['pid']} on {record['host']} ended without recording an end "
+                    "(found by avr resume)"}
+    path = store.path("runs", run_id, "run.json")
+    store.write_atomic(path, json.dumps({**record, "crashed": entry}, indent=2, default=str).encode())
+    return entry
+
+
+def _ended(store: Store, run_id: str, record: dict) -> bool:
+    return (any(k in record for k in ("failed", "stopped", "crashed"))
+            or store.fs.exists(store.path("runs", run_id, "summary.json")))
+
+
+def _alive(pid: int) -> bool:
+    """A process of this id exists and is not a zombie awaiting its parent's wait."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:       # someone else's process: alive
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True

@@ -70,6 +70,7 @@ def test_a_planted_key_reaches_no_log_artifact_store_file_or_saved_config(tmp_pa
     from avr_core.backends.base import BackendUnavailable
     from avr_core.backends.openai_api import OpenAIGenerator
     from avr_core.store import Store
+    from flows.params import as_params
     from run_records.lifecycle import start_run
     from tasks.runtime import publish
 
@@ -91,7 +92,7 @@ def test_a_planted_key_reaches_no_log_artifact_store_file_or_saved_config(tmp_pa
 
     @flow(name="avr-security-planted-key", log_prints=True)
     def leaky() -> str:
-        run, cfg = start_run("tiny", overrides)   # validates, registers keys, saves config
+        run, cfg = start_run(as_params(preset="tiny", overrides=overrides))   # validates, registers keys, saves config
         lg = get_run_logger()
         lg.info("SECURITY-PROBE judge key %s", judge_key)
         print(f"SECURITY-PROBE env OPENAI_API_KEY={key} HF_TOKEN={hf}")

@@ -24,11 +24,19 @@ import logging
 import time
 from typing import Any, Callable
 
-from avr_core.backends.base import BackendStats, BackendUnavailable, Conversation, Generator, SamplingParams, Scorer
+from avr_core.backends.base import (
+    BackendKind,
+    BackendStats,
+    BackendUnavailable,
+    Conversation,
+    Generator,
+    SamplingParams,
+    Scorer,
+)
 from avr_core.model_refs import resolve_model_path
 
-__all__ = ["BackendStats", "BackendUnavailable", "Generator", "SamplingParams", "Scorer",
-           "make_generator", "make_scorer", "clear_cache", "release", "used"]
+__all__ = ["BackendKind", "BackendStats", "BackendUnavailable", "Generator", "SamplingParams", "Scorer",
+           "backend_class", "make_generator", "make_scorer", "clear_cache", "release", "used"]
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +50,9 @@ _HOOKS: list[Callable[[], None]] = []   # releases of models held outside this c
 _BUILDS: list[dict] = []         # every start or reload, in order: {"role", "kind", "event", "seconds"}
 
 # kind -> "module:class". Strings on purpose: a stage's code version (avr_core/codeversion.py)
-# then covers the backend its config selects, not every backend.
+# then covers the backend its config selects, not every backend. What a kind means (its
+# constructor arguments, GPUs, weights) its class says (base.py BackendKind); kind names are
+# unique across both registries, so a section's `kind` alone names its class (`backend_class`).
 GENERATORS = {"hf": "avr_core.backends.hf:HFGenerator",
               "openai": "avr_core.backends.openai_api:OpenAIGenerator",
               "vllm": "avr_core.backends.vllm_offline:VLLMGenerator"}
@@ -51,8 +61,6 @@ SCORERS = {"hf_rm": "avr_core.backends.hf:HFRewardScorer",
            "vllm_judge": "avr_core.backends.vllm_judge:VLLMJudgeScorer",
            "vllm_rm": "avr_core.backends.vllm_rm:VLLMRewardScorer",
            "rules": "avr_core.backends.rules:RulesScorer"}
-
-JUDGES = ("judge", "vllm_judge")     # scorers that read a rating off a judge prompt (they need a `frame`)
 
 # (factory, config section, registry): a stage whose code reaches a factory gets the class its
 # config's `kind` selects added to its code version (tasks/runtime/keys.py, stage_code).
@@ -69,6 +77,16 @@ def _load(registry: dict[str, str], kind: str, what: str):
     return getattr(importlib.import_module(module), name)
 
 
+def backend_class(kind: str | None) -> type[BackendKind]:
+    """The class a generator or scorer `kind` names; `BackendKind` (a model loaded here, nothing
+    special) for a section without a registered kind, so a cache key or check of such a section
+    stays what it was (config validation refuses unknown kinds before any of them run)."""
+    for registry in (GENERATORS, SCORERS):
+        if kind in registry:
+            return _load(registry, kind, "backend")
+    return BackendKind
+
+
 def _key(*parts: Any) -> str:
     return json.dumps(parts, sort_keys=True, default=str)
 
@@ -82,43 +100,28 @@ def make_generator(model: dict, backend: dict) -> Generator:
     if key not in _CACHE:
         kind = backend["kind"]
         cls = _load(GENERATORS, kind, "generator")
-        path = _local(kind, model)
+        path = _local(cls, model)
         engine = _key(kind, {k: v for k, v in model.items() if k not in WEIGHTS_ONLY}, backend)
-        why = _reload(key, engine, path, model.get("dtype", "auto") != "auto") if kind == "vllm" else None
+        why = _reload(key, engine, path, model.get("dtype", "auto") != "auto") if cls.reloads_weights else None
         if why == "reloaded":
             return _use(key)
         _make_room(key, backend, "generator")
-        dev = dict(device=backend.get("device", "auto"), gpus=tuple(backend.get("gpus") or ()))
         t0 = time.perf_counter()
-        if kind == "hf":
-            _CACHE[key] = cls(path, model["dtype"], backend["batch_size"], model["trust_remote_code"], **dev)
-        elif kind == "openai":
-            _CACHE[key] = cls(base_url=backend["base_url"], model=backend["served_model"] or path,
-                              api_key_env=backend["api_key_env"], concurrency=backend["concurrency"],
-                              timeout_s=backend["timeout_s"], max_retries=backend["max_retries"],
-                              down_budget_s=backend["down_budget_s"])
-        else:
-            _CACHE[key] = cls(path, tensor_parallel_size=backend["tensor_parallel_size"],
-                              data_parallel_size=backend.get("data_parallel_size", 1),
-                              gpu_memory_utilization=backend["gpu_memory_utilization"],
-                              max_model_len=backend["max_model_len"], dtype=model["dtype"],
-                              trust_remote_code=model["trust_remote_code"],
-                              per_request_seed=bool(backend.get("per_request_seed")),
-                              enforce_eager=bool(backend.get("enforce_eager")),
-                              kv_cache_gb=backend.get("kv_cache_gb"), **dev)
-        _META[key] = {"role": "generator", "keep": bool(backend.get("keep_engine")), "gpus": dev["gpus"],
-                      "cpu": _on_cpu(backend), "engine": engine, "weights": path}
+        _CACHE[key] = cls.from_config(path, model, backend)
+        _META[key] = {"role": "generator", "keep": bool(backend.get("keep_engine")),
+                      "gpus": tuple(backend.get("gpus") or ()), "cpu": _on_cpu(backend), "engine": engine,
+                      "weights": path}
         _BUILDS.append({"role": "generator", "kind": kind, "event": "start", "why": why,
                         "seconds": round(time.perf_counter() - t0, 2)})
     return _use(key)
 
 
-def _local(kind: str, model: dict) -> str:
+def _local(cls: type[BackendKind], model: dict) -> str:
     """The model's path for its backend. A vLLM engine gets a local directory: a hub model is
     fetched first (avr_core/hub.py::fetch_weights), so the engine's start timeout times the start,
     not a download, and a model that cannot be had fails now, in one line (review F13)."""
     path = resolve_model_path(model["path"])
-    if not kind.startswith("vllm"):
+    if not cls.vllm_engines:
         return path                       # HF loads download themselves, with no start timeout
     from avr_core.hub import fetch_weights
     return fetch_weights(path, model.get("revision"))
@@ -166,40 +169,24 @@ def _drop_closed(key: str) -> None:
 def make_scorer(scorer: dict, frame: Callable[[Conversation], Conversation] | None = None) -> Scorer:
     """`scorer` = the scorer config section. `frame`: the judge prompt of a `judge` scorer (the
     method's, `avr_core.scorers.make_scorer` passes it; without one its `score` refuses)."""
-    frame = frame if scorer["kind"] in JUDGES else None
+    cls = _load(SCORERS, scorer["kind"], "scorer")
+    frame = frame if cls.takes_frame else None
     key = _key("score", scorer, None if frame is None else f"{frame.__module__}.{frame.__qualname__}")
     _drop_closed(key)
     if key not in _CACHE:
-        cls = _load(SCORERS, scorer["kind"], "scorer")
-        if scorer["kind"] == "rules":        # verifiable constraints, no model (avr_core/backends/rules.py)
-            _CACHE[key] = cls(scorer["constraints"])
+        if not cls.needs_model:        # verifiable constraints (rules.py): nothing to fetch, place or time
+            _CACHE[key] = cls.from_config(None, {}, scorer)
             _META[key] = {"role": "scorer", "keep": False, "gpus": ()}
             return _use(key)
         _make_room(key, scorer, "scorer")
         m = scorer["model"]
-        path = _local(scorer["kind"], m) if not scorer.get("base_url") else resolve_model_path(m["path"])
-        kw = dict(dtype=m["dtype"], batch_size=scorer["batch_size"], max_length=scorer["max_length"],
-                  trust_remote_code=m["trust_remote_code"], device=scorer.get("device", "auto"),
-                  gpus=tuple(scorer.get("gpus") or ()))
-        if scorer["kind"] in ("hf_rm", "vllm_rm"):    # an input over max_length: cut or not scored
-            kw["over_long"] = scorer.get("over_long", "truncate")
-        if scorer["kind"] in ("vllm_rm", "vllm_judge"):
-            from .hf import resolve_dtype
-
-            # "auto": bf16 on GPUs, fp32 on CPU, as for HF scorers (not vLLM's own rule)
-            kw["dtype"] = resolve_dtype(kw["dtype"], kw["device"], kw["gpus"])
-            kw.update(tensor_parallel_size=scorer.get("tensor_parallel_size", 1),
-                      data_parallel_size=scorer.get("data_parallel_size", 1),
-                      gpu_memory_utilization=scorer.get("gpu_memory_utilization", 0.9),
-                      enforce_eager=bool(scorer.get("enforce_eager")), kv_cache_gb=scorer.get("kv_cache_gb"))
-        if scorer["kind"] == "vllm_rm":
-            kw.update(base_url=scorer.get("base_url", ""), served_model=scorer.get("served_model", ""))
+        path = _local(cls, m) if not scorer.get("base_url") else resolve_model_path(m["path"])
         t0 = time.perf_counter()
-        _CACHE[key] = cls(path, frame=frame, **kw) if scorer["kind"] in JUDGES else cls(path, **kw)
+        _CACHE[key] = cls.from_config(path, m, scorer, frame)
         _BUILDS.append({"role": "scorer", "kind": scorer["kind"], "event": "start",
                         "seconds": round(time.perf_counter() - t0, 2)})
-        _META[key] = {"role": "scorer", "keep": bool(scorer.get("keep_engine")), "gpus": kw["gpus"],
-                      "cpu": _on_cpu(scorer)}
+        _META[key] = {"role": "scorer", "keep": bool(scorer.get("keep_engine")),
+                      "gpus": tuple(scorer.get("gpus") or ()), "cpu": _on_cpu(scorer)}
     return _use(key)
 
 
@@ -282,7 +269,7 @@ def _on_cpu(section: dict) -> bool:
     """Whether the backend this section builds runs on the CPU (no accelerator to share)."""
     from .device import resolve
 
-    if section.get("kind") == "openai" or section.get("base_url"):
+    if section.get("base_url") or backend_class(section.get("kind")).served_elsewhere(section):
         return True                         # an HTTP client: its server holds the memory
     try:
         return resolve(section.get("device", "auto"), "device", tuple(section.get("gpus") or ())) == "cpu"

@@ -93,3 +93,62 @@ class Scorer(Protocol):
 
 class BackendUnavailable(RuntimeError):
     """The engine or server cannot be reached; raised with a message saying where and why."""
+
+
+class BackendKind:
+    """What a backend's `kind` means outside its own methods, said by its class: the factory
+    (avr_core/backends/__init__.py), the config checks, preflight and the cache keys ask the class
+    (`backends.backend_class(kind)`) instead of comparing kind names. The defaults describe a
+    model loaded in this process."""
+
+    needs_model = True        # False: no weights at all (rules): no model path to fetch, key or place
+    vllm_engines = False      # starts vLLM engines here: weights from a local directory (a hub model is
+    #                           fetched first), spread over tensor_parallel_size x data_parallel_size GPUs
+    reloads_weights = False   # a running engine takes a new policy's weights in place (the factory's `_reload`)
+    takes_over_long = False   # reads scorer.over_long: an input over max_length is cut or not scored
+    takes_frame = False       # reads a rating off the method's judge prompt: built with, and keyed by, `frame`
+    needs_token_cap = False   # generate() needs a number for max_new_tokens (null: the context length)
+    required: dict = {}       # config keys it cannot run without -> what they hold (validation names them)
+
+    @classmethod
+    def served_elsewhere(cls, section: dict) -> bool:
+        """Whether its model runs on someone else's server: keyed by name, no GPU or device here."""
+        return False
+
+    @classmethod
+    def gpu_slots(cls, section: dict) -> int:
+        """GPUs one instance spreads over (a Ray actor must see that many)."""
+        from .device import engine_gpus
+
+        return engine_gpus(section) if cls.vllm_engines else 1
+
+    @classmethod
+    def from_config(cls, path: str | None, model: dict, section: dict, frame=None):
+        """An instance from its config: `path` the model's local path or name (None: no model),
+        `model` its model section, `section` the generator/scorer section, `frame` a judge's prompt."""
+        raise NotImplementedError(f"{cls.__name__} does not say how it is built from a config")
+
+
+class ScorerKind(BackendKind):
+    """A scorer of a model: built from the scorer section's common arguments (`scorer_args`)."""
+
+    @classmethod
+    def from_config(cls, path: str | None, model: dict, section: dict, frame=None):
+        return cls(path, **scorer_args(cls, model, section, frame))
+
+
+def scorer_args(cls: type[BackendKind], model: dict, scorer: dict, frame=None) -> dict:
+    """A model scorer's constructor arguments from its config; `cls` says whether it takes
+    `over_long` and `frame`. A kind with more settings adds them in its `from_config`."""
+    kw = dict(dtype=model["dtype"], batch_size=scorer["batch_size"], max_length=scorer["max_length"],
+              trust_remote_code=model["trust_remote_code"], **device_args(scorer))
+    if cls.takes_over_long:
+        kw["over_long"] = scorer.get("over_long", "truncate")
+    if cls.takes_frame:
+        kw["frame"] = frame
+    return kw
+
+
+def device_args(section: dict) -> dict:
+    """`device` and `gpus` as a model backend's constructor takes them."""
+    return dict(device=section.get("device", "auto"), gpus=tuple(section.get("gpus") or ()))

@@ -206,13 +206,13 @@ def check_devices(cfg: dict, trained: Sequence[str] = TRAINING_SECTIONS) -> None
 
 def device_settings(cfg: dict) -> list[tuple[str, str, list]]:
     """(key, device setting, gpus) of every model the config loads in a process of ours."""
+    from avr_core.backends import backend_class
+
     out = []
-    g, s = cfg.get("generator", {}), cfg.get("scorer", {})
-    if g.get("kind") != "openai" and "device" in g:
-        out.append(("generator.device", g["device"], list(g.get("gpus") or [])))
-    if s.get("kind") != "vllm_rm" or not s.get("base_url"):
-        if "device" in s:
-            out.append(("scorer.device", s["device"], list(s.get("gpus") or [])))
+    for name in ("generator", "scorer"):       # a model on someone else's server has no device here
+        sec = cfg.get(name, {})
+        if not backend_class(sec.get("kind")).served_elsewhere(sec) and "device" in sec:
+            out.append((f"{name}.device", sec["device"], list(sec.get("gpus") or [])))
     judge = (cfg.get("eval") or {}).get("judge") or {}
     if judge.get("kind") == "local" and "device" in judge:
         out.append(("eval.judge.device", judge["device"], []))
@@ -224,11 +224,12 @@ def device_settings(cfg: dict) -> list[tuple[str, str, list]]:
 
 def vllm_sections(cfg: dict) -> list[str]:
     """The sections that start vLLM engines in a process of ours (a served vllm_rm starts none)."""
-    g, s = cfg.get("generator", {}), cfg.get("scorer", {})
-    out = ["generator"] if g.get("kind") == "vllm" else []
-    if s.get("kind") == "vllm_judge" or (s.get("kind") == "vllm_rm" and not s.get("base_url")):
-        out.append("scorer")
-    return out
+    from avr_core.backends import backend_class
+
+    def starts(sec: dict) -> bool:
+        cls = backend_class(sec.get("kind"))
+        return cls.vllm_engines and not cls.served_elsewhere(sec)
+    return [name for name in ("generator", "scorer") if starts(cfg.get(name, {}))]
 
 
 def engine_gpus(section: dict) -> int:
@@ -326,3 +327,34 @@ def peak_memory_gb() -> float | None:
     if not torch.cuda.is_available() or not torch.cuda.is_initialized():   # never create a context to read 0
         return None
     return round(sum(torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count())) / 2**30, 3)
+
+
+def cpu_threads(share: int = 1) -> int:
+    """Torch's CPU threads for this process: `AVR_THREADS` when set, else the cores this process
+    may run on (its affinity mask: `taskset`, a container's cpuset), divided among the `share`
+    processes that split them (training ranks on one node), at least 1.
+
+    Why: two runs on one machine each ran torch with a thread per core, so 4 threads fought for 2
+    cores and both ran 7-14x slower (issue 37). `AVR_THREADS=1` (or `taskset -c N`) for each run
+    gives each its own core; bench/threads.py measures it.
+
+        AVR_THREADS=1 avr run --preset tiny &   AVR_THREADS=1 avr run --preset tiny store.root=/tmp/b
+    """
+    raw = os.environ.get("AVR_THREADS", "").strip()
+    if raw:
+        if not raw.isdigit() or int(raw) < 1:
+            raise ValueError(f"AVR_THREADS={raw!r}: expected a positive number of threads")
+        return max(1, int(raw) // max(1, share))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, share))
+
+
+def size_cpu_threads(share: int = 1) -> int:
+    """Set torch's intra-op threads to `cpu_threads(share)` (called where a process starts its
+    work: a run's flow, a training rank, `avr chat`). Returns the number set."""
+    import torch
+
+    n = cpu_threads(share)
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    return n

@@ -10,7 +10,15 @@ from typing import Callable, Sequence
 
 from tqdm.auto import tqdm
 
-from avr_core.backends.base import BackendStats, Conversation, SamplingParams, inert_control_tokens
+from avr_core.backends.base import (
+    BackendKind,
+    BackendStats,
+    Conversation,
+    SamplingParams,
+    ScorerKind,
+    device_args,
+    inert_control_tokens,
+)
 from avr_core.backends.device import DTYPE_BYTES, input_device, load, resolve
 
 log = logging.getLogger(__name__)
@@ -86,11 +94,17 @@ def _by_length(texts: Sequence, size: int) -> list[list[int]]:
     return [order[i:i + size] for i in range(0, len(order), size)]
 
 
-class HFGenerator:
+class HFGenerator(BackendKind):
     """Batched `model.generate` with chat templates, left padding and n samples per conversation.
 
     `batch_size` counts sequences per forward pass, so a batch holds batch_size // n conversations.
     """
+
+    needs_token_cap = True      # `generate` takes a number: max_new_tokens null is the context length
+
+    @classmethod
+    def from_config(cls, path, model, backend, frame=None):
+        return cls(path, model["dtype"], backend["batch_size"], model["trust_remote_code"], **device_args(backend))
 
     def __init__(self, path: str, dtype: str = "float32", batch_size: int = 8, trust_remote_code: bool = False,
                  device: str = "auto", gpus: Sequence[int] = ()):
@@ -105,6 +119,7 @@ class HFGenerator:
         self.device, self._in = pl.label, input_device(self.model)   # label: the manifest's; _in: input ids
         self.batch_size = batch_size
         self.stats = BackendStats()
+        self.streamer = None    # a transformers streamer for one-conversation, n=1 calls (`avr chat` streams)
         self._torch = torch
 
     def generate(self, conversations: Sequence[Conversation], params: SamplingParams) -> list[list[str]]:
@@ -123,6 +138,7 @@ class HFGenerator:
                 gen = self.model.generate(
                     **enc, do_sample=sample, max_new_tokens=params.max_new_tokens,
                     num_return_sequences=params.n, pad_token_id=self.tok.pad_token_id,
+                    streamer=self.streamer if len(texts) == 1 and params.n == 1 else None,
                     **({"temperature": params.temperature, "top_p": params.top_p} if sample else {}),
                 )
             new = gen[:, enc["input_ids"].shape[1]:]
@@ -144,11 +160,13 @@ def _continues(conv: Conversation) -> bool:
     return bool(conv) and conv[-1]["role"] == "assistant"
 
 
-class HFRewardScorer:
+class HFRewardScorer(ScorerKind):
     """A Bradley-Terry sequence-classification reward model (e.g. Skywork-Reward): the logit of
     the chat-templated conversation is r(x, y). Inputs longer than `max_length` tokens are cut
     on the right (the answer's end is not scored) or, with `over_long="skip"`, not scored (None):
     counted either way (`rm_inputs`)."""
+
+    takes_over_long = True
 
     def __init__(self, path: str, dtype: str = "auto", batch_size: int = 8, max_length: int = 4096,
                  trust_remote_code: bool = False, device: str = "auto", gpus: Sequence[int] = (),
@@ -316,7 +334,7 @@ def eager_attention_line(cfg, dtype: str, tokens: int, batch: int = 1) -> str:
             f"~{batch * per_seq * peak_per_elem / b / 1e9:.1f} GB at the float32 softmax)")
 
 
-class JudgeScorer:
+class JudgeScorer(ScorerKind):
     """Expected rating from a causal LM, read off ONE forward pass, no sampling.
 
     `frame` (the caller's judge prompt; the method passes `avr_core.scorers.judge_frame`) turns
@@ -330,6 +348,8 @@ class JudgeScorer:
     ...                                              {"role": "assistant", "content": "4"}]])  # doctest: +SKIP
     [5.07]
     """
+
+    takes_frame = True
 
     def __init__(self, path: str, dtype: str = "auto", batch_size: int = 8, max_length: int = 4096,
                  trust_remote_code: bool = False, frame: Callable[[Conversation], Conversation] | None = None,

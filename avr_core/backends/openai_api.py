@@ -51,7 +51,7 @@ from tqdm.auto import tqdm
 
 from avr_core.redact import register_env
 
-from .base import BackendStats, BackendUnavailable, Conversation, SamplingParams, inert_control_tokens
+from .base import BackendKind, BackendStats, BackendUnavailable, Conversation, SamplingParams, inert_control_tokens
 
 log = logging.getLogger(__name__)
 
@@ -77,13 +77,27 @@ class _Permanent(Exception):
     """One attempt failed in a way a retry cannot fix (e.g. 400: prompt too long)."""
 
 
-class OpenAIGenerator:
+class OpenAIGenerator(BackendKind):
     """Generator over an OpenAI-compatible `/chat/completions` endpoint.
 
     >>> gen = OpenAIGenerator("http://127.0.0.1:8000/v1", "smollm2")   # doctest: +SKIP
     >>> gen.generate([[{"role": "user", "content": "2+2?"}]], SamplingParams(n=2))  # doctest: +SKIP
     [['4', 'The answer is 4.']]
     """
+
+    required = {"base_url": ""}     # the server to ask: there is no model here
+
+    @classmethod
+    def served_elsewhere(cls, section: dict) -> bool:
+        return True
+
+    @classmethod
+    def from_config(cls, path, model, backend, frame=None):
+        """`path`: the policy's name, the server's model unless `served_model` names another."""
+        return cls(base_url=backend["base_url"], model=backend["served_model"] or path,
+                   api_key_env=backend["api_key_env"], concurrency=backend["concurrency"],
+                   timeout_s=backend["timeout_s"], max_retries=backend["max_retries"],
+                   down_budget_s=backend["down_budget_s"])
 
     def __init__(self, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY",
                  concurrency: int = 16, timeout_s: float = 120.0, max_retries: int = 4,

@@ -32,7 +32,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from avr_core.backends.base import BackendStats, Conversation
+from avr_core.backends.base import BackendKind, BackendStats, Conversation
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -61,9 +61,16 @@ def _prompt_key(conv: Conversation) -> str:
     return users[-1].strip()
 
 
-class RulesScorer:
+class RulesScorer(BackendKind):
     """`Scorer` over the constraint prompt file at `path` (a relative path: the working directory,
     then the project checkout). `stats.requests` counts answers checked."""
+
+    needs_model = False
+    required = {"constraints": "the prompt file whose rows carry `constraints`"}
+
+    @classmethod
+    def from_config(cls, path, model, scorer, frame=None):
+        return cls(scorer["constraints"])
 
     def __init__(self, path: str):
         from avr_core.inputs import load_prompts

@@ -18,7 +18,8 @@ from __future__ import annotations
 import math
 from typing import Callable, Sequence
 
-from .base import BackendStats, Conversation
+from .base import BackendStats, Conversation, ScorerKind, scorer_args
+from .vllm_offline import vllm_scorer_args
 
 
 def expected_rating(logprobs: Sequence[float]) -> float:
@@ -34,8 +35,14 @@ def expected_rating(logprobs: Sequence[float]) -> float:
     return sum((k + 1) * w for k, w in enumerate(weights)) / sum(weights)
 
 
-class VLLMJudgeScorer:
+class VLLMJudgeScorer(ScorerKind):
     """Expected judge rating from vLLM (see the module docstring). `close()` ends its engine(s)."""
+
+    vllm_engines = takes_frame = True
+
+    @classmethod
+    def from_config(cls, path, model, scorer, frame=None):
+        return cls(path, **vllm_scorer_args(scorer_args(cls, model, scorer, frame), scorer))
 
     def __init__(self, path: str, dtype: str = "float32", batch_size: int = 8, max_length: int = 4096,
                  trust_remote_code: bool = False, frame: Callable[[Conversation], Conversation] | None = None,

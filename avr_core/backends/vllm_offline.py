@@ -28,7 +28,15 @@ import logging
 import os
 from typing import Sequence
 
-from .base import BackendStats, BackendUnavailable, Conversation, SamplingParams, inert_control_tokens
+from .base import (
+    BackendKind,
+    BackendStats,
+    BackendUnavailable,
+    Conversation,
+    SamplingParams,
+    device_args,
+    inert_control_tokens,
+)
 
 log = logging.getLogger(__name__)
 
@@ -111,10 +119,23 @@ class KeptEngines:
         self.reload(self.weights)
 
 
-class VLLMGenerator(KeptEngines):
+class VLLMGenerator(KeptEngines, BackendKind):
     """The `vllm` generator kind: one in-process engine (no CUDA: the CPU path) or a pool of
     engine processes over the GPUs (see the module docstring). `close()` ends it for good:
     `closed` is then True and `generate` refuses (the factory builds a new one)."""
+
+    vllm_engines = reloads_weights = True
+
+    @classmethod
+    def from_config(cls, path, model, backend, frame=None):
+        return cls(path, tensor_parallel_size=backend["tensor_parallel_size"],
+                   data_parallel_size=backend.get("data_parallel_size", 1),
+                   gpu_memory_utilization=backend["gpu_memory_utilization"],
+                   max_model_len=backend["max_model_len"], dtype=model["dtype"],
+                   trust_remote_code=model["trust_remote_code"],
+                   per_request_seed=bool(backend.get("per_request_seed")),
+                   enforce_eager=bool(backend.get("enforce_eager")),
+                   kv_cache_gb=backend.get("kv_cache_gb"), **device_args(backend))
 
     def __init__(self, model: str, tensor_parallel_size: int = 1, data_parallel_size: int = 1, gpus=(),
                  device: str = "auto", **kwargs):
@@ -180,6 +201,19 @@ class VLLMGenerator(KeptEngines):
             self.engine = None
         if self.pool is not None:
             self.pool.close()
+
+
+def vllm_scorer_args(kw: dict, scorer: dict) -> dict:
+    """A vLLM scorer's constructor arguments: the common ones (`kw`, base.py scorer_args) with
+    its dtype resolved -- "auto" is bfloat16 on GPUs, float32 on the CPU, as for the HF scorers
+    (not vLLM's own rule) -- and its engines' sizes."""
+    from .hf import resolve_dtype
+
+    return {**kw, "dtype": resolve_dtype(kw["dtype"], kw["device"], kw["gpus"]),
+            "tensor_parallel_size": scorer.get("tensor_parallel_size", 1),
+            "data_parallel_size": scorer.get("data_parallel_size", 1),
+            "gpu_memory_utilization": scorer.get("gpu_memory_utilization", 0.9),
+            "enforce_eager": bool(scorer.get("enforce_eager")), "kv_cache_gb": scorer.get("kv_cache_gb")}
 
 
 def request_seed(seed: int | None, index: int, n: int) -> int | None:

@@ -21,8 +21,8 @@ import logging
 import os
 from typing import Sequence
 
-from .base import BackendStats, BackendUnavailable, Conversation
-from .vllm_offline import KeptEngine, KeptEngines
+from .base import BackendStats, BackendUnavailable, Conversation, ScorerKind, scorer_args
+from .vllm_offline import KeptEngine, KeptEngines, vllm_scorer_args
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +34,20 @@ def tokenize_for_rm(tok, conversations: Sequence[Conversation], max_length: int)
     return rm_token_ids(tok, conversations, max_length)[0]
 
 
-class VLLMRewardScorer(KeptEngines):
+class VLLMRewardScorer(KeptEngines, ScorerKind):
     """Scores = raw reward-head logits from vLLM (see the module docstring)."""
+
+    vllm_engines = takes_over_long = True
+
+    @classmethod
+    def served_elsewhere(cls, section: dict) -> bool:
+        """With a `base_url` it asks a running vLLM server (its /classify), and starts no engine."""
+        return bool(section.get("base_url"))
+
+    @classmethod
+    def from_config(cls, path, model, scorer, frame=None):
+        return cls(path, **vllm_scorer_args(scorer_args(cls, model, scorer, frame), scorer),
+                   base_url=scorer.get("base_url", ""), served_model=scorer.get("served_model", ""))
 
     def __init__(self, path: str, dtype: str = "bfloat16", batch_size: int = 8, max_length: int = 4096,
                  trust_remote_code: bool = False, device: str = "auto", gpus=(), tensor_parallel_size: int = 1,

@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 
+from avr_core.backends.device import size_cpu_threads
 from avr_core.backends.net import free_port  # the one free-port helper; launch.py imports it from here
 
 _SET_HERE: dict[str, str] = {}   # the variables setup() put into this process's environment
@@ -70,6 +71,8 @@ def setup() -> tuple[int, int, int]:
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend=None if cuda else "gloo", verbose=False)
     local_rank = int(os.environ["LOCAL_RANK"])
+    # the node's cores are split among its ranks (DeepSpeed's launcher: LOCAL_SIZE; torchrun: LOCAL_WORLD_SIZE)
+    size_cpu_threads(int(os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE") or 1))
     if cuda:
         import torch
 

@@ -8,7 +8,7 @@ import inspect
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from avr_core.backends import REGISTRIES
+from avr_core.backends import REGISTRIES, backend_class
 from avr_core.codeversion import CodeVersion, code_version, reached_definitions
 from avr_core.identity import model_identity
 
@@ -29,14 +29,16 @@ def policy_identity(policy: dict, backend: dict | None = None) -> dict:
 
 def scorer_identity(scorer: dict) -> dict:
     """The scorer section for a cache key: its model with `policy_identity` (rules: no model)."""
-    if scorer.get("kind") == "rules":
+    if not backend_class(scorer.get("kind")).needs_model:
         return scorer
     return {**scorer, "model": policy_identity(scorer["model"], scorer)}
 
 
 def served_elsewhere(backend: dict | None) -> bool:
-    kind = (backend or {}).get("kind")
-    return kind == "openai" or (kind == "vllm_rm" and bool(backend.get("base_url")))
+    """Whether the section's model runs on someone else's server (its class says: openai, a
+    `vllm_rm` with a `base_url`): no worker loads it, and it is keyed by its name."""
+    backend = backend or {}
+    return backend_class(backend.get("kind")).served_elsewhere(backend)
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,10 @@ STAGE_LOG: list[dict] = []
 
 COMPUTED: set[str] = set()   # artifacts this process computed (not cache hits): for STAGE_LOG
 STARTED: list[str] = []      # every stage call this process began, as it began: the one a signal interrupts
-RUN: dict = {"id": None}     # the avr run in progress (run_records/lifecycle.py start_run): a manifest names it
+# The avr run in progress (run_records/lifecycle.py start_run): "id" names it in every manifest it
+# computes; "on_compute" (the run record's `record_stage`) is called with each stage that starts
+# computing, so run.json says which stage a run that vanished (kill -9, a dead node) was in.
+RUN: dict = {"id": None, "on_compute": None}
 
 
 def log_engine_events(stage_name: str, events: list[dict]) -> None:

@@ -112,6 +112,8 @@ def _build(task: "StageTask", r: "Resolved", params: dict, body: Callable[..., N
     out.extra["environment"] = expect.driver     # code, torch/transformers/vllm, models: W-4
     if RUN["id"]:
         out.extra["run"] = RUN["id"]             # which run computed it: a cache hit's page names it
+    if RUN.get("on_compute"):
+        RUN["on_compute"](ref.stage)
     ok = False
     try:
         body(out, **params)

@@ -278,3 +278,44 @@ def test_a_failing_stage_releases_too(tiny_llama, tmp_path, no_publish):
         fake_fail.fn({"store": {"root": str(tmp_path)}})
     gc.collect()
     assert HELD[-1]() is None and not backends._CACHE
+
+
+def test_cpu_threads_follow_avr_threads_then_the_affinity_mask(monkeypatch):
+    """Issue 37: each process sizes torch's threads to the cores it may use, so runs side by side
+    do not oversubscribe the machine; training ranks on one node split them."""
+    import os
+
+    import torch
+
+    from avr_core.backends.device import cpu_threads, size_cpu_threads
+
+    monkeypatch.delenv("AVR_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    assert (cpu_threads(), cpu_threads(share=2), cpu_threads(share=8)) == (4, 2, 1)
+    monkeypatch.setenv("AVR_THREADS", "3")
+    assert (cpu_threads(), cpu_threads(share=2)) == (3, 1)
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setenv("AVR_THREADS", "1")
+        assert size_cpu_threads() == 1 and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    monkeypatch.setenv("AVR_THREADS", "two")
+    with pytest.raises(ValueError, match="AVR_THREADS='two': expected a positive number"):
+        cpu_threads()
+
+
+def test_a_process_pinned_to_one_core_runs_one_torch_thread():
+    """The real affinity mask (taskset), not a patched one."""
+    import shutil
+    import subprocess
+    import sys
+
+    if not shutil.which("taskset"):
+        pytest.skip("no taskset")
+    code = ("import torch; from avr_core.backends.device import size_cpu_threads; "
+            "print(size_cpu_threads(), torch.get_num_threads())")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "AVR_THREADS"}
+    out = subprocess.run(["taskset", "-c", "0", sys.executable, "-c", code], capture_output=True, text=True,
+                         env=env, check=True, timeout=120)
+    assert out.stdout.split() == ["1", "1"]

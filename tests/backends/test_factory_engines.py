@@ -12,6 +12,9 @@ import pytest
 
 from avr_core import backends
 from avr_core.backends.base import BackendStats
+from avr_core.backends.vllm_judge import VLLMJudgeScorer
+from avr_core.backends.vllm_offline import VLLMGenerator
+from tests.backends.fake_kinds import posing_as
 
 
 class FakeEngines:
@@ -45,6 +48,11 @@ class FakeCudaEngines(FakeEngines):
     sleepable = True
 
 
+# registered in their place: the factory reads the real classes' kinds off them (reloads, vLLM engines)
+FakeGenerator, FakeCudaGenerator = posing_as(VLLMGenerator, FakeEngines), posing_as(VLLMGenerator, FakeCudaEngines)
+FakeJudge, FakeCudaJudge = posing_as(VLLMJudgeScorer, FakeEngines), posing_as(VLLMJudgeScorer, FakeCudaEngines)
+
+
 def _model_dir(path, hidden=8, tokenizer="tok"):
     path.mkdir()
     (path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "hidden_size": hidden,
@@ -70,8 +78,8 @@ JUDGE = {"kind": "vllm_judge", "model": {"path": str(Path(__file__).parent), "dt
 def fakes(monkeypatch):
     # a section naming `gpus` is "on a GPU" here, as on a CUDA node; one without, on the CPU
     monkeypatch.setattr(backends, "_on_cpu", lambda section: not section.get("gpus"))
-    monkeypatch.setitem(backends.GENERATORS, "vllm", f"{__name__}:FakeEngines")
-    monkeypatch.setitem(backends.SCORERS, "vllm_judge", f"{__name__}:FakeEngines")
+    monkeypatch.setitem(backends.GENERATORS, "vllm", f"{__name__}:FakeGenerator")
+    monkeypatch.setitem(backends.SCORERS, "vllm_judge", f"{__name__}:FakeJudge")
     backends.clear_cache()
     n = len(backends.builds())
     yield lambda: [b["event"] for b in backends.builds()[n:]]
@@ -114,7 +122,7 @@ def test_a_closed_engine_is_never_handed_out_again(tmp_path, fakes):
 def test_training_keeps_cpu_engines_and_puts_cuda_engines_to_sleep(tmp_path, fakes, monkeypatch):
     seed = _model_dir(tmp_path / "seed")
     gen = backends.make_generator(seed, GEN)                 # on the CPU here: kept as it is
-    monkeypatch.setitem(backends.SCORERS, "vllm_judge", f"{__name__}:FakeCudaEngines")
+    monkeypatch.setitem(backends.SCORERS, "vllm_judge", f"{__name__}:FakeCudaJudge")
     judge = backends.make_scorer({**JUDGE, "gpus": [0]})     # "on a GPU": sleeps
     lone = backends.make_scorer({**JUDGE, "keep_engine": False, "max_length": 256, "gpus": [1]})
     done = backends.suspend()
@@ -127,8 +135,8 @@ def test_training_keeps_cpu_engines_and_puts_cuda_engines_to_sleep(tmp_path, fak
 def test_policy_and_scorer_time_share_the_same_gpus(tmp_path, fakes, monkeypatch):
     """On a node where both roles use every GPU, switching roles puts the other to sleep, never
     closes it: the search alternates them without a single new start."""
-    monkeypatch.setitem(backends.GENERATORS, "vllm", f"{__name__}:FakeCudaEngines")
-    monkeypatch.setitem(backends.SCORERS, "vllm_judge", f"{__name__}:FakeCudaEngines")
+    monkeypatch.setitem(backends.GENERATORS, "vllm", f"{__name__}:FakeCudaGenerator")
+    monkeypatch.setitem(backends.SCORERS, "vllm_judge", f"{__name__}:FakeCudaJudge")
     seed = _model_dir(tmp_path / "seed")
     gen = backends.make_generator(seed, {**GEN, "gpus": [0, 1]})
     judge = backends.make_scorer({**JUDGE, "gpus": [0, 1]})

@@ -9,6 +9,8 @@ import pytest
 
 from avr_core import backends, hub
 from avr_core.backends.base import BackendStats
+from avr_core.backends.vllm_offline import VLLMGenerator
+from tests.backends.fake_kinds import posing_as
 
 STARTED: list[str] = []
 
@@ -22,12 +24,14 @@ class FakeEngine:
         self.closed = True
 
 
+FakeVLLMEngine = posing_as(VLLMGenerator, FakeEngine)     # a vLLM kind: its weights are fetched first
+
 GEN = {"kind": "vllm", "tensor_parallel_size": 1, "gpu_memory_utilization": 0.9, "max_model_len": 512}
 
 
 @pytest.fixture
 def fake_engine(monkeypatch, tmp_path):
-    monkeypatch.setitem(backends.GENERATORS, "vllm", f"{__name__}:FakeEngine")
+    monkeypatch.setitem(backends.GENERATORS, "vllm", f"{__name__}:FakeVLLMEngine")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     STARTED.clear()

@@ -22,6 +22,7 @@ from avr_core.backends import device, hf
 from avr_core.backends.base import BackendStats
 from avr_core.backends.device import Placement
 from avr_core.evaluation import judge
+from tests.backends.fake_kinds import posing_as
 
 EVENTS: list[tuple] = []      # what the fakes were asked, in order, across roles
 
@@ -62,6 +63,11 @@ class FakeHFScorer:
         self.closed = True
 
 
+# registered in their place: each answers the kind interface of the class it replaces
+FakeKeptHFGenerator = posing_as(hf.HFGenerator, FakeKeptCudaEngine)
+FakePlainHFGenerator = posing_as(hf.HFGenerator, FakePlainEngine)
+FakeRewardScorer, FakeJudgeScorer = posing_as(hf.HFRewardScorer, FakeHFScorer), posing_as(hf.JudgeScorer, FakeHFScorer)
+
 POLICY = {"path": "/fake/policy", "dtype": "float32", "trust_remote_code": False}
 
 
@@ -74,9 +80,9 @@ def _scorer(kind, gpus=(0,)):
 def factory(monkeypatch):
     """The backend factory with fake engines; a section naming `gpus` is "on a GPU"."""
     monkeypatch.setattr(backends, "_on_cpu", lambda section: not section.get("gpus"))
-    monkeypatch.setitem(backends.GENERATORS, "hf", f"{__name__}:FakeKeptCudaEngine")
-    for kind in ("hf_rm", "judge"):
-        monkeypatch.setitem(backends.SCORERS, kind, f"{__name__}:FakeHFScorer")
+    monkeypatch.setitem(backends.GENERATORS, "hf", f"{__name__}:FakeKeptHFGenerator")
+    monkeypatch.setitem(backends.SCORERS, "hf_rm", f"{__name__}:FakeRewardScorer")
+    monkeypatch.setitem(backends.SCORERS, "judge", f"{__name__}:FakeJudgeScorer")
     backends.clear_cache()
     EVENTS.clear()
     yield
@@ -157,7 +163,7 @@ def test_an_hf_scorer_on_other_gpus_leaves_the_policy_engine_awake(factory):
 
 
 def test_an_hf_scorer_closes_an_engine_that_cannot_sleep(factory, monkeypatch):
-    monkeypatch.setitem(backends.GENERATORS, "hf", f"{__name__}:FakePlainEngine")
+    monkeypatch.setitem(backends.GENERATORS, "hf", f"{__name__}:FakePlainHFGenerator")
     gen = backends.make_generator(POLICY, {"kind": "hf", "batch_size": 8, "keep_engine": True, "gpus": [0]})
     backends.make_scorer(_scorer("hf_rm"))
     assert EVENTS == [("close",), ("scorer load", "auto")]

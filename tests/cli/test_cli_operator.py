@@ -135,3 +135,36 @@ def test_a_closed_pipe_is_no_traceback():
                          stderr=subprocess.PIPE, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
     os.close(w)
     assert out.returncode == 141 and "Traceback" not in out.stderr, out.stderr
+
+
+def test_chat_streams_each_step_as_it_is_generated(tmp_path, monkeypatch, capsys):
+    """A real (tiny, random) HF model: the trace reaches stdout through transformers' streamer
+    during `generate`, step by step and labelled, then the final answer; the generator is handed
+    the streamer for each of its calls (issue 37: `avr chat` printed nothing for 23 min)."""
+    import avr_core.backends.hf as hf
+    from tests.tiny_models import tiny_llama
+
+    model = tiny_llama(str(tmp_path / "m"))
+    real_generate, seen = hf.HFGenerator.generate, []
+
+    def spy(self, convs, params):
+        seen.append((self.streamer is not None, capsys.readouterr().out))   # what was printed before this call
+        return real_generate(self, convs, params)
+    monkeypatch.setattr(hf.HFGenerator, "generate", spy)
+    assert main(["chat", "--model", model, "--rounds", "1", "--show-trace", "--max-new-tokens", "6", "hi"]) == 0
+    rest = capsys.readouterr().out
+    assert [s for s, _ in seen] == [True, True, True]
+    assert seen[1][1].startswith("--- first answer ---\n") and seen[2][1].startswith("--- round 1 critique ---\n")
+    assert rest.startswith("--- round 1 refinement ---\n") and "--- final answer (refine) ---\n" in rest
+
+
+def test_chat_plain_answer_streams_to_stdout_and_steps_to_stderr(tmp_path, capsys):
+    from tests.tiny_models import tiny_llama
+
+    model = tiny_llama(str(tmp_path / "m"))
+    assert main(["chat", "--model", model, "--max-new-tokens", "6", "hi"]) == 0
+    plain = capsys.readouterr()
+    assert plain.out.endswith("\n") and "---" not in plain.out
+    assert main(["chat", "--model", model, "--rounds", "1", "--max-new-tokens", "6", "hi"]) == 0
+    steps = capsys.readouterr()
+    assert "--- round 1 refinement ---" in steps.err and "---" not in steps.out

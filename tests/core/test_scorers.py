@@ -26,8 +26,9 @@ def test_make_scorer_passes_the_frame_only_to_judge_scorers(monkeypatch):
             built.append(("hf_rm", kw))
 
     import avr_core.backends.hf as hf
-    monkeypatch.setattr(hf, "JudgeScorer", FakeJudgeBackend)
-    monkeypatch.setattr(hf, "HFRewardScorer", FakeRewardBackend)
+    from tests.backends.fake_kinds import posing_as  # the factory reads a kind's facts off its class
+    monkeypatch.setattr(hf, "JudgeScorer", posing_as(hf.JudgeScorer, FakeJudgeBackend))
+    monkeypatch.setattr(hf, "HFRewardScorer", posing_as(hf.HFRewardScorer, FakeRewardBackend))
     monkeypatch.setattr(backends, "resolve_model_path", lambda p: p)
     backends.clear_cache()
     model = {"path": "m", "dtype": "float32", "trust_remote_code": False}

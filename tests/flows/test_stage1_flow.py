@@ -116,17 +116,21 @@ def test_failed_stage_resumes_from_its_last_committed_shard(tmp_path, monkeypatc
 
 def test_run_records_resolved_config_and_summary(tmp_path, backends):
     import json
+    import os
 
     import yaml
 
+    from flows.params import as_params
     from run_records.lifecycle import finish_run, start_run
-    run, cfg = start_run("tiny", [f"store.root={tmp_path}", "critique.k=3"])
+    run, cfg = start_run(as_params(preset="tiny", overrides=[f"store.root={tmp_path}", "critique.k=3"]))
     ref = synthesis(cfg, cfg["policy"], "stage1_sft")
     summary = finish_run(run, cfg, {"stage1_synthesis": ref})
     runs = list((tmp_path / "runs").iterdir())
     assert len(runs) == 1
     saved = yaml.safe_load((runs[0] / "config.yaml").read_text())
     assert saved["critique"]["k"] == 3 and saved["store"]["root"] == str(tmp_path)
+    record = json.loads((runs[0] / "run.json").read_text())
+    assert record["stage"]["name"] == "select" and record["pid"] == os.getpid()   # the last stage it computed
     on_disk = json.loads((runs[0] / "summary.json").read_text())
     assert on_disk["outputs"]["stage1_synthesis"]["ref"] == summary["outputs"]["stage1_synthesis"]["ref"] == str(ref)
 
@@ -142,3 +146,26 @@ def test_a_stage_refuses_a_damaged_input(tmp_path, backends):
     with pytest.raises(InputIntegrityError, match=rf"respond/{answers.key}: data/.*sha256 differs"):
         t.critique.fn(cfg, cfg["policy"], answers)
     assert not (tmp_path / "critique").exists()
+
+
+def test_a_run_loads_its_config_once(tmp_path, backends, monkeypatch):
+    """The params' validator loads the config; the flow, `start_run` and preflight use that one
+    (issue 33). Every module's `load_config` is counted, so a new second load anywhere fails here."""
+    import sys
+
+    import avr_core.config
+    from flows.deploy import synthesis_run
+    from flows.params import RunParams
+
+    real, loads = avr_core.config.load_config, []
+
+    def counted(*args, **kw):
+        loads.append(args)
+        return real(*args, **kw)
+    ours = ("avr_core", "tasks", "flows", "run_records", "avr_cli")   # (a getattr on transformers' lazy modules imports)
+    for name, mod in list(sys.modules.items()):
+        if name.split(".")[0] in ours and getattr(mod, "load_config", None) is real:
+            monkeypatch.setattr(mod, "load_config", counted)
+    params = RunParams(preset="tiny", overrides=[f"store.root={tmp_path}", "critique.k=3"])
+    synthesis_run(params=params)
+    assert len(loads) == 1 and (tmp_path / "runs").is_dir()

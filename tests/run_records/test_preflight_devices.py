@@ -14,6 +14,7 @@ from avr_cli import supervisor
 from avr_cli.main import main
 from avr_core.backends import device as dev
 from avr_core.config import ConfigError, load_config
+from flows.params import as_params
 from run_records.lifecycle import start_run
 from run_records.preflight import TRAINED, check_gpus, preflight
 
@@ -72,7 +73,7 @@ def test_avr_run_refuses_a_gpus_list_naming_a_missing_device(gpus, nothing_runs,
 def test_a_deployment_run_is_refused_before_its_run_record(gpus, tmp_path):
     gpus(1)
     with pytest.raises(ConfigError, match=r"^key 'scorer.gpus': \[3\] names device\(s\) \[3\], but 1 is visible"):
-        start_run("tiny", [f"store.root={tmp_path}", "scorer.gpus=[3]"])
+        start_run(as_params(preset="tiny", overrides=[f"store.root={tmp_path}", "scorer.gpus=[3]"]))
     assert not tmp_path.joinpath("runs").exists()
 
 
