@@ -327,5 +327,6 @@ def release(keep: bool = True) -> list[str]:
 
 
 def clear_cache() -> None:
-    """Close every backend, kept ones too."""
+    """Close every backend, kept ones too, and forget which were handed out (`used`): a fresh start."""
     release(keep=False)
+    _USED.clear()

@@ -109,8 +109,8 @@ def test_editing_the_openai_backend_recomputes_only_runs_that_used_it(tmp_path):
     openai = load_config("tiny", ["generator.kind=openai", "generator.base_url=http://127.0.0.1:1/v1"])
     hf = load_config("tiny", [])
     before = {"openai": _versions(root, openai), "hf": _versions(root, hf)}
-    _edit(root, "avr_core/backends/openai_api.py", "class OpenAIGenerator:",
-          "class OpenAIGenerator:\n    edited = True\n")
+    _edit(root, "avr_core/backends/openai_api.py", "class OpenAIGenerator(BackendKind):",
+          "class OpenAIGenerator(BackendKind):\n    edited = True\n")
     after = {"openai": _versions(root, openai), "hf": _versions(root, hf)}
     assert after["hf"] == before["hf"]
     changed = {s for s in before["openai"] if before["openai"][s] != after["openai"][s]}
