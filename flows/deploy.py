@@ -12,6 +12,7 @@ work (`start_run`): a bad override fails at once, naming the key.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -157,7 +158,24 @@ def resume(flow_run_id: str) -> dict:
     given = dict(run.parameters)
     if "params" not in given:   # a run from before the typed form: {"preset", "overrides"[, "split"]}
         given["params"] = {k: given.pop(k) for k in ("preset", "overrides") if k in given}
+    given["params"] = as_params(given["params"])
+    if run.state is not None and run.state.is_crashed():
+        _record_crash(given["params"], run.name, run.state.message)
     return known[name](**given)
+
+
+def _record_crash(params: RunParams, run_id: str, message: str | None) -> None:
+    """A flow run Prefect marked Crashed (a worker or node that died): its avr run's run.json says
+    so before it is resumed (run_records/resume.py `record_crash`; a run that died before it was
+    named has no record to write)."""
+    from avr_core.store import Store
+    from run_records.resume import RUN_ID, read_record, record_crash
+
+    if RUN_ID.match(run_id or ""):
+        store = Store.of(params.config())
+        if record_crash(store, run_id, read_record(store, run_id), prefect_crashed=message or ""):
+            print(f"run {run_id} crashed ({message or 'Prefect marked it Crashed'}): recorded in its run.json",
+                  file=sys.stderr)
 
 
 def deploy_to_pool(preset: str = "tiny", overrides: list[str] = (), pool: str = "avr-gpu") -> list:

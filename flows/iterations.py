@@ -34,7 +34,7 @@ def completed(store: Store, chain: str) -> list[dict]:
 def start(cfg: dict, prompt_rows: int) -> tuple[dict, range]:
     """(the policy iteration `first` starts from, the iterations this run does). Checks, before
     any work, that every one of them has fresh prompts inside the file and clear of held-out ones."""
-    store, it = Store(cfg["store"]["root"]), cfg["iterate"]
+    store, it = Store.of(cfg), cfg["iterate"]
     seed, first = cfg["policy"], 0
     if it["continue_last"] and (done := completed(store, core.chain_id(cfg))):
         last = done[-1]
@@ -69,7 +69,7 @@ def record(cfg: dict, run: RunRecord, t: int, seed: dict, stage1: dict, stage2: 
     Prefect artifact); returns the table as markdown."""
     from tasks.evaluate import SMOKE_LABEL, read_leaderboard, smoke_title
 
-    store, chain = Store(cfg["store"]["root"]), core.chain_id(cfg)
+    store, chain = Store.of(cfg), core.chain_id(cfg)
     nxt = next_seed(cfg, stage1, stage2)
     rec = {"iteration": t, "run": run.id, "chain": chain, "seed": seed.get("artifact") or seed["path"],
            "stage1_model": str(stage1["model_ref"]), "stage2_model": str(stage2["model_ref"]),

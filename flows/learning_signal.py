@@ -65,6 +65,6 @@ def _scored_and_selected(cfg: dict, selected):
     """(rm_score ref, select ref) of a synthesis, from its select artifact's inputs."""
     from avr_core.store import Store
 
-    store = Store(cfg["store"]["root"])
+    store = Store.of(cfg)
     scored = next(i for i in store.manifest(selected)["inputs"] if i.startswith("rm_score/"))
     return store.ref(*scored.split("/", 1)), selected

@@ -35,7 +35,7 @@ def start_run(params, slices: tuple | None = None) -> tuple[RunRecord, dict]:
     identity.forget()                              # a re-pointed path or a new snapshot counts from this run on
     size_cpu_threads()                             # AVR_THREADS or this process's cores: runs side by side share
     n = preflight(cfg, slices)
-    store = Store(cfg["store"]["root"])
+    store = Store.of(cfg)
     STAGE_LOG.clear()                              # this run's wall-time table starts here
     quiet_repeated_tracebacks()
     launch = current_launch()
@@ -57,7 +57,7 @@ def finish_run(run: RunRecord, cfg: dict, outputs: dict[str, ArtifactRef], leade
     published; with `leaderboard` (the run evaluated its models), THIS run's leaderboard rows too.
     Prints the end of the run."""
     RUN["on_compute"] = None                       # the run's stages are done: no stage to note
-    store = Store(cfg["store"]["root"])
+    store = Store.of(cfg)
     wall = round(time.time() - run.started, 1)
     manifests = {k: store.manifest(v) for k, v in outputs.items()}
     summary = {**run.summary_fields(), "store": store.root, "wall_s": wall, "stages": list(STAGE_LOG),
@@ -113,7 +113,8 @@ def _compare_with_previous(store: Store, summary: dict) -> str | None:
 def release_all_engines(flow=None, flow_run=None, state=None) -> None:
     """A run's end, completed, failed or crashed (a Prefect state hook): engines kept from stage to
     stage (`keep_engine`, the paper preset's layout) end with it, processes and memory, so a
-    long-lived worker process holds nothing between runs."""
+    long-lived worker process holds nothing between runs, and its run record stops taking notes."""
     from avr_core import backends
 
+    RUN["on_compute"] = None
     backends.clear_cache()

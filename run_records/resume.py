@@ -65,24 +65,32 @@ def local_config(store: Store, run_id: str) -> str:
     return local
 
 
-def record_crash(store: Store, run_id: str, record: dict) -> dict | None:
+def record_crash(store: Store, run_id: str, record: dict, prefect_crashed: str | None = None) -> dict | None:
     """Before `avr resume` runs `run_id` again: a run with no end in its record (no summary, not
-    failed or stopped) whose process on this host is gone was killed without a word (kill -9, the
-    OOM killer, a reboot), so its run.json gets `crashed`: the stage it was computing, since when,
-    and how that was found. Returns that entry (None: the run had ended or cannot be judged from
-    here, as a run of another host). A run whose process still lives is refused: two runs of
+    failed or stopped) that was killed without a word (kill -9, the OOM killer, a reboot, a dead
+    node) gets `crashed` in its run.json: the stage it was computing, since when, and how that was
+    found. Found two ways: its process on this host is gone, or (`prefect_crashed`, the state
+    message) Prefect's zombie detection marked its flow run Crashed, which works across hosts.
+    Returns that entry; None when the run had ended or cannot be judged from here (a run of another
+    host that Prefect has not marked). A run whose process still lives is refused: two runs of
     one config would only wait on each other's locks.
 
     ValueError: the run is still running."""
-    if _ended(store, run_id, record) or record.get("host") != socket.gethostname() or not record.get("pid"):
+    if not record or _ended(store, run_id, record):     # no record to write to (an older run), or it ended
         return None
-    if _alive(int(record["pid"])):
+    here = record.get("host") == socket.gethostname() and record.get("pid")
+    if prefect_crashed is not None:
+        how = f"Prefect marked its flow run Crashed: {prefect_crashed or 'no message'}"
+    elif not here:
+        return None
+    elif _alive(int(record["pid"])):
         raise ValueError(f"run {run_id} is still running (process {record['pid']} on this host); "
                          f"stop it (kill -TERM {record['pid']}) or let it finish")
+    else:
+        how = f"its process {record['pid']} on {record['host']} ended without recording an end"
     stage = record.get("stage") or {}
     entry = {"stage": stage.get("name"), "since": stage.get("since"), "found_at": time.time(),
-             "how": f"its process {record['pid']} on {record['host']} ended without recording an end "
-                    "(found by avr resume)"}
+             "how": f"{how} (found by avr resume)"}
     path = store.path("runs", run_id, "run.json")
     store.write_atomic(path, json.dumps({**record, "crashed": entry}, indent=2, default=str).encode())
     return entry

@@ -11,7 +11,7 @@ from tasks.runtime.supervision import free_accelerators, run_training
 
 def policy_of(cfg: dict, model: ArtifactRef) -> dict:
     """A trained model artifact as a policy config (its cache identity: see policy_identity)."""
-    return {"path": f"{Store(cfg['store']['root']).url(model)}/model", "dtype": cfg["policy"]["dtype"],
+    return {"path": f"{Store.of(cfg).url(model)}/model", "dtype": cfg["policy"]["dtype"],
             "trust_remote_code": False, "artifact": str(model)}
 
 

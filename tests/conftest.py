@@ -149,3 +149,14 @@ def deploy_server(avr_server_pg):
                 c.delete_work_pool(p.name)
         for a in c.read_automations():
             c.delete_automation(a.id)
+
+
+@pytest.fixture(autouse=True)
+def _no_run_in_progress():
+    """Each test starts outside any avr run: a run a test started and left failed must not name
+    itself in, or take notes of, the next test's stages (tasks/runtime/ledger.py RUN)."""
+    from tasks.runtime.ledger import RUN
+
+    RUN.update(id=None, on_compute=None)
+    yield
+    RUN.update(id=None, on_compute=None)

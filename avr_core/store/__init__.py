@@ -102,10 +102,22 @@ class Store:
     """One store root. `lease_s`, `stall_s`: object-store leases (leases.py)."""
 
     def __init__(self, root: str, lease_s: float | None = None, stall_s: float | None = None):
+        """A store by its root alone (the CLI's `--store`); a run's store is `Store.of(cfg)`."""
         self.root = root
         self.fs, self._base = fsspec.core.url_to_fs(root, **storage_options(root))
         self.lease_s = float(lease_s or os.environ.get("AVR_LEASE_S") or 60.0)
         self.stall_s = float(stall_s or 0) or None
+
+    @classmethod
+    def of(cls, cfg: dict) -> "Store":
+        """THE store of a run's config: `store.root` with the config's lease settings, so every
+        reader and writer of one run locks alike.
+
+        >>> Store.of({"store": {"root": "/tmp/avr", "lease_s": 30}}).lease_s
+        30.0
+        """
+        s = cfg["store"]
+        return cls(s["root"], lease_s=s.get("lease_s"), stall_s=s.get("stall_s"))
 
     def _check_server(self) -> None:
         """Before the first lock or write of this process on an object store: does the server honour

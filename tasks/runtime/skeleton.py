@@ -33,8 +33,7 @@ RETRY_DELAY_S = float(os.environ.get("AVR_RETRY_DELAY_S", "10"))
 
 
 
-def store_of(cfg: dict) -> Store:
-    return Store(cfg["store"]["root"], lease_s=cfg["store"].get("lease_s"), stall_s=cfg["store"].get("stall_s"))
+store_of = Store.of       # the stages' name for it
 
 
 def lock_timeout(cfg: dict) -> float | None:

@@ -52,3 +52,14 @@ def test_a_live_run_is_refused_and_an_ended_or_foreign_one_left_alone(tmp_path):
     record = {**read_record(store, run_id), "host": "another-node"}
     assert record_crash(store, run_id, record) is None           # its process cannot be checked from here
     assert "crashed" not in read_record(store, run_id)
+
+
+def test_a_run_prefect_marked_crashed_is_recorded_from_any_host(tmp_path):
+    """A dead node: its process cannot be checked from here, but Prefect's zombie detection marked
+    the flow run Crashed (`avr resume <flow-run UUID>` passes the state message)."""
+    store, run_id = _run(tmp_path, pid=4242, stage={"name": "train_po", "since": 2.0})
+    record = {**read_record(store, run_id), "host": "node-7"}
+    entry = record_crash(store, run_id, record, prefect_crashed="no heartbeat for 60 s")
+    assert entry["stage"] == "train_po" and "Prefect marked its flow run Crashed: no heartbeat for 60 s" in entry["how"]
+    assert read_record(store, run_id)["crashed"] == entry
+    assert record_crash(Store(str(tmp_path / "none")), run_id, {}, prefect_crashed="x") is None   # no record: nothing written

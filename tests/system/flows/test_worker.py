@@ -166,4 +166,6 @@ def test_a_killed_worker_leaves_a_crashed_run_that_resumes(deploy_server, tmp_pa
     records = {p.parent.name: json.loads(p.read_text()) for p in (store / "runs").glob("*/run.json")}
     [crashed] = [i for i, rec in records.items() if rec.get("flow_run_id") == str(run)]
     assert [rec["resumes"] for rec in records.values() if rec.get("resumes")] == [crashed]   # whom it resumed
+    entry = records[crashed]["crashed"]                  # the killed run's record says so, and where it was
+    assert entry["stage"] in ("critique", "refine") and "Prefect marked its flow run Crashed" in entry["how"], entry
     assert UUID(str(run))
