@@ -162,7 +162,7 @@ def test_a_run_loads_its_config_once(tmp_path, backends, monkeypatch):
     def counted(*args, **kw):
         loads.append(args)
         return real(*args, **kw)
-    ours = ("avr_core", "tasks", "flows", "run_records", "avr_cli")   # (a getattr on transformers' lazy modules imports)
+    ours = ("avr_core", "tasks", "flows", "run_records", "avr_cli")   # a getattr on transformers' lazy modules imports
     for name, mod in list(sys.modules.items()):
         if name.split(".")[0] in ours and getattr(mod, "load_config", None) is real:
             monkeypatch.setattr(mod, "load_config", counted)
