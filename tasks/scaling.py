@@ -18,8 +18,8 @@ from tasks.runtime import (
     Spec,
     logger,
     model_artifacts,
+    plot_markdown,
     policy_identity,
-    publish_plot,
     scorer_identity,
     stage,
 )
@@ -51,15 +51,15 @@ def tts_curve_spec(cfg, answers, label="stage-1 model") -> Spec:
     return Spec("tts_curve", {"label": label, "smoke": cfg["eval"]["smoke"]}, (answers,))   # smoke: the banner
 
 
-def _publish_curve(store: Store, ref: ArtifactRef) -> None:
-    rows = store.manifest(ref)["result"]
+def _curve_view(store: Store, ref: ArtifactRef) -> str:
+    """The curve on the stage's report (`tts-curve-report`): the plot and its table."""
     m = store.manifest(ref)
     md = store.read_file(ref, "scaling.md", m).decode()    # with its smoke-run banner, if any
     logger().info("test-time scaling:\n%s", md)
-    publish_plot(ref, "tts-curve", store.read_file(ref, "scaling.png", m), rows, "test-time scaling", md)
+    return f"{plot_markdown(store.read_file(ref, 'scaling.png', m), 'test-time scaling')}\n\n{md}"
 
 
-@stage(tts_curve_spec, retries=0, timeout_s=600, publish=_publish_curve)
+@stage(tts_curve_spec, retries=0, timeout_s=600, view=_curve_view)
 def tts_curve(out: Output, cfg: dict, answers: ArtifactRef, label: str = "stage-1 model") -> None:
     """Mean score ± spread and answer length per R: scaling.csv/.md/.json and scaling.png."""
     rows = scaling_table(out.store.read_records(answers))

@@ -15,7 +15,7 @@ from avr_core.search import SearchConfig, ThoughtRules, greedy_search, long_thou
 from avr_core.selection import ThoughtPairRules, thought_pairs as pair_thoughts
 from avr_core.store import ArtifactRef, Store
 from avr_core.thought_sampling import sample_thoughts as sample_thoughts_core
-from tasks.runtime import Backend, Output, Spec, model_artifacts, policy_identity, publish_plot, scorer_identity, stage
+from tasks.runtime import Backend, Output, Spec, model_artifacts, plot_markdown, policy_identity, scorer_identity, stage
 
 
 def search_spec(cfg, policy, prompts) -> Spec:
@@ -25,15 +25,15 @@ def search_spec(cfg, policy, prompts) -> Spec:
     return Spec("search", section, (prompts,), tuple(model_artifacts(cfg, policy)))
 
 
-def _publish_gain(store: Store, ref: ArtifactRef) -> None:
-    """The score gain per round (written beside the traces) as a plot on the Prefect run."""
+def _gain_view(store: Store, ref: ArtifactRef) -> str:
+    """The score gain per round (written beside the traces) as a plot on the stage's report."""
     m = store.manifest(ref)
-    if "score_gain.png" in m["files"]:
-        rows = json.loads(store.read_file(ref, "score_gain.json", m))
-        publish_plot(ref, "search-score-gain", store.read_file(ref, "score_gain.png", m), rows, "score gain per round")
+    if "score_gain.png" not in m["files"]:
+        return ""
+    return plot_markdown(store.read_file(ref, "score_gain.png", m), "score gain per round")
 
 
-@stage(search_spec, publish=_publish_gain)
+@stage(search_spec, view=_gain_view)
 def search(out: Output, cfg: dict, policy: dict, prompts: ArtifactRef) -> None:
     """Answer each prompt, then greedy critique/refine rounds, all active prompts per call."""
     gen = Backend(lambda: make_generator(policy, cfg["generator"]))

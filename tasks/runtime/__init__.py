@@ -15,8 +15,8 @@ docs/DESIGN.md "Adding a stage" walks through a declaration.
 from tasks.runtime.keys import Spec, policy_identity, scorer_identity
 from tasks.runtime.ledger import logger
 from tasks.runtime.output import Backend, Lazy, Output
-from tasks.runtime.publish import publish, publish_plot
+from tasks.runtime.publish import plot_markdown, publish, publish_plot
 from tasks.runtime.skeleton import model_artifacts, stage, store_of
 
-__all__ = ["Backend", "Lazy", "Output", "Spec", "logger", "model_artifacts", "policy_identity", "publish",
-           "publish_plot", "scorer_identity", "stage", "store_of"]
+__all__ = ["Backend", "Lazy", "Output", "Spec", "logger", "model_artifacts", "plot_markdown", "policy_identity",
+           "publish", "publish_plot", "scorer_identity", "stage", "store_of"]

@@ -36,16 +36,23 @@ def _where(ref: ArtifactRef) -> str:
     return ref.path if "://" in ref.path else os.path.abspath(ref.path)
 
 
+def plot_markdown(png: bytes, caption: str) -> str:
+    """A plot as markdown, embedded as a data URI: the UI renders markdown, not local files."""
+    return f"![{caption}](data:image/png;base64,{base64.b64encode(png).decode()})"
+
+
 def publish_plot(ref: ArtifactRef, key: str, png: bytes, table: list[dict], caption: str, text: str = "") -> None:
-    """A plot (embedded as a data URI: the UI renders markdown, not local files) and its table."""
-    img = f"![{caption}](data:image/png;base64,{base64.b64encode(png).decode()})"
-    publish(ref, key, table=table, markdown=f"{img}\n\n{text}\n\nstore: `{ref.path}`")
+    """A run-level plot and its table (a stage's plot goes into its pair instead: `view`)."""
+    publish(ref, key, table=table, markdown=f"{plot_markdown(png, caption)}\n\n{text}\n\nstore: `{ref.path}`")
 
 
-def publish_stage(store: Store, ref: ArtifactRef, manifest: dict, cached: bool = False) -> None:
+def publish_stage(store: Store, ref: ArtifactRef, manifest: dict, cached: bool = False, view: str = "") -> None:
     """The stage's Prefect artifacts, a pair: counts (inputs, outputs, every filter's drops, parse
-    failures, tokens, time) and a sample of three records. On a cache hit the same pair, on this
-    run's page, says so and names the run that computed it (manifest `run`)."""
+    failures, tokens, time) and a report: the stage's own view (`view`: a plot, for the stages that
+    draw one) and a sample of three records. On a cache hit the same pair, on this run's page, says
+    so and names the run that computed it (manifest `run`). One pair per stage, its keys the
+    stage's name: a plot published beside it under the same key once made two `tts-curve-report`
+    artifacts on one run, and the UI showed either."""
     origin = f"from cache: computed by run {manifest.get('run') or '(before runs were recorded)'}"
     table = [{"count": "cached", "value": origin}] if cached else []
     table += [{"count": f"rows:{k}", "value": v} for k, v in manifest["rows"].items()]
@@ -59,6 +66,7 @@ def publish_stage(store: Store, ref: ArtifactRef, manifest: dict, cached: bool =
             recs = [json.loads(line) for _, line in zip(range(3), f)]
     sample = sample_markdown(recs)
     note = f"**{origin}**\n\n" if cached else ""
+    view = f"{view}\n\n" if view else ""
     publish(ref, ref.stage.replace("_", "-"), table=table,
-            markdown=f"### {ref}\n\n{note}{sample}\n\nstore: `{_where(ref)}`")
+            markdown=f"### {ref}\n\n{note}{view}{sample}\n\nstore: `{_where(ref)}`")
 

@@ -86,11 +86,6 @@ def run_stage(task: "StageTask", params: dict, body: Callable[..., None]) -> Art
             logger().error("%s; waiting for the process that took it over, to use its artifact", e)
     if lost and store.exists(ref):    # the taker committed: what this attempt wrote is garbage
         sweep(store, ref)
-    if task.publish_fn is not None:     # a stage's own view (a plot), cached or computed
-        try:
-            task.publish_fn(store, ref)
-        except Exception as e:
-            logger().warning("%s: could not publish Prefect artifacts: %s", ref, e)
     return ref
 
 
@@ -100,7 +95,7 @@ def _build(task: "StageTask", r: "Resolved", params: dict, body: Callable[..., N
     if store.exists(ref):
         logger().info("%s: cache hit (%s)", ref.stage, ref.path)
         try:                            # this run's page shows the stage too, marked as a cache hit
-            publish_stage(store, ref, store.manifest(ref), cached=True)
+            publish_stage(store, ref, store.manifest(ref), cached=True, view=_view(task, store, ref))
         except Exception as e:
             logger().warning("%s: could not publish Prefect artifacts: %s", ref, e)
         return
@@ -126,9 +121,21 @@ def _build(task: "StageTask", r: "Resolved", params: dict, body: Callable[..., N
     m = store.manifest(ref)
     logger().info("%s: wrote %s rows=%s counts=%s", ref.stage, ref.path, m["rows"], readable(m["counts"]))
     try:
-        publish_stage(store, ref, m)
+        publish_stage(store, ref, m, view=_view(task, store, ref))
     except Exception as e:  # showing a stage must never fail it: the store is the record
         logger().warning("%s: could not publish Prefect artifacts: %s", ref, e)
+
+
+def _view(task: "StageTask", store: Store, ref: ArtifactRef) -> str:
+    """The stage's own view for its report (markdown: a plot), cached or computed; "" if none or
+    if drawing it failed (showing a stage never fails it)."""
+    if task.view_fn is None:
+        return ""
+    try:
+        return task.view_fn(store, ref)
+    except Exception as e:
+        logger().warning("%s: could not draw the stage's view: %s", ref, e)
+        return ""
 
 
 def readable(counts: dict) -> dict:
@@ -171,7 +178,7 @@ class StageTask(Task):
 
     spec_fn: Callable[..., Spec]
     body: Callable[..., None]
-    publish_fn: Callable[[Store, ArtifactRef], None] | None = None
+    view_fn: Callable[[Store, ArtifactRef], str] | None = None    # markdown for the stage's report
 
     @property
     def entry(self) -> str:
@@ -213,7 +220,7 @@ class StageTask(Task):
 
 
 def stage(spec_fn: Callable[..., Spec], *, retries: int = 2, timeout_s: float = 6 * 3600,
-          publish: Callable[[Store, ArtifactRef], None] | None = None):
+          view: Callable[[Store, ArtifactRef], str] | None = None):
     """Make `body(out, cfg, ...)` a stage task called as `task(cfg, ...)`: cached on the key of
     `spec_fn(cfg, ...)`, locked, retried, time-limited; the body only fills `out` (an Output).
 
@@ -234,7 +241,7 @@ def stage(spec_fn: Callable[..., Spec], *, retries: int = 2, timeout_s: float = 
         run.__module__ = body.__module__
         t = StageTask(run, name=body.__name__, cache_policy=StoreCache(), persist_result=True, retries=retries,
                       retry_delay_seconds=RETRY_DELAY_S, timeout_seconds=timeout_s, task_run_name=body.__name__)
-        t.spec_fn, t.body, t.publish_fn = spec_fn, body, publish
+        t.spec_fn, t.body, t.view_fn = spec_fn, body, view
         return t
     return deco
 

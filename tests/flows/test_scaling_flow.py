@@ -52,6 +52,12 @@ def test_curve_from_one_run(tmp_path, monkeypatch):
     assert tts_flow(cfg, cfg["policy"]) == ref and gens == []               # cache hit: no model built
     [again] = latest("tts-answers", table=True, n=1)   # ... and the cached run's page still shows each stage
     assert again.id != counts.id and "from cache: computed by run" in str(again.data)
+    # one report per stage on a run, the plot in it, computed or cached: a plot published beside the
+    # stage's pair under the same key once made two `tts-curve-report`s on one run (the UI showed either)
+    for run_id in (counts.flow_run_id, again.flow_run_id):
+        [report] = of_run(run_id, "tts-curve-report")
+        assert "data:image/png;base64," in report.data and "gain_vs_R0" in report.data, report.data[:300]
+        assert [a.type for a in of_run(run_id, "tts-curve")] == ["table"]
 
 
 def latest(*keys: str, table: bool = False, n: int = 50) -> list:
@@ -65,3 +71,13 @@ def latest(*keys: str, table: bool = False, n: int = 50) -> list:
                        type=ArtifactFilterType(any_=["table"]) if table else None)
     with get_client(sync_client=True) as client:
         return client.read_artifacts(artifact_filter=f, sort=ArtifactSort.CREATED_DESC, limit=n)
+
+
+def of_run(flow_run_id, key: str) -> list:
+    """Every artifact `key` of one flow run."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+
+    f = ArtifactFilter(key=ArtifactFilterKey(any_=[key]), flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+    with get_client(sync_client=True) as client:
+        return client.read_artifacts(artifact_filter=f)

@@ -23,6 +23,9 @@ REPO = Path(__file__).resolve().parents[3]
 pytestmark = [pytest.mark.vllm, pytest.mark.slow,
               pytest.mark.skipif(vllm_env_python() is None, reason="vLLM not installed (bash scripts/install.sh)")]
 
+# One process, the engines in turn (each vLLM import and engine start costs CI a minute): a single
+# engine (reload, then another architecture), then a pool of two, then one fresh engine on the new
+# weights that both must answer exactly as.
 _SCRIPT = textwrap.dedent("""
     import json, logging, sys
     if __name__ == "__main__":  # vLLM's CPU engine starts processes that re-import this file
@@ -54,40 +57,27 @@ _SCRIPT = textwrap.dedent("""
         g3 = backends.make_generator(policy(other), backend)     # another architecture: a new engine
         events_other = [b["event"] for b in backends.builds()]
         backends.clear_cache()
-        fresh_gen = VLLMGenerator(trained, max_model_len=512, enforce_eager=True, dtype="float32", kv_cache_gb=1)
-        fresh = probe(fresh_gen)
-        fresh_gen.close()
-        print("RESULT " + json.dumps({"before": before, "after": after, "fresh": fresh, "same": g1 is g2,
-                                      "other_is_new": g3 is not g2, "events": events, "events_other": events_other,
-                                      "log": lines}))
-""")
+        single = {"before": before, "after": after, "same": g1 is g2, "other_is_new": g3 is not g2,
+                  "events": events, "events_other": events_other, "log": lines}
 
-
-_POOL_SCRIPT = textwrap.dedent("""
-    import json, sys
-    if __name__ == "__main__":
-        from avr_core import backends
-        from avr_core.backends.base import SamplingParams
-        from avr_core.backends.vllm_offline import VLLMGenerator
-
-        seed, trained = sys.argv[1:3]
-        backend = {"kind": "vllm", "tensor_parallel_size": 1, "data_parallel_size": 2, "gpu_memory_utilization": 0.9,
-                   "max_model_len": 512, "enforce_eager": True, "kv_cache_gb": 1, "keep_engine": True}
-        policy = lambda p: {"path": p, "dtype": "float32", "trust_remote_code": False}
-        convs = [[{"role": "user", "content": f"Name a primary colour. ({i})"}] for i in range(4)]
-        greedy = SamplingParams(n=1, temperature=0.0, max_new_tokens=16)
-        pool = backends.make_generator(policy(seed), backend)      # 2 engine processes: a GPU node's path
-        pool.generate(convs, greedy)
-        again = backends.make_generator(policy(trained), backend)
-        after = again.generate(convs, greedy)
-        stats = again.stats.as_dict()
-        events = [b["event"] for b in backends.builds()]
+        # the GPU node's path: data_parallel_size 2, two engine processes
+        pool_backend = {**backend, "data_parallel_size": 2}
+        pconvs = [[{"role": "user", "content": f"Name a primary colour. ({i})"}] for i in range(4)]
+        pgreedy = SamplingParams(n=1, temperature=0.0, max_new_tokens=16)
+        built = len(backends.builds())
+        pool = backends.make_generator(policy(seed), pool_backend)
+        pool.generate(pconvs, pgreedy)
+        again = backends.make_generator(policy(trained), pool_backend)
+        pool_res = {"same": again is pool, "pooled": again.pool is not None,
+                    "events": [b["event"] for b in backends.builds()[built:]],
+                    "after": again.generate(pconvs, pgreedy), "stats": again.stats.as_dict()}
         backends.clear_cache()
-        fresh = VLLMGenerator(trained, max_model_len=512, enforce_eager=True, dtype="float32", kv_cache_gb=1)
-        want = fresh.generate(convs, greedy)
-        fresh.close()
-        print("RESULT " + json.dumps({"same": again is pool, "pooled": again.pool is not None, "events": events,
-                                      "after": after, "want": want, "stats": stats}))
+
+        fresh_gen = VLLMGenerator(trained, max_model_len=512, enforce_eager=True, dtype="float32", kv_cache_gb=1)
+        single["fresh"] = probe(fresh_gen)
+        pool_res["want"] = fresh_gen.generate(pconvs, pgreedy)
+        fresh_gen.close()
+        print("RESULT " + json.dumps({"single": single, "pool": pool_res}))
 """)
 
 
@@ -107,10 +97,13 @@ def _perturbed_copy(src: str, dst: Path) -> str:
     return str(dst)
 
 
-def test_reload_equals_a_fresh_engine_and_another_architecture_gets_a_new_one(tmp_path):
+@pytest.fixture(scope="module")
+def reloads(tmp_path_factory) -> dict:
+    """The script's results: {"single": ..., "pool": ...} (one process for both tests)."""
     from avr_core.model_refs import resolve_model_path
     from tests.tiny_models import tiny_llama
 
+    tmp_path = tmp_path_factory.mktemp("reload")
     seed = resolve_model_path("embedded:smollm2-135m-instruct")
     trained = _perturbed_copy(seed, tmp_path / "trained")
     other = tiny_llama(str(tmp_path / "other"))
@@ -120,10 +113,14 @@ def test_reload_equals_a_fresh_engine_and_another_architecture_gets_a_new_one(tm
     env.pop("VIRTUAL_ENV", None)
     env.pop("VLLM_CPU_KVCACHE_SPACE", None)
     p = subprocess.run([str(vllm_env_python()), str(script), seed, trained, other],
-                       env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+                       env=env, cwd=tmp_path, capture_output=True, text=True, timeout=1200)
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
     assert p.returncode == 0 and lines, p.stderr[-3000:]
-    res = json.loads(lines[-1][len("RESULT "):])
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def test_reload_equals_a_fresh_engine_and_another_architecture_gets_a_new_one(reloads):
+    res = reloads["single"]
     assert res["same"] and res["events"] == ["start", "reload"], res["log"]   # one engine, new weights
     assert res["after"][0] != res["before"][0]                           # the weights did change ...
     assert res["after"] == res["fresh"]                                  # ... to exactly the new model's
@@ -142,24 +139,11 @@ def test_engine_identity_ignores_which_weights(tmp_path):
     assert engine[0] == engine[1] and _key("gen", a, {}) != _key("gen", b, {})
 
 
-def test_an_engine_pool_takes_new_weights_in_every_engine(tmp_path):
+def test_an_engine_pool_takes_new_weights_in_every_engine(reloads):
     """The GPU node's layout on CPU: `data_parallel_size: 2` runs two engine processes
     (avr_core/backends/engine_pool.py); the reload goes to both (`broadcast`), and the round split
     over them answers as one fresh engine on the new weights does; the counters are the pool's."""
-    from avr_core.model_refs import resolve_model_path
-
-    seed = resolve_model_path("embedded:smollm2-135m-instruct")
-    trained = _perturbed_copy(seed, tmp_path / "trained")
-    script = tmp_path / "pool_reload.py"
-    script.write_text(_POOL_SCRIPT)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}
-    env.pop("VIRTUAL_ENV", None)
-    env.pop("VLLM_CPU_KVCACHE_SPACE", None)
-    p = subprocess.run([str(vllm_env_python()), str(script), seed, trained],
-                       env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
-    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert p.returncode == 0 and lines, p.stderr[-3000:]
-    res = json.loads(lines[-1][len("RESULT "):])
+    res = reloads["pool"]
     assert res["pooled"] and res["same"] and res["events"] == ["start", "reload"]
     assert res["after"] == res["want"]                    # both engines answer with the new weights
     assert (res["stats"]["calls"], res["stats"]["requests"], res["stats"]["samples"]) == (4, 8, 8)
