@@ -80,12 +80,17 @@ def ui(browser_ok, request, tmp_path_factory):
             raise RuntimeError(f"avr serve did not register {DEPLOYMENT}: {log.read_text(errors='replace')[-3000:]}")
         yield {"base": base, "log": log}
     finally:
-        os.killpg(serve.pid, signal.SIGTERM)
-        try:
-            serve.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(serve.pid, signal.SIGKILL)
-            serve.wait()
+        stop_serve(serve)
+
+
+def stop_serve(serve: subprocess.Popen) -> None:
+    """SIGTERM to `avr serve`'s process group (its runs too); SIGKILL if it is not gone in 30 s."""
+    os.killpg(serve.pid, signal.SIGTERM)
+    try:
+        serve.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(serve.pid, signal.SIGKILL)
+        serve.wait()
 
 
 @pytest.fixture

@@ -15,7 +15,6 @@ tests/system/test_e2e_pipeline_s3.py (the test is about what the UI shows, not t
 """
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -25,7 +24,7 @@ import pytest
 
 from tests.system.test_e2e_pipeline import SMALL
 from tests.system.test_e2e_pipeline_s3 import scripted  # noqa: F401 (a fixture)
-from tests.system.ui.test_ui import CHROMIUM, ROOT, SHOTS, _need, shot
+from tests.system.ui.test_ui import CHROMIUM, ROOT, SHOTS, _need, shot, stop_serve
 
 pytestmark = pytest.mark.slow
 
@@ -77,12 +76,7 @@ def test_a_cached_nightly_run_shows_its_stages_and_the_tts_curve(deploy_server, 
             assert run.state.type.value == "COMPLETED", log.read_text(errors="replace")[-3000:]
             subflows = _descendants(client, run.id)
     finally:
-        os.killpg(serve.pid, signal.SIGTERM)
-        try:
-            serve.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(serve.pid, signal.SIGKILL)
-            serve.wait()
+        stop_serve(serve)
 
     summary = json.loads((store / "runs" / run.name / "summary.json").read_text())   # named with its avr run id
     assert summary["stages"] and all(s["cached"] for s in summary["stages"]), summary["stages"]
