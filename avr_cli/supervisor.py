@@ -92,10 +92,32 @@ def worker():
     def on_sigterm(sig, _frame):
         raise TerminationSignal(signal=sig)
     signal.signal(signal.SIGTERM, on_sigterm)
+    previous, sys.unraisablehook = sys.unraisablehook, lambda u: redeliver_signal(u, previous)
     try:
         yield
     except TerminationSignal as e:
         _end_worker(e.signal)
+    finally:
+        sys.unraisablehook = previous
+
+
+def redeliver_signal(unraisable, fallback) -> None:
+    """`sys.unraisablehook` for the worker. A SIGTERM that lands while a finalizer (`__del__`) runs
+    raises TerminationSignal there, where Python swallows it and prints "Exception ignored in ..."
+    with a traceback; the run then went on until the supervisor killed it (CI, 7 December 2026).
+    Send the signal again, shortly, from another thread: raised here, its handler would run inside
+    this hook and be swallowed too; 0.1 s later the main thread is in ordinary code (or in another
+    finalizer, and this hook sends it again). Anything else goes to `fallback`, the hook before."""
+    import threading
+
+    from prefect.exceptions import TerminationSignal
+
+    if isinstance(unraisable.exc_value, TerminationSignal):
+        again = threading.Timer(0.1, os.kill, (os.getpid(), unraisable.exc_value.signal))
+        again.daemon = True
+        again.start()
+    else:
+        fallback(unraisable)
 
 
 def _end_worker(sig: int) -> None:
