@@ -51,9 +51,8 @@ def tts_curve_spec(cfg, answers, label="stage-1 model") -> Spec:
     return Spec("tts_curve", {"label": label, "smoke": cfg["eval"]["smoke"]}, (answers,))   # smoke: the banner
 
 
-def _curve_view(store: Store, ref: ArtifactRef) -> str:
-    """The curve on the stage's report (`tts-curve-report`): the plot and its table."""
-    m = store.manifest(ref)
+def _curve_view(store: Store, ref: ArtifactRef, m: dict) -> str:
+    """The curve on the stage's report (`tts-curve-report`): the plot and its table (m: its manifest)."""
     md = store.read_file(ref, "scaling.md", m).decode()    # with its smoke-run banner, if any
     logger().info("test-time scaling:\n%s", md)
     return f"{plot_markdown(store.read_file(ref, 'scaling.png', m), 'test-time scaling')}\n\n{md}"

@@ -25,9 +25,8 @@ def search_spec(cfg, policy, prompts) -> Spec:
     return Spec("search", section, (prompts,), tuple(model_artifacts(cfg, policy)))
 
 
-def _gain_view(store: Store, ref: ArtifactRef) -> str:
-    """The score gain per round (written beside the traces) as a plot on the stage's report."""
-    m = store.manifest(ref)
+def _gain_view(store: Store, ref: ArtifactRef, m: dict) -> str:
+    """The score gain per round (written beside the traces) as a plot on the stage's report (m: its manifest)."""
     if "score_gain.png" not in m["files"]:
         return ""
     return plot_markdown(store.read_file(ref, "score_gain.png", m), "score gain per round")

@@ -95,7 +95,8 @@ def _build(task: "StageTask", r: "Resolved", params: dict, body: Callable[..., N
     if store.exists(ref):
         logger().info("%s: cache hit (%s)", ref.stage, ref.path)
         try:                            # this run's page shows the stage too, marked as a cache hit
-            publish_stage(store, ref, store.manifest(ref), cached=True, view=_view(task, store, ref))
+            m = store.manifest(ref)
+            publish_stage(store, ref, m, cached=True, view=_view(task, store, ref, m))
         except Exception as e:
             logger().warning("%s: could not publish Prefect artifacts: %s", ref, e)
         return
@@ -121,18 +122,18 @@ def _build(task: "StageTask", r: "Resolved", params: dict, body: Callable[..., N
     m = store.manifest(ref)
     logger().info("%s: wrote %s rows=%s counts=%s", ref.stage, ref.path, m["rows"], readable(m["counts"]))
     try:
-        publish_stage(store, ref, m, view=_view(task, store, ref))
+        publish_stage(store, ref, m, view=_view(task, store, ref, m))
     except Exception as e:  # showing a stage must never fail it: the store is the record
         logger().warning("%s: could not publish Prefect artifacts: %s", ref, e)
 
 
-def _view(task: "StageTask", store: Store, ref: ArtifactRef) -> str:
+def _view(task: "StageTask", store: Store, ref: ArtifactRef, manifest: dict) -> str:
     """The stage's own view for its report (markdown: a plot), cached or computed; "" if none or
     if drawing it failed (showing a stage never fails it)."""
     if task.view_fn is None:
         return ""
     try:
-        return task.view_fn(store, ref)
+        return task.view_fn(store, ref, manifest)
     except Exception as e:
         logger().warning("%s: could not draw the stage's view: %s", ref, e)
         return ""
@@ -178,7 +179,7 @@ class StageTask(Task):
 
     spec_fn: Callable[..., Spec]
     body: Callable[..., None]
-    view_fn: Callable[[Store, ArtifactRef], str] | None = None    # markdown for the stage's report
+    view_fn: Callable[[Store, ArtifactRef, dict], str] | None = None    # markdown for the stage's report
 
     @property
     def entry(self) -> str:
@@ -220,7 +221,7 @@ class StageTask(Task):
 
 
 def stage(spec_fn: Callable[..., Spec], *, retries: int = 2, timeout_s: float = 6 * 3600,
-          view: Callable[[Store, ArtifactRef], str] | None = None):
+          view: Callable[[Store, ArtifactRef, dict], str] | None = None):
     """Make `body(out, cfg, ...)` a stage task called as `task(cfg, ...)`: cached on the key of
     `spec_fn(cfg, ...)`, locked, retried, time-limited; the body only fills `out` (an Output).
 
